@@ -46,7 +46,7 @@ def prepare(
 ) -> None:
     """Turn raw interaction logs into a prepared dataset of user timelines."""
     from userllm.data.inspect import summary
-    from userllm.data.prepare import prepare as run_prepare
+    from userllm.data.prepare import prepare_dataset
 
     cfg = load_config(
         PrepareConfig,
@@ -61,7 +61,7 @@ def prepare(
             "synthetic.seed": seed,
         },
     )  # fmt: skip
-    manifest = run_prepare(cfg)
+    manifest = prepare_dataset(cfg)
     out.print(summary(manifest))
     out.print(f"[green]prepared[/green] {cfg.out} in {manifest['elapsed_s']:.1f} s")
 

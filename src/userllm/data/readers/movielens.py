@@ -52,9 +52,9 @@ def _genres(values: list[str]) -> list[str]:
 
 
 def _read_ratings(path: Path, sep: str, ctx: ReadContext, *, header: bool) -> pl.DataFrame:
-    lines = read_lines(path)
-    ctx.task(f"reading {path.name}", total=lines.height)(lines.height)
-    fields = split_delimited(lines, sep, RATING_FIELDS, path, ctx.skips, skip_header=header)
+    advance = ctx.task(f"reading {path.name}", total=path.stat().st_size)
+    fields = split_delimited(read_lines(path), sep, RATING_FIELDS, path, ctx.skips, skip_header=header)
+    advance(path.stat().st_size)
     return parse_typed(fields, path, ctx.skips)
 
 
