@@ -15,6 +15,8 @@ def test_prepare_and_inspect_synthetic(tmp_path, run_cli):
     assert manifest["config"]["synthetic"]["num_users"] == 30 and manifest["config"]["max_history"] == 20
     code, stdout, _ = run_cli("inspect", out, "--users", "1", "--events", "3")
     assert code == 0 and "user u00000" in stdout and "test" in stdout
+    code, stdout, _ = run_cli("inspect", out, "--json")
+    assert code == 0 and json.loads(stdout) == manifest
 
 
 def test_refuses_to_overwrite(tmp_path, run_cli):
@@ -52,6 +54,14 @@ def test_user_errors_are_messages(tmp_path, run_cli):
         assert code == 2, (args, stderr)
         assert message in stderr, (args, stderr)
         assert "Traceback" not in stderr
+
+
+def test_corrupt_gzip_is_a_message(tmp_path, run_cli):
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data.gz").write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate")
+    write(tmp_path / "ml" / "u.item", "1|A (1990)|x||u|" + "|".join(["0"] * 19) + "\n")
+    code, _, stderr = run_cli("prepare", "--source", "movielens", tmp_path / "ml", "--out", tmp_path / "o")
+    assert code != 0 and "u.data.gz" in stderr and "Traceback" not in stderr
 
 
 def test_yaml_config_with_flag_override(tmp_path, run_cli):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -72,12 +73,16 @@ def inspect(
     users: Annotated[int, typer.Option(help="how many example timelines to show")] = 3,
     events: Annotated[int, typer.Option(help="events shown per timeline (the most recent)")] = 8,
     user: Annotated[Optional[str], typer.Option(help="show this user_id's timeline")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON instead")] = False,
 ) -> None:
     """Print a prepared dataset's manifest summary and a few timelines in readable form."""
     from userllm.data.dataset import PreparedDataset
     from userllm.data.inspect import summary, timelines
 
     ds = PreparedDataset(dataset)
+    if as_json:
+        print(json.dumps(ds.manifest, indent=2, ensure_ascii=False))
+        return
     out.print(summary(ds.manifest))
     tables = timelines(ds, users=users, events=events, user_id=user)
     if user is not None and not tables:

@@ -22,20 +22,21 @@ console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """Throughput in ``unit``/s, with k/M suffixes."""
+    """Throughput in ``unit``/s with k/M suffixes; a task's own ``unit`` field overrides the bar's."""
 
     def __init__(self, unit: str) -> None:
         super().__init__()
         self.unit = unit
 
     def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", self.unit)
         speed = task.finished_speed or task.speed
         if speed is None:
-            return Text(f"- {self.unit}/s", style="progress.data.speed")
+            return Text(f"- {unit}/s", style="progress.data.speed")
         for scale, suffix in ((1e6, "M"), (1e3, "k")):
             if speed >= scale:
-                return Text(f"{speed / scale:.1f}{suffix} {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:.0f} {self.unit}/s", style="progress.data.speed")
+                return Text(f"{speed / scale:.1f}{suffix} {unit}/s", style="progress.data.speed")
+        return Text(f"{speed:.0f} {unit}/s", style="progress.data.speed")
 
 
 @contextmanager

@@ -112,7 +112,7 @@ def favorite_categories(
     categories of the same latest event) goes to the smaller category index (the more frequent one).
     Null when the window has no known category.
     """
-    task = progress.add_task("labelling examples", total=examples.height)
+    task = progress.add_task("labelling examples", total=examples.height, unit="examples")
     out = []
     for start in range(0, examples.height, LABEL_CHUNK):
         chunk = examples.slice(start, LABEL_CHUNK).with_row_index("ex", offset=start)

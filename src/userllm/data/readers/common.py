@@ -40,11 +40,11 @@ class ReadContext:
     skips: SkipLog
     progress: Progress | None = None
 
-    def task(self, description: str, total: float | None) -> Callable[[float], None]:
-        """Start a progress task; returns ``advance(n)``."""
+    def task(self, description: str, total: float | None, unit: str = "rows") -> Callable[[float], None]:
+        """Start a progress task counting ``unit``; returns ``advance(n)``."""
         if self.progress is None:
             return lambda n: None
-        task_id = self.progress.add_task(description, total=total)
+        task_id = self.progress.add_task(description, total=total, unit=unit)
         return lambda n: self.progress.advance(task_id, n)
 
 
@@ -101,9 +101,11 @@ def read_lines(path: Path) -> pl.DataFrame:
             table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
             break
         except pa.ArrowInvalid as err:
-            if "UTF8" in str(err) or "utf8" in str(err).lower():
+            if "utf8" in str(err).lower():
                 continue
             raise InputError(f"{path}: cannot read as text lines: {err}") from None
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"{path}: cannot read: {err}") from None
     assert table is not None
     df = pl.from_arrow(table)
     assert isinstance(df, pl.DataFrame)
@@ -186,7 +188,7 @@ def iter_records(
     path: Path, ctx: ReadContext, *, parse: Callable[[str], object] = json.loads, what: str = "JSON"
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(lineno, record)`` for each line of a JSON-lines file (gz ok); bad lines go to the skip log."""
-    advance = ctx.task(f"reading {path.name}", total=path.stat().st_size)
+    advance = ctx.task(f"reading {path.name}", total=path.stat().st_size, unit="bytes")
     with open(path, "rb") as raw:
         stream = gzip.open(raw) if path.suffix == ".gz" else raw
         last = 0

@@ -52,7 +52,7 @@ def _genres(values: list[str]) -> list[str]:
 
 
 def _read_ratings(path: Path, sep: str, ctx: ReadContext, *, header: bool) -> pl.DataFrame:
-    advance = ctx.task(f"reading {path.name}", total=path.stat().st_size)
+    advance = ctx.task(f"reading {path.name}", total=path.stat().st_size, unit="bytes")
     fields = split_delimited(read_lines(path), sep, RATING_FIELDS, path, ctx.skips, skip_header=header)
     advance(path.stat().st_size)
     return parse_typed(fields, path, ctx.skips)
