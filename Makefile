@@ -31,13 +31,16 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
-	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 2
+	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 1
+	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 20 --force
+	$(VENV)/bin/userllm evaluate-encoder $(OUT)/encoder
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/prepare_scale.py
+	$(PY) benchmarks/encoder_quality.py
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from userllm.config import SOURCES, PrepareConfig, load_config
+from userllm.config import SOURCES, PrepareConfig, PretrainConfig, load_config
 from userllm.errors import UserError
 
 app = typer.Typer(
@@ -24,6 +24,26 @@ out = Console()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config fields; flags override it")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override any config field: -s encoder.d_model=128 -s lr=1e-3 (YAML values)"),
+]
+
+
+def parse_sets(sets: list[str] | None) -> dict:
+    """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE (e.g. encoder.d_model=128), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+    return out
 
 
 @app.command()
@@ -89,6 +109,68 @@ def inspect(
         raise UserError(f"user_id {user!r} is not in {dataset}")
     for table in tables:
         out.print(table)
+
+
+@app.command()
+def pretrain(
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/encoder"),
+    fusion: Annotated[Optional[str], typer.Option(help="early or late [default: early]")] = None,
+    features: Annotated[Optional[str], typer.Option(help="comma-separated, e.g. item,rating,category")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs [default: 40]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cpu]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed [default: 2020]")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="stop after the epoch that passes this many seconds")] = None,
+    epochs_this_run: Annotated[Optional[int], typer.Option(help="stop after this many epochs (continue later with --resume)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing run in --out")] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Pretrain the user encoder on next-event prediction (runs unchanged under torchrun)."""
+    from userllm.encoder.train import pretrain as run_pretrain
+
+    overrides = {
+        "dataset": str(dataset), "out": str(out_dir), "epochs": epochs, "device": device, "bf16": bf16, "seed": seed,
+        "time_budget_s": time_budget, "resume": resume or None, "force": force or None,
+        "encoder.fusion": fusion, "encoder.features": features.split(",") if features else None,
+    } | parse_sets(sets)  # fmt: skip
+    cfg = load_config(PretrainConfig, config, overrides)
+    summary = run_pretrain(cfg, epochs_this_run=epochs_this_run)
+    out.print(summary)
+
+
+@app.command("evaluate-encoder")
+def evaluate_encoder(
+    run: Annotated[Path, typer.Argument(help="a pretraining run directory")],
+    compare: Annotated[Optional[list[Path]], typer.Option(help="other runs to report beside it")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="dataset [default: the run's]")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Full-ranking next-item metrics (RecBole protocol, unmasked and masked) beside baselines."""
+    from userllm.encoder.evaluate import evaluate_run, markdown
+
+    if not (run / "config.json").exists():
+        raise UserError(f"{run} is not a pretraining run (no config.json); create one with `userllm pretrain`")
+    report = evaluate_run(run, compare=compare or [], dataset=dataset, device=device)
+    print(markdown(report))
+    out.print(f"wrote {run / 'metrics.json'} and {run / 'metrics.md'}")
+
+
+@app.command()
+def embed(
+    run: Annotated[Path, typer.Argument(help="a pretraining run directory")],
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    out_file: Annotated[Path, typer.Option("--out", help="output: a .parquet file or a directory of safetensors shards")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Write per-event user embeddings of every user's timeline (its last max_len events)."""
+    from userllm.encoder.embed import embed_dataset
+
+    info = embed_dataset(run, dataset, out_file, force=force, device=device)
+    out.print(info)
 
 
 def main() -> None:

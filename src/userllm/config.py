@@ -99,3 +99,64 @@ def dump_config(config: _Config) -> dict[str, Any]:
 
 def save_config(config: _Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(dump_config(config), sort_keys=False))
+
+
+Feature = Literal["item", "rating", "category", "time_gap", "text"]
+
+
+class EncoderConfig(_Config):
+    """The user encoder (stage 1): a causal Transformer over a timeline's events."""
+
+    features: list[Feature] = Field(
+        default_factory=lambda: ["item", "rating", "category", "time_gap"],
+        description="per-event features; ['item'] alone is the SASRec-style baseline",
+    )
+    fusion: Literal["early", "late"] = Field(
+        "early", description="early: concat features, one Transformer; late: one Transformer per feature, then fuse"
+    )
+    d_model: int = Field(64, ge=8, description="width of the event embeddings the encoder outputs")
+    n_layers: int = Field(2, ge=1, description="Transformer blocks (per feature under late fusion)")
+    n_heads: int = Field(2, ge=1, description="attention heads")
+    d_feature: int = Field(64, ge=4, description="embedding width of each feature before fusion")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
+    max_len: int = Field(50, ge=2, description="longest timeline the encoder reads (learned positions)")
+    time_gap_buckets: int = Field(24, ge=3, description="log2 buckets of seconds since the previous event")
+    text_dim: int = Field(0, ge=0, description="width of the fixed item-text embeddings ('text' feature)")
+    # filled from the dataset at training time
+    num_items: int = Field(0, ge=0, description="item vocabulary size, specials included")
+    num_ratings: int = Field(0, ge=0, description="rating vocabulary size, specials included")
+    num_categories: int = Field(0, ge=0, description="category vocabulary size, specials included")
+
+
+class PretrainConfig(_Config):
+    """``userllm pretrain``: next-event prediction on the train part of every timeline."""
+
+    dataset: Path = Field(Path("outputs/ml-100k"), description="prepared dataset directory")
+    out: Path = Field(Path("runs/encoder"), description="run directory (checkpoints, metrics, config)")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    epochs: int = Field(40, ge=1, description="epochs (the cosine schedule ends with the last one)")
+    batch_size: int = Field(64, ge=1, description="training windows per step (over all processes)")
+    train_stride: int | None = Field(
+        16, ge=1, description="training windows end every this many events; each target is scored once with at "
+        "least max_len - stride events of context (None = max_len: disjoint windows)",
+    )
+    lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    loss_weights: dict[str, float] = Field(
+        default_factory=lambda: {"item": 1.0, "rating": 0.2, "category": 0.2},
+        description="weights of the next-item, next-rating and next-category losses",
+    )
+    sampled_softmax_above: int = Field(
+        50_000, ge=0, description="use sampled softmax (logQ-corrected) when the catalogue is larger than this"
+    )
+    num_negatives: int = Field(1024, ge=1, description="negatives per step for the sampled softmax")
+    patience: int = Field(20, ge=1, description="early stopping: epochs without a better valid NDCG@10")
+    eval_every: int = Field(1, ge=1, description="validate every this many epochs")
+    bf16: bool = Field(False, description="bf16 autocast for the forward pass")
+    device: str = Field("cpu", description="cpu, cuda, or cuda:N")
+    seed: int = Field(2020, description="seeds parameters, window sampling and dropout")
+    time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that exceeds this wall time")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+    force: bool = Field(False, description="start over, replacing an existing run in --out")

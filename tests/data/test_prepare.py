@@ -124,7 +124,7 @@ def test_refuses_overwrite_and_force_replaces(tmp_path):
     assert not (tmp_path / "o" / "marker").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(OutputExistsError, match="not a prepared dataset"):
+    with pytest.raises(OutputExistsError, match="refusing to replace it"):
         prepare_dataset(cfg.model_copy(update={"out": tmp_path / "mine", "force": True}))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +32,8 @@ import userllm
 from userllm.config import PrepareConfig, dump_config, save_config
 from userllm.data.readers import ReadContext, read_source
 from userllm.data.skips import SkipLog
-from userllm.errors import EmptyResultError, OutputExistsError
+from userllm.errors import EmptyResultError
+from userllm.io import check_output, write_dir_atomically
 from userllm.progress import progress_bar
 
 PAD, UNK = 0, 1
@@ -185,41 +184,6 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse to replace an existing output unless ``force``; never replace a directory that is not ours."""
-    if not out.exists():
-        return
-    if not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
-    if out.is_file() or (any(out.iterdir()) and not (out / "manifest.json").exists()):
-        raise OutputExistsError(f"output {out} exists and is not a prepared dataset; refusing to replace it")
-
-
-def write_atomically(out: Path, force: bool, write) -> None:
-    """Call ``write(tmp_dir)`` on a temporary directory beside ``out``, then rename it into place.
-
-    An interrupted run leaves no partial dataset at ``out`` (leftovers of killed runs are cleaned next time).
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        check_output(out, force)
-        if out.exists():
-            old = out.parent / f".{out.name}.tmp-old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def prepare_dataset(cfg: PrepareConfig) -> dict:
     """Run the whole pipeline for ``cfg`` and return the manifest (also written to ``cfg.out``).
 
@@ -361,6 +325,6 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         save_config(cfg, tmp / "config.yaml")
 
-    write_atomically(out, cfg.force, write)
+    write_dir_atomically(out, write, force=cfg.force)
     manifest["elapsed_s"] = round(time.perf_counter() - started, 2)
     return manifest

@@ -1,0 +1,304 @@
+"""``userllm pretrain``: self-supervised next-event pretraining of the user encoder.
+
+A flat loop: every epoch tiles each user's train part into windows (a new tiling each epoch), and the
+loss is taken at *every* position of every window at once (next item, next rating bucket, next
+categories). AdamW with linear warmup then cosine decay, gradient clipping, optional bf16 autocast,
+validation NDCG@10 each epoch with early stopping. Each epoch ends with an atomic checkpoint
+(``checkpoint/``: safetensors weights, config.json, optimizer/scheduler/RNG state); ``--resume``
+continues an interrupted run to the same result as an uninterrupted one, because every epoch's
+randomness is derived from ``seed`` and the epoch number. The same code runs under
+``torchrun --nproc_per_node=N`` (DistributedDataParallel: gloo on CPU, nccl on GPU).
+
+Run directory: ``config.json``/``config.yaml`` (resolved), ``checkpoint/`` (last epoch), ``model/`` (best
+valid epoch: ``model.safetensors`` + ``config.json``), ``history.json`` (per-epoch loss and metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from userllm.config import EncoderConfig, PretrainConfig, dump_config, save_config
+from userllm.data.dataset import PreparedDataset
+from userllm.encoder.data import Timelines, eval_inputs, history_items, train_windows
+from userllm.encoder.model import UserEncoder
+from userllm.errors import InputError, OutputExistsError
+from userllm.eval.metrics import ranking_metrics, target_ranks
+from userllm.io import write_dir_atomically, write_json
+from userllm.progress import progress_bar
+
+MARKER = "config.json"
+
+
+def encoder_inputs(ds: PreparedDataset, cfg: EncoderConfig) -> tuple[EncoderConfig, Tensor]:
+    """The encoder config with the dataset's vocabulary sizes, and the (V, c) item -> categories table."""
+    cats = ds.item_categories
+    width = max(len(c) for c in cats)
+    table = torch.zeros(len(cats), width, dtype=torch.long)
+    for i, c in enumerate(cats):
+        table[i, : len(c)] = torch.tensor(c)
+    table[:2] = 0  # padding and unknown items have no categories
+    vs = ds.manifest["vocab_sizes"]
+    cfg = cfg.model_copy(update={"num_items": vs["item"], "num_ratings": vs["rating"], "num_categories": vs["category"]})
+    return cfg, table
+
+
+def build_encoder(ds: PreparedDataset, cfg: EncoderConfig, seed: int) -> UserEncoder:
+    cfg, cats = encoder_inputs(ds, cfg)
+    torch.manual_seed(seed)
+    return UserEncoder(cfg, item_categories=cats)
+
+
+def save_model(model: UserEncoder, path: Path) -> None:
+    """``path/model.safetensors`` + ``path/config.json`` (the encoder config)."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(dump_config(model.cfg), indent=2))
+
+
+def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
+    """Load an encoder saved by :func:`save_model` (a run's ``model/`` or ``checkpoint/`` directory, or the run)."""
+    path = Path(path)
+    if (path / "model" / "model.safetensors").exists():
+        path = path / "model"
+    if not (path / "model.safetensors").exists():
+        raise InputError(f"{path} holds no encoder (model.safetensors); train one with `userllm pretrain`")
+    cfg = EncoderConfig.model_validate(json.loads((path / "config.json").read_text()))
+    state = load_file(path / "model.safetensors", device=device)
+    model = UserEncoder(cfg, item_categories=state["embed.item_categories"], item_text=state["embed.item_text"])
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def item_proposal(tl: Timelines, num_items: int) -> Tensor:
+    """Sampled-softmax proposal: item frequency^0.75 (specials excluded), normalized."""
+    freq = np.bincount(tl.item, minlength=num_items).astype(np.float64) ** 0.75
+    freq[:2] = 0
+    return torch.from_numpy(freq / freq.sum()).float()
+
+
+def next_event_loss(
+    model: UserEncoder, batch: dict[str, Tensor], cfg: PretrainConfig, proposal: Tensor | None, gen: torch.Generator
+) -> tuple[Tensor, dict[str, float]]:
+    """Weighted sum of next-item CE (full or sampled softmax with logQ correction), next-rating CE and
+    next-category BCE, over every position that has a next event."""
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    h, _ = model(batch)
+    tgt = batch["target_item"]
+    keep = tgt > 0
+    hv, t = h[keep], tgt[keep]
+    if proposal is None:
+        logits = raw.item_logits(hv)
+        logits[:, :2] = float("-inf")
+        item_loss = F.cross_entropy(logits, t)
+    else:
+        neg = torch.multinomial(proposal, cfg.num_negatives, replacement=True, generator=gen).to(h.device)
+        q = proposal.to(h.device) * cfg.num_negatives
+        cand = torch.cat([raw.item_logits(hv, t).diagonal()[:, None], raw.item_logits(hv, neg)], 1)
+        cand = cand - torch.log(torch.cat([q[t][:, None], q[neg][None, :].expand(len(t), -1)], 1))
+        cand[:, 1:] = cand[:, 1:].masked_fill(neg[None, :] == t[:, None], float("-inf"))  # accidental hits
+        item_loss = F.cross_entropy(cand, torch.zeros(len(t), dtype=torch.long, device=h.device))
+    w = cfg.loss_weights
+    rating_loss = F.cross_entropy(raw.rating_logits(hv), batch["target_rating"][keep], ignore_index=0)
+    cats = raw.embed.item_categories[t]
+    multi_hot = torch.zeros(len(t), raw.cfg.num_categories, device=h.device).scatter_(1, cats, 1.0)
+    multi_hot[:, 0] = 0
+    category_loss = F.binary_cross_entropy_with_logits(raw.category_logits(hv), multi_hot)
+    loss = w.get("item", 1.0) * item_loss + w.get("rating", 0.0) * rating_loss + w.get("category", 0.0) * category_loss
+    return loss, {"item": item_loss.item(), "rating": rating_loss.item(), "category": category_loss.item()}
+
+
+@torch.no_grad()
+def rank_split(score_fn, tl: Timelines, split: str, max_len: int, *, masked: bool, batch_size: int = 512) -> tuple[Tensor, np.ndarray]:
+    """Full-ranking ranks of each user's ``split`` target, and the user's history length before it.
+
+    ``score_fn(users, starts, ends) -> (b, V)`` scores all items after the window ``[start, end)``. Padding
+    and unknown items are never ranked. ``masked`` also excludes every item of the user's full history
+    before the target (except the target itself); unmasked is RecBole's protocol for sequential models.
+    """
+    users, starts, ends, targets = eval_inputs(tl, split, max_len)
+    ranks = []
+    for c in range(0, len(users), batch_size):
+        sl = slice(c, c + batch_size)
+        scores = score_fn(users[sl], starts[sl], ends[sl]).float()
+        scores[:, :2] = float("-inf")
+        t = torch.from_numpy(targets[sl]).to(scores.device)
+        if masked:
+            rows, items = history_items(tl, users[sl], ends[sl])
+            rows_t, items_t = torch.from_numpy(rows).to(scores.device), torch.from_numpy(items).to(scores.device)
+            not_target = items_t != t[rows_t]
+            scores[rows_t[not_target], items_t[not_target]] = float("-inf")
+        ranks.append(target_ranks(scores, t).cpu())
+    return torch.cat(ranks), ends
+
+
+def encoder_scores(model: UserEncoder, tl: Timelines, device: str):
+    """A ``score_fn`` for :func:`rank_split`: the item logits after each window's last event."""
+
+    def score(users, starts, ends):
+        batch = {k: v.to(device) for k, v in tl.collate(users, starts, ends).items()}
+        h, _ = model.encode(batch)
+        last = torch.from_numpy(ends - starts - 1).to(device)
+        return model.item_logits(h[torch.arange(len(users), device=device), last])
+
+    return score
+
+
+def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, masked: bool = False) -> dict[str, float]:
+    ranks, _ = rank_split(encoder_scores(model, tl, device), tl, split, model.cfg.max_len, masked=masked)
+    return ranking_metrics(ranks)
+
+
+def _dist(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (nccl on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, state: dict) -> None:
+    def write(tmp: Path) -> None:
+        save_model(model, tmp)
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, tmp / "train_state.pt")
+
+    write_dir_atomically(out / "checkpoint", write, force=True, marker=MARKER)
+
+
+def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict:
+    """Pretrain an encoder on ``cfg.dataset`` into ``cfg.out``; returns the run summary (also ``summary.json``).
+
+    ``epochs_this_run`` stops after that many epochs (the run can be continued with ``resume``).
+    """
+    rank, world = _dist(cfg.device)
+    device = cfg.device
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.force):
+        raise OutputExistsError(f"run directory {out} already exists; pass --resume to continue it or --force to replace it")
+    if cfg.resume and not (ckpt / "train_state.pt").exists():
+        raise InputError(f"--resume: no checkpoint in {out} to continue from")
+    if cfg.force and not cfg.resume and rank == 0 and out.exists():
+        write_dir_atomically(out, lambda tmp: None, force=True, marker=MARKER)
+
+    ds = PreparedDataset(cfg.dataset)
+    tl = Timelines.from_dataset(ds, cfg.encoder.time_gap_buckets)
+    model = build_encoder(ds, cfg.encoder, cfg.seed).to(device)
+    cfg = cfg.model_copy(update={"encoder": model.cfg})
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dump_config(cfg))
+        save_config(cfg, out / "config.yaml")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank_batch = max(1, cfg.batch_size // world)
+    n_windows = len(train_windows(tl, model.cfg.max_len, np.random.default_rng(0), cfg.train_stride)[0])
+    steps_per_epoch = max(1, n_windows // world // per_rank_batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+    proposal = item_proposal(tl, model.cfg.num_items) if model.cfg.num_items - 2 > cfg.sampled_softmax_above else None
+
+    state = {"epoch": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
+    if cfg.resume:
+        saved = torch.load(ckpt / "train_state.pt", weights_only=False)
+        model.load_state_dict(load_file(ckpt / "model.safetensors", device=device))
+        opt.load_state_dict(saved.pop("optimizer"))
+        sched.load_state_dict(saved.pop("scheduler"))
+        state = saved
+    ddp = DistributedDataParallel(model) if world > 1 else model
+
+    started, run_epochs = time.perf_counter(), 0
+    with progress_bar("events") as progress:
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+            epoch = state["epoch"]
+            rng = np.random.default_rng([cfg.seed, epoch])
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout of this epoch
+            gen = torch.Generator().manual_seed(cfg.seed * 100_019 + epoch)
+            users, starts, ends, loss_from = train_windows(tl, model.cfg.max_len, rng, cfg.train_stride)
+            order = rng.permutation(len(users))[rank::world][: steps_per_epoch * per_rank_batch]
+            scored = ends - starts - loss_from  # targets scored per window
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=int(scored[order].sum()))
+            model.train()
+            t0, losses = time.perf_counter(), []
+            for s in range(0, len(order), per_rank_batch):
+                idx = order[s : s + per_rank_batch]
+                batch = {k: v.to(device) for k, v in tl.collate(users[idx], starts[idx], ends[idx], loss_from[idx]).items()}
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, parts = next_event_loss(ddp, batch, cfg, proposal, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                progress.update(task, advance=int(scored[idx].sum()), description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+            seconds = time.perf_counter() - t0
+            state["train_seconds"] += seconds
+            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+                      "train_seconds": round(state["train_seconds"], 2),
+                      "events_per_s": round(int(scored[order].sum()) * world / seconds)}  # fmt: skip
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                valid = evaluate_split(model, tl, "valid", device)
+                record["valid"] = valid
+                if valid["ndcg@10"] > state["best_ndcg10"]:
+                    state.update(best_ndcg10=valid["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
+                    if rank == 0:
+                        write_dir_atomically(out / "model", lambda tmp: save_model(model, tmp), force=True, marker=MARKER)
+                else:
+                    state["bad_epochs"] += 1
+            state["history"].append(record)
+            state["epoch"] = epoch + 1
+            if rank == 0:
+                _save_checkpoint(out, model, opt, sched, state)
+                write_json(out / "history.json", state["history"])
+            if world > 1:
+                dist.barrier()
+            run_epochs += 1
+            if epochs_this_run is not None and run_epochs >= epochs_this_run:
+                break
+            if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
+                break
+    summary = {
+        "epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg10"],
+        "train_seconds": round(state["train_seconds"], 2), "parameters": model.num_parameters(),
+        "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience,
+    }  # fmt: skip
+    if world > 1:  # every replica must hold the same weights; record each one's hash to prove it
+        hashes = [None] * world
+        dist.all_gather_object(hashes, state_hash(model))
+        summary["replica_sha256"] = hashes
+    if rank == 0:
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, then bytes), in state-dict order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

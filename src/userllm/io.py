@@ -1,0 +1,60 @@
+"""Nothing is lost: outputs are written to a temporary path beside the target and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from userllm.errors import OutputExistsError
+
+
+def check_output(out: Path, force: bool, marker: str = "manifest.json") -> None:
+    """Refuse to replace an existing ``out`` unless ``force``; never replace a directory that is not ours
+    (one that is non-empty and has no ``marker`` file)."""
+    if not out.exists():
+        return
+    if not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    if out.is_file() or (any(out.iterdir()) and not (out / marker).exists()):
+        raise OutputExistsError(f"output {out} exists and is not a {marker}-bearing output of userllm; refusing to replace it")
+
+
+def write_dir_atomically(out: Path, write: Callable[[Path], None], *, force: bool, marker: str = "manifest.json") -> None:
+    """Call ``write(tmp_dir)`` on a temporary directory beside ``out``, then rename it into place.
+
+    An interrupted run leaves nothing at ``out`` (or the previous version); leftovers of killed runs are
+    cleaned on the next call.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        check_output(out, force, marker)
+        if out.exists():
+            old = out.parent / f".{out.name}.tmp-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: object) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from tests.encoder.conftest import tiny_encoder, random_batch, V, R, C
+from userllm.encoder.model import EncoderState
+
+
+def test_shapes(encoder):
+    batch = random_batch(3, 10, lengths=[10, 4, 7])
+    h, mask = encoder(batch)
+    assert h.shape == (3, 10, 16) and mask.shape == (3, 10)
+    assert mask.sum(1).tolist() == [10, 4, 7]
+    assert encoder.item_logits(h).shape == (3, 10, V)
+    assert encoder.item_logits(h, torch.tensor([2, 5])).shape == (3, 10, 2)
+    assert encoder.rating_logits(h).shape == (3, 10, R) and encoder.category_logits(h).shape == (3, 10, C)
+
+
+def test_causal(encoder):
+    """Changing a later event never changes an earlier embedding."""
+    batch = random_batch(2, 10)
+    h, _ = encoder(batch)
+    changed = {k: v.clone() for k, v in batch.items()}
+    for v in changed.values():
+        v[:, 6] = (v[:, 6] + 1) % 5 + 2
+    h2, _ = encoder(changed)
+    torch.testing.assert_close(h2[:, :6], h[:, :6], rtol=0, atol=1e-6)
+    assert not torch.allclose(h2[:, 6:], h[:, 6:])
+
+
+def test_padding_invariance(encoder):
+    """A timeline's embeddings do not depend on how much padding follows it."""
+    batch = random_batch(1, 6)
+    h, _ = encoder(batch)
+    padded = {k: torch.cat([v, torch.zeros(1, 5, dtype=v.dtype)], 1) for k, v in batch.items()}
+    h_pad, mask = encoder(padded)
+    torch.testing.assert_close(h_pad[:, :6], h, rtol=0, atol=1e-6)
+    assert mask[0].tolist() == [True] * 6 + [False] * 5
+
+
+def test_incremental_equals_full(encoder):
+    """Appending events one at a time with cached keys/values equals a full recompute."""
+    batch = random_batch(2, 9)
+    full, _ = encoder(batch)
+    state = EncoderState()
+    first = {k: v[:, :5] for k, v in batch.items()}
+    outs = [encoder(first, state)[0]]
+    for t in range(5, 9):
+        outs.append(encoder({k: v[:, t : t + 1] for k, v in batch.items()}, state)[0])
+    assert state.length == 9
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_timeline_is_an_error():
+    enc = tiny_encoder()
+    with pytest.raises(ValueError, match="longer than max_len=12"):
+        enc(random_batch(1, 13))
+
+
+def test_early_and_late_differ_in_structure():
+    early, late = tiny_encoder(fusion="early"), tiny_encoder(fusion="late")
+    assert list(early.stacks) == ["fused"] and list(late.stacks) == ["item", "rating", "category", "time_gap"]
+    assert late.num_parameters() > early.num_parameters()
+
+
+def test_encode_is_eval_and_no_grad():
+    enc = tiny_encoder()
+    enc.cfg.dropout  # noqa: B018
+    enc.train()
+    h, _ = enc.encode(random_batch(1, 4))
+    assert not h.requires_grad and enc.training
