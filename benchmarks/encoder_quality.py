@@ -6,7 +6,7 @@ same recipe and the same wall-clock budget, the multi-feature early-fusion encod
 (SASRec-style) configuration, then evaluates both beside popularity and a random-init encoder, unmasked
 (RecBole's protocol) and masked (history excluded).
 
-    python benchmarks/encoder_quality.py [--budget 300]
+    python benchmarks/encoder_quality.py [--epochs 40] [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ MULTI = ["item", "rating", "category", "time_gap"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per encoder")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--budget", type=float, default=None, help="optional cap on training seconds per encoder")
+    parser.add_argument("--epochs", type=int, default=PretrainConfig().epochs)
     args = parser.parse_args()
     cache = HERE / ".cache"
     data = cache / "ml-100k"

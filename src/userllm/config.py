@@ -160,3 +160,25 @@ class PretrainConfig(_Config):
     time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that exceeds this wall time")
     resume: bool = Field(False, description="continue from the last checkpoint in --out")
     force: bool = Field(False, description="start over, replacing an existing run in --out")
+
+
+class UserLLMConfig(_Config):
+    """Stage 2: how the user encoder contextualizes the decoder LLM."""
+
+    backbone: str = Field("smollm2-135m", description="'smollm2-135m' (the wheel), a local HF directory, or a hub id")
+    decoder_layers_path: str | None = Field(None, description="dotted path of the decoder layer list, for "
+                                            "model types userllm does not recognise (e.g. 'model.layers')")  # fmt: skip
+    mode: Literal["cross_attention", "soft_prompt"] = Field("cross_attention", description="how embeddings enter")
+    cross_attention_every: int = Field(4, ge=1, description="a gated cross-attention block before every k-th layer")
+    cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
+    ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
+    perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
+    perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
+    strategy: Literal["full", "lora", "enc", "proj"] = Field(
+        "enc", description="full: LLM+encoder+connectors; lora: LoRA+encoder+connectors; enc: encoder+connectors; "
+        "proj: connectors only",
+    )
+    lora_rank: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_targets: list[str] | None = Field(None, description="module names for LoRA (None: PEFT's default for the model)")

@@ -129,3 +129,11 @@ def test_two_process_ddp_replicas_identical(dataset, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert len(summary["replica_sha256"]) == 2 and len(set(summary["replica_sha256"])) == 1
     assert summary["epochs"] == 2
+
+
+@pytest.mark.parametrize("variant", [{"bf16": True}, {"encoder": ENC.model_copy(update={"fusion": "late"})}], ids=["bf16", "late"])
+def test_bf16_and_late_fusion_train(dataset, tmp_path, variant):
+    summary = pretrain(cfg(dataset, tmp_path / "run", epochs=2, **variant))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(np.isfinite(r["loss"]) for r in history) and summary["epochs"] == 2
+    assert load_encoder(tmp_path / "run").cfg.fusion == ("late" if "encoder" in variant else "early")

@@ -58,32 +58,28 @@ def _read_ratings(path: Path, sep: str, ctx: ReadContext, *, header: bool) -> pl
     return parse_typed(fields, path, ctx.skips)
 
 
-def _items_100k(path: Path, ctx: ReadContext) -> pl.DataFrame:
-    rows = []
+def _split_lines(path: Path, sep: str, fields: int, ctx: ReadContext):
+    """Yield the fields of each non-empty line of a small text file; other field counts are skipped."""
     for lineno, line in enumerate(read_small_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        parts = line.split("|")
-        if len(parts) != 5 + len(ML100K_GENRES):
-            ctx.skips.add(
-                "wrong field count", path, lineno, f"expected {5 + len(ML100K_GENRES)} '|'-separated fields, got {len(parts)}"
-            )
+        parts = line.split(sep)
+        if len(parts) != fields:
+            ctx.skips.add("wrong field count", path, lineno, f"expected {fields} {sep!r}-separated fields, got {len(parts)}")
             continue
-        flags = parts[5:]
-        rows.append((parts[0], parts[1], _genres([g for g, f in zip(ML100K_GENRES, flags) if f.strip() == "1"])))
+        yield parts
+
+
+def _items_100k(path: Path, ctx: ReadContext) -> pl.DataFrame:
+    rows = [
+        (p[0], p[1], _genres([g for g, f in zip(ML100K_GENRES, p[5:]) if f.strip() == "1"]))
+        for p in _split_lines(path, "|", 5 + len(ML100K_GENRES), ctx)
+    ]
     return pl.DataFrame(rows, schema=["item_id", "title", "categories"], orient="row")
 
 
 def _items_dat(path: Path, ctx: ReadContext) -> pl.DataFrame:
-    rows = []
-    for lineno, line in enumerate(read_small_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        parts = line.split("::")
-        if len(parts) != 3:
-            ctx.skips.add("wrong field count", path, lineno, f"expected 3 '::'-separated fields, got {len(parts)}")
-            continue
-        rows.append((parts[0], parts[1], _genres(parts[2].strip().split("|"))))
+    rows = [(p[0], p[1], _genres(p[2].strip().split("|"))) for p in _split_lines(path, "::", 3, ctx)]
     return pl.DataFrame(rows, schema=["item_id", "title", "categories"], orient="row")
 
 

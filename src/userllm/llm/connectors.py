@@ -1,0 +1,138 @@
+"""The connectors between the user encoder and the LLM, each one module named as in the papers.
+
+- :class:`Projector`: user embeddings (b, n, d_enc) -> the LLM's width (b, n, d) (an MLP).
+- :class:`PerceiverResampler` (Flamingo): ``num_latents`` learned queries attend to the user embeddings
+  through ``depth`` blocks of cross-attention + feed-forward, compressing any timeline to (b, m, d).
+  Padded events are masked out, so they never influence the latents.
+- :class:`GatedCrossAttentionBlock` (Flamingo): the LLM's hidden states (b, t, d) attend to the user
+  context (b, n, d); the attention and feed-forward outputs pass through ``tanh`` gates initialised to
+  zero, so a freshly inserted block is the identity and the LLM starts exactly as it was.
+
+Example::
+
+    proj = Projector(d_in=64, d_out=576)
+    ctx = PerceiverResampler(dim=576, num_latents=16)(proj(user_emb), mask)     # (b, 16, 576)
+    block = GatedCrossAttentionBlock(dim=576, heads=9)
+    h = block(hidden, ctx, context_mask=torch.ones(b, 16, dtype=torch.bool))   # == hidden at init
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from the encoder width to the LLM width: (b, n, d_in) -> (b, n, d_out)."""
+
+    def __init__(self, *, d_in: int, d_out: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or d_out
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a module factory, as in flamingo-pytorch)
+    """Pre-LayerNorm MLP: (..., dim) -> (..., dim)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+
+
+class MaskedCrossAttention(nn.Module):
+    """Queries (b, t, d) attend to a context (b, n, d); ``context_mask`` (b, n) is True for real entries.
+
+    ``kv`` (precomputed keys/values from :meth:`context_kv`) lets a decoder reuse them at every step.
+    A query whose context is entirely masked receives zeros.
+    """
+
+    def __init__(self, *, dim: int, heads: int, dim_context: int | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim_context or dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a context (b, n, d) -> two (b, heads, n, d/heads)."""
+        b, n, _ = context.shape
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        return tuple(t.view(b, n, self.heads, -1).transpose(1, 2) for t in (k, v))  # type: ignore[return-value]
+
+    def forward(
+        self, x: Tensor, context: Tensor | None, context_mask: Tensor, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        b, t, d = x.shape
+        q = self.to_q(self.norm(x)).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = kv if kv is not None else self.context_kv(context)
+        mask = context_mask[:, None, None, :].to(torch.bool)  # (b, 1, 1, n)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = torch.where(mask.any(-1, keepdim=True), y, torch.zeros_like(y))  # fully masked rows -> 0, not NaN
+        return self.to_out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Flamingo's gated xattn-dense block: x + tanh(a) * xattn(x, ctx), then + tanh(f) * ffw(x).
+
+    Both gates start at 0, so the block starts as the identity.
+    """
+
+    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4) -> None:
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim=dim, heads=heads)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
+        x = x + self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
+        return x + self.ff(x) * self.ff_gate.tanh().to(x.dtype)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [inputs; latents] (Flamingo's Perceiver Resampler attention)."""
+
+    def __init__(self, *, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, latents: Tensor, mask: Tensor) -> Tensor:
+        """x: (b, n, d) inputs with mask (b, n); latents: (b, m, d) -> (b, m, d)."""
+        b, m, d = latents.shape
+        x, latents = self.norm_media(x), self.norm_latents(latents)
+        kv_input = torch.cat([x, latents], 1)
+        full_mask = torch.cat([mask.bool(), torch.ones(b, m, dtype=torch.bool, device=x.device)], 1)
+        q = self.to_q(latents).view(b, m, self.heads, -1).transpose(1, 2)
+        k, v = (t.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for t in self.to_kv(kv_input).chunk(2, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask[:, None, None, :])
+        return self.to_out(y.transpose(1, 2).reshape(b, m, d))
+
+
+class PerceiverResampler(nn.Module):
+    """Compress a variable-length user context (b, n, d) with mask (b, n) into (b, num_latents, d)."""
+
+    def __init__(self, *, dim: int, num_latents: int = 16, depth: int = 2, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim=dim, heads=heads), FeedForward(dim, ff_mult)]) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        latents = self.latents[None].expand(x.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents, mask)
+            latents = latents + ff(latents)
+        return self.norm(latents)

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector
+
+
+def test_projector_shape():
+    assert Projector(d_in=8, d_out=24)(torch.randn(2, 5, 8)).shape == (2, 5, 24)
+
+
+def test_zero_gates_are_identity_and_gradients_reach_gates():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=16, heads=4)
+    x, ctx = torch.randn(2, 7, 16), torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = block(x, ctx, context_mask=mask)
+    assert torch.equal(out, x)
+    out.sum().backward()
+    assert block.attn_gate.grad is not None and block.attn_gate.grad.abs() > 0
+
+
+def test_cross_attention_ignores_masked_context_and_precomputed_kv_matches():
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(dim=16, heads=4)
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0), block.ff_gate.fill_(1.0)
+    x, ctx = torch.randn(1, 3, 16), torch.randn(1, 5, 16)
+    mask = torch.tensor([[1, 1, 0, 0, 0]], dtype=torch.bool)
+    changed = ctx.clone()
+    changed[:, 2:] = torch.randn(1, 3, 16) * 100
+    a = block(x, ctx, context_mask=mask)
+    torch.testing.assert_close(block(x, changed, context_mask=mask), a)
+    kv = block.attn.context_kv(ctx)
+    torch.testing.assert_close(block(x, None, context_mask=mask, kv=kv), a)
+    empty = block(x, ctx, context_mask=torch.zeros(1, 5, dtype=torch.bool))
+    assert torch.isfinite(empty).all()
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_perceiver_ignores_padded_events(depth):
+    torch.manual_seed(0)
+    perceiver = PerceiverResampler(dim=16, num_latents=4, depth=depth, heads=4).eval()
+    x = torch.randn(1, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    out = perceiver(x, mask)
+    assert out.shape == (1, 4, 16)
+    noisy = x.clone()
+    noisy[:, 4:] = torch.randn(1, 2, 16) * 50
+    torch.testing.assert_close(perceiver(noisy, mask), out)
+    torch.testing.assert_close(perceiver(x[:, :4], mask[:, :4]), out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(perceiver(x, torch.ones(1, 6, dtype=torch.bool)), out)
