@@ -41,6 +41,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(PY) benchmarks/prepare_scale.py
 	$(PY) benchmarks/encoder_quality.py
+	$(PY) benchmarks/llm_step.py
 
 clean:
 	rm -rf $(VENV) $(OUT)

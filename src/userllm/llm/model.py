@@ -88,12 +88,14 @@ class UserLLM(nn.Module):
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
         """{group: (trainable, total)} parameter counts for encoder, connectors, cross-attention, llm."""
-        groups = {"encoder": self.encoder, "projector+perceiver": nn.ModuleList([self.projector, *( [self.perceiver] if self.perceiver else [])]),
-                  "cross-attention blocks": self.xattn, "llm": self.llm}  # fmt: skip
-        return {
-            name: (sum(p.numel() for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
-            for name, m in groups.items()
+        groups = {
+            "encoder": [self.encoder],
+            "projector+perceiver": [m for m in (self.projector, self.perceiver) if m is not None],
+            "cross-attention blocks": [self.xattn],
+            "llm": [self.llm],
         }
+        params = {name: [p for m in modules for p in m.parameters()] for name, modules in groups.items()}
+        return {name: (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)) for name, ps in params.items()}
 
     # ----------------------------------------------------------------- user context
     def user_context(self, user_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
