@@ -134,6 +134,10 @@ class PretrainConfig(_Config):
     dataset: Path = Field(Path("outputs/ml-100k"), description="prepared dataset directory")
     out: Path = Field(Path("runs/encoder"), description="run directory (checkpoints, metrics, config)")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    item_text_path: Path | None = Field(
+        None, description="for the 'text' feature: a .npy array (item vocabulary size, text_dim) of fixed item-text "
+        "embeddings, row i for item_idx i (rows 0 and 1: padding and unknown)",
+    )
     epochs: int = Field(40, ge=1, description="epochs (the cosine schedule ends with the last one)")
     batch_size: int = Field(64, ge=1, description="training windows per step (over all processes)")
     train_stride: int | None = Field(

@@ -137,3 +137,20 @@ def test_bf16_and_late_fusion_train(dataset, tmp_path, variant):
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert all(np.isfinite(r["loss"]) for r in history) and summary["epochs"] == 2
     assert load_encoder(tmp_path / "run").cfg.fusion == ("late" if "encoder" in variant else "early")
+
+
+def test_text_feature_from_npy(dataset, tmp_path):
+    from userllm.data import PreparedDataset
+    from userllm.errors import ConfigError
+
+    enc = ENC.model_copy(update={"features": ["item", "text"]})
+    with pytest.raises(ConfigError, match="needs item_text_path"):
+        pretrain(cfg(dataset, tmp_path / "a", epochs=1, encoder=enc))
+    np.save(tmp_path / "bad.npy", np.zeros((3, 4)))
+    with pytest.raises(ConfigError, match=r"expected shape \(\d+, text_dim\)"):
+        pretrain(cfg(dataset, tmp_path / "b", epochs=1, encoder=enc, item_text_path=tmp_path / "bad.npy"))
+    n = PreparedDataset(dataset).num_items
+    np.save(tmp_path / "text.npy", np.random.default_rng(0).normal(size=(n, 6)))
+    pretrain(cfg(dataset, tmp_path / "c", epochs=1, encoder=enc, item_text_path=tmp_path / "text.npy"))
+    model = load_encoder(tmp_path / "c")
+    assert model.cfg.text_dim == 6 and torch.allclose(model.embed.item_text[5], torch.from_numpy(np.load(tmp_path / "text.npy")[5]).float())

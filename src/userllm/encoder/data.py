@@ -56,7 +56,8 @@ class Timelines:
         return len(self.lengths)
 
     def collate(
-        self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray, loss_from: np.ndarray | None = None
+        self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray, loss_from: np.ndarray | None = None,
+        device: str | torch.device = "cpu",
     ) -> dict[str, Tensor]:
         """Windows ``[start, end)`` of each user's timeline, right-padded: (b, n) tensors.
 
@@ -75,7 +76,7 @@ class Timelines:
             shift = 1 if name.startswith("target_") else 0
             rows = self.offsets[users][:, None] + starts[:, None] + idx + shift
             keep = valid & (idx >= loss_from[:, None]) if shift else valid
-            out[name] = torch.from_numpy(np.where(keep, arr[np.where(valid, rows, 0)], 0))
+            out[name] = torch.from_numpy(np.where(keep, arr[np.where(valid, rows, 0)], 0)).to(device)
         return out
 
 

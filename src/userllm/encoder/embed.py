@@ -45,7 +45,7 @@ def embed_users(model, tl: Timelines, users: np.ndarray, device: str) -> tuple[t
     """Embeddings (u, n, d) and mask (u, n) of the last ``max_len`` events of ``users``; and each window's start."""
     ends = tl.lengths[users]
     starts = np.maximum(ends - model.cfg.max_len, 0)
-    batch = {k: v.to(device) for k, v in tl.collate(users, starts, ends).items()}
+    batch = tl.collate(users, starts, ends, device=device)
     h, mask = model.encode(batch)
     return h.float().cpu(), mask.cpu(), starts
 

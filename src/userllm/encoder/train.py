@@ -34,7 +34,7 @@ from userllm.config import EncoderConfig, PretrainConfig, dump_config, save_conf
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines, eval_inputs, history_items, train_windows
 from userllm.encoder.model import UserEncoder
-from userllm.errors import InputError, OutputExistsError
+from userllm.errors import ConfigError, InputError, OutputExistsError
 from userllm.eval.metrics import ranking_metrics, target_ranks
 from userllm.io import write_dir_atomically, write_json
 from userllm.progress import progress_bar
@@ -55,10 +55,28 @@ def encoder_inputs(ds: PreparedDataset, cfg: EncoderConfig) -> tuple[EncoderConf
     return cfg, table
 
 
-def build_encoder(ds: PreparedDataset, cfg: EncoderConfig, seed: int) -> UserEncoder:
+def item_text_table(path: Path | None, cfg: EncoderConfig) -> Tensor | None:
+    """The fixed (V, text_dim) item-text embeddings for the 'text' feature, checked against the vocabulary."""
+    if "text" not in cfg.features:
+        return None
+    if path is None:
+        raise ConfigError("the 'text' feature needs item_text_path: a .npy array (item vocabulary size, text_dim)")
+    try:
+        table = np.load(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"item_text_path {path}: cannot read a .npy array: {err}") from None
+    if table.ndim != 2 or table.shape[0] != cfg.num_items:
+        raise ConfigError(f"item_text_path {path}: expected shape ({cfg.num_items}, text_dim), got {table.shape}")
+    return torch.from_numpy(table.astype(np.float32))
+
+
+def build_encoder(ds: PreparedDataset, cfg: EncoderConfig, seed: int, item_text_path: Path | None = None) -> UserEncoder:
     cfg, cats = encoder_inputs(ds, cfg)
+    text = item_text_table(item_text_path, cfg)
+    if text is not None:
+        cfg = cfg.model_copy(update={"text_dim": text.shape[1]})
     torch.manual_seed(seed)
-    return UserEncoder(cfg, item_categories=cats)
+    return UserEncoder(cfg, item_categories=cats, item_text=text)
 
 
 def save_model(model: UserEncoder, path: Path) -> None:
@@ -159,7 +177,7 @@ def encoder_scores(model: UserEncoder, tl: Timelines, device: str):
     """A ``score_fn`` for :func:`rank_split`: the item logits after each window's last event."""
 
     def score(users, starts, ends):
-        batch = {k: v.to(device) for k, v in tl.collate(users, starts, ends).items()}
+        batch = tl.collate(users, starts, ends, device=device)
         h, _ = model.encode(batch)
         last = torch.from_numpy(ends - starts - 1).to(device)
         return model.item_logits(h[torch.arange(len(users), device=device), last])
@@ -208,7 +226,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
 
     ds = PreparedDataset(cfg.dataset)
     tl = Timelines.from_dataset(ds, cfg.encoder.time_gap_buckets)
-    model = build_encoder(ds, cfg.encoder, cfg.seed).to(device)
+    model = build_encoder(ds, cfg.encoder, cfg.seed, cfg.item_text_path).to(device)
     cfg = cfg.model_copy(update={"encoder": model.cfg})
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +263,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
             t0, losses = time.perf_counter(), []
             for s in range(0, len(order), per_rank_batch):
                 idx = order[s : s + per_rank_batch]
-                batch = {k: v.to(device) for k, v in tl.collate(users[idx], starts[idx], ends[idx], loss_from[idx]).items()}
+                batch = tl.collate(users[idx], starts[idx], ends[idx], loss_from[idx], device=device)
                 with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss, parts = next_event_loss(ddp, batch, cfg, proposal, gen)
                 opt.zero_grad(set_to_none=True)
