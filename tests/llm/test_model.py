@@ -177,3 +177,26 @@ def test_both_modes_learn_a_history_only_task(mode):
     assert losses[-1] < 0.3, (losses[0], losses[-1])  # below ln 2: only possible by reading the history
     logits = model.eval()(users, ids[:, :-1], mask[:, :-1]).logits[:, -1]
     assert (logits[:, 10:12].argmax(1) == cls).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_is_seeded_and_top1_is_greedy(mode):
+    model = build(mode=mode)
+    ids, mask = prompts(lengths=[6, 4])
+    users = random_batch(2, 5)
+    sample = lambda seed, **kw: model.generate(users, ids, mask, max_new_tokens=6, do_sample=True,  # noqa: E731
+                                               generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(sample(3, temperature=1.5), sample(3, temperature=1.5))
+    assert not all(torch.equal(sample(3, temperature=1.5), sample(s, temperature=1.5)) for s in (4, 5, 6))
+    assert torch.equal(sample(7, top_k=1), model.generate(users, ids, mask, max_new_tokens=6))
+
+
+def test_generation_stops_rows_at_eos():
+    model = build()
+    ids, mask = prompts()
+    users = random_batch(2, 5)
+    free = model.generate(users, ids, mask, max_new_tokens=6)
+    eos = int(free[0, 1])
+    out = model.generate(users, ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    first = (out[0] == eos).nonzero()[0].item()
+    assert (out[0, first + 1 :] == 0).all()
