@@ -19,7 +19,7 @@ def check_output(out: Path, force: bool, marker: str = "manifest.json") -> None:
     if not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
     if out.is_file() or (any(out.iterdir()) and not (out / marker).exists()):
-        raise OutputExistsError(f"output {out} exists and is not a {marker}-bearing output of userllm; refusing to replace it")
+        raise OutputExistsError(f"output {out} exists and is not a userllm output (it has no {marker}); refusing to replace it")
 
 
 def write_dir_atomically(out: Path, write: Callable[[Path], None], *, force: bool, marker: str = "manifest.json") -> None:

@@ -138,14 +138,16 @@ def test_bad_cross_attention_layers():
 
 
 def test_perceiver_ignores_padded_events_end_to_end():
+    """Padded events (item 0) after a user's timeline change nothing, whatever their other features hold."""
     model = build(mode="soft_prompt", perceiver_latents=3).eval()
     ids, mask = prompts(b=1)
     users = random_batch(1, 6, lengths=[4])
+    expected = model(users, ids, mask).logits
     noisy = {k: v.clone() for k, v in users.items()}
-    a = model(users, ids, mask).logits
-    users_short = {k: v[:, :4] for k, v in users.items()}
-    torch.testing.assert_close(model(users_short, ids, mask).logits, a, rtol=1e-5, atol=1e-5)
-    del noisy
+    noisy["rating"][:, 4:], noisy["time_gap"][:, 4:] = 5, 9  # padding positions keep item 0
+    torch.testing.assert_close(model(noisy, ids, mask).logits, expected, rtol=0, atol=1e-6)
+    shorter = {k: v[:, :4] for k, v in users.items()}
+    torch.testing.assert_close(model(shorter, ids, mask).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,7 +9,7 @@ Steps, in order (each filter's parameters and its before/after counts go to ``ma
    than ``min_item_events`` events until both hold;
 5. ``split_min_events``: users need 3 events for the leave-last-out split;
 6. order each user's events by timestamp with a *stable* sort: events with equal timestamps keep the
-   order of the input file (416 of MovieLens-100K's 943 test items tie with the event before them);
+   order of the input file (415 of MovieLens-100K's 943 test items tie with the event before them);
 7. vocabularies (0 = padding, 1 = unknown) for items, rating buckets and categories;
 8. leave-last-out split per user: test = last event, valid = second last, train = the rest (RecBole and
    SASRec's protocol), and labelled examples whose history is the ``max_history`` events before the target.
