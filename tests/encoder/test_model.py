@@ -64,7 +64,6 @@ def test_early_and_late_differ_in_structure():
 
 def test_encode_is_eval_and_no_grad():
     enc = tiny_encoder()
-    enc.cfg.dropout  # noqa: B018
     enc.train()
     h, _ = enc.encode(random_batch(1, 4))
     assert not h.requires_grad and enc.training

@@ -130,6 +130,9 @@ def test_save_load_round_trip_exact(tmp_path, strategy):
     saved = set(model.trained_state_dict())
     assert any(k.startswith("llm.") for k in saved) == (strategy in ("full", "lora"))
     assert any(k.startswith("encoder.") for k in saved) == (strategy != "proj")
+    if strategy == "proj":
+        with pytest.raises(InputError, match="does not save the frozen encoder"):
+            UserLLM.load(tmp_path / "saved", llm=tiny_llama())
 
 
 def test_bad_cross_attention_layers():

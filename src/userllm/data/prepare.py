@@ -20,7 +20,6 @@ Output files (see :class:`~userllm.data.dataset.PreparedDataset`): ``events.parq
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from userllm.config import PrepareConfig, dump_config, save_config
 from userllm.data.readers import ReadContext, read_source
 from userllm.data.skips import SkipLog
 from userllm.errors import EmptyResultError
-from userllm.io import check_output, write_dir_atomically
+from userllm.io import check_output, sha256, write_dir_atomically
 from userllm.progress import progress_bar
 
 PAD, UNK = 0, 1
@@ -174,14 +173,6 @@ def build_examples(
 
 def quantiles(values: np.ndarray) -> dict[str, float]:
     return {f"p{int(q * 100)}": float(np.quantile(values, q)) for q in QUANTILES}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare_dataset(cfg: PrepareConfig) -> dict:

@@ -14,7 +14,6 @@ values) instead of re-encoding the timeline; past ``max_len`` events the window 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,16 +27,12 @@ from safetensors.torch import save_file
 import userllm
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
-from userllm.encoder.train import load_encoder
+from userllm.encoder.train import encoder_weights, load_encoder
 from userllm.errors import OutputExistsError
-from userllm.io import write_dir_atomically, write_json
+from userllm.io import sha256, write_dir_atomically, write_json
 from userllm.progress import progress_bar
 
 SHARD_USERS = 4096
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -59,9 +54,8 @@ def embed_dataset(run: Path, dataset: Path, out: Path, *, force: bool = False, d
     model = load_encoder(run, device)
     ds = PreparedDataset(dataset)
     tl = Timelines.from_dataset(ds, model.cfg.time_gap_buckets)
-    weights = (run / "model" / "model.safetensors") if (run / "model").exists() else run / "model.safetensors"
     manifest = {
-        "userllm_version": userllm.__version__, "run": str(run), "model_sha256": file_sha256(weights),
+        "userllm_version": userllm.__version__, "run": str(run), "model_sha256": sha256(encoder_weights(run)),
         "dataset": str(ds.root), "dataset_inputs": ds.manifest["inputs"], "users": tl.num_users,
         "d_model": model.cfg.d_model, "max_len": model.cfg.max_len, "encoder": model.cfg.model_dump(mode="json"),
     }  # fmt: skip

@@ -14,6 +14,7 @@ trained the same way). Results also by history-length bucket (events before the 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -62,8 +63,6 @@ def evaluate_scorer(score_fn, tl: Timelines, max_len: int) -> dict:
 
 def evaluate_run(run: Path, *, compare: list[Path] = (), dataset: Path | None = None, device: str = "cpu") -> dict:
     """Evaluate the run's best encoder beside popularity, a random encoder and ``compare`` runs."""
-    import json
-
     run = Path(run)
     cfg = json.loads((run / "config.json").read_text())
     ds = PreparedDataset(dataset or cfg["dataset"])

@@ -85,15 +85,21 @@ def save_model(model: UserEncoder, path: Path) -> None:
     (path / "config.json").write_text(json.dumps(dump_config(model.cfg), indent=2))
 
 
-def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
-    """Load an encoder saved by :func:`save_model` (a run's ``model/`` or ``checkpoint/`` directory, or the run)."""
+def encoder_weights(path: Path) -> Path:
+    """The ``model.safetensors`` of a run (its best ``model/``) or of a ``model/`` / ``checkpoint/`` directory."""
     path = Path(path)
     if (path / "model" / "model.safetensors").exists():
         path = path / "model"
     if not (path / "model.safetensors").exists():
         raise InputError(f"{path} holds no encoder (model.safetensors); train one with `userllm pretrain`")
-    cfg = EncoderConfig.model_validate(json.loads((path / "config.json").read_text()))
-    state = load_file(path / "model.safetensors", device=device)
+    return path / "model.safetensors"
+
+
+def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
+    """Load an encoder saved by :func:`save_model` (a run's ``model/`` or ``checkpoint/`` directory, or the run)."""
+    weights = encoder_weights(path)
+    cfg = EncoderConfig.model_validate(json.loads((weights.parent / "config.json").read_text()))
+    state = load_file(weights, device=device)
     model = UserEncoder(cfg, item_categories=state["embed.item_categories"], item_text=state["embed.item_text"])
     model.load_state_dict(state)
     return model.to(device)

@@ -232,10 +232,9 @@ class UserLLM(nn.Module):
     def save(self, path: Path, *, extra: dict | None = None) -> None:
         """``path/userllm.safetensors`` (trained weights) + ``path/userllm.json`` (configs), atomically."""
         config = {"userllm": dump_config(self.cfg), "encoder": dump_config(self.encoder.cfg), **(extra or {})}
-        encoder_state = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items() if k.startswith("embed.item_")}
 
         def write(tmp: Path) -> None:
-            save_file({**self.trained_state_dict(), **encoder_state}, tmp / "userllm.safetensors")
+            save_file(self.trained_state_dict(), tmp / "userllm.safetensors")
             (tmp / "userllm.json").write_text(json.dumps(config, indent=2))
 
         write_dir_atomically(Path(path), write, force=True, marker="userllm.json")
@@ -248,12 +247,16 @@ class UserLLM(nn.Module):
         if not (path / "userllm.json").exists():
             raise InputError(f"{path} holds no saved UserLLM (userllm.json)")
         config = json.loads((path / "userllm.json").read_text())
+        cfg = UserLLMConfig.model_validate(config["userllm"])
         state = load_file(path / "userllm.safetensors")
+        if encoder is None and cfg.strategy == "proj":
+            raise InputError(f"{path} was trained with strategy 'proj', which does not save the frozen encoder; "
+                             "pass encoder=load_encoder(STAGE1_RUN)")  # fmt: skip
         if encoder is None:
             enc_cfg = EncoderConfig.model_validate(config["encoder"])
             encoder = UserEncoder(enc_cfg, item_categories=state["encoder.embed.item_categories"],
                                   item_text=state["encoder.embed.item_text"])  # fmt: skip
-        model = cls(UserLLMConfig.model_validate(config["userllm"]), encoder=encoder, llm=llm)
+        model = cls(cfg, encoder=encoder, llm=llm)
         missing = set(state) - set(model.state_dict())
         if missing:
             raise InputError(f"{path}: saved weights do not fit this backbone: {sorted(missing)[:5]}")
