@@ -37,10 +37,87 @@ from userllm.errors import InputError
 from userllm.io import write_dir_atomically
 from userllm.llm.backbone import decoder_layers
 from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector
+from userllm.llm.decoding import generate_tokens, positions
 
 
-class UserLLM(nn.Module):
+def apply_llm_strategy(llm: nn.Module, cfg: UserLLMConfig) -> nn.Module:
+    """The backbone as the strategy trains it: all weights (``full``), LoRA adapters (``lora``, PEFT) or
+    frozen (``enc``, ``proj``). Returns the (possibly PEFT-wrapped) model."""
+    llm.requires_grad_(cfg.strategy == "full")
+    if cfg.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
+        llm = get_peft_model(llm, lora)
+    return llm
+
+
+class ConditionedLM(nn.Module):
+    """What User-LLM and the text-prompt baseline share: generation, trainable groups, saving.
+
+    Subclasses set ``cfg``, ``llm`` and implement ``forward``, ``conditioned`` and ``repeat_context``.
+    """
+
+    cfg: UserLLMConfig
+    llm: nn.Module
+    method = ""
+    trained_prefixes: tuple[str, ...] = ()  # state-dict prefixes saved under every strategy
+
+    def groups(self) -> dict[str, list[nn.Module]]:
+        return {"llm": [self.llm]}
+
+    def parameter_groups(self) -> dict[str, tuple[int, int]]:
+        """{group: (trainable, total)} parameter counts."""
+        params = {name: [p for m in modules for p in m.parameters()] for name, modules in self.groups().items()}
+        return {name: (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)) for name, ps in params.items()}
+
+    @torch.no_grad()
+    def generate(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+        """New tokens (b, <= max_new_tokens) for left-padded prompts; keyword arguments as in
+        :func:`~userllm.llm.decoding.generate_tokens` (greedy or sampling, eos, KV cache on)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self.conditioned(user_batch, input_ids, attention_mask) as (embeds, mask):
+                return generate_tokens(self, embeds, mask, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def trained_state_dict(self) -> dict[str, Tensor]:
+        """What this strategy trains: ``trained_prefixes``; LoRA weights under ``lora``; the LLM's weights
+        only under ``full``."""
+        s = self.cfg.strategy
+        return {
+            name: t.detach().contiguous() for name, t in self.state_dict().items()
+            if name.startswith(self.trained_prefixes) or (s == "full" and name.startswith("llm.")) or (s == "lora" and "lora_" in name)
+        }  # fmt: skip
+
+    def save_config(self) -> dict:
+        return {"method": self.method, "userllm": dump_config(self.cfg)}
+
+    def save(self, path: Path, *, extra: dict | None = None) -> None:
+        """``path/userllm.safetensors`` (trained weights) + ``path/userllm.json`` (configs), atomically."""
+        config = {**self.save_config(), **(extra or {})}
+
+        def write(tmp: Path) -> None:
+            save_file(self.trained_state_dict(), tmp / "userllm.safetensors")
+            (tmp / "userllm.json").write_text(json.dumps(config, indent=2))
+
+        write_dir_atomically(Path(path), write, force=True, marker="userllm.json")
+
+    def load_trained(self, path: Path, state: dict[str, Tensor]) -> None:
+        """Load saved trained weights; every saved tensor must find its parameter."""
+        missing = set(state) - set(self.state_dict())
+        if missing:
+            raise InputError(f"{path}: saved weights do not fit this backbone: {sorted(missing)[:5]}")
+        self.load_state_dict(state, strict=False)
+
+
+class UserLLM(ConditionedLM):
     """Encoder + connectors + backbone LLM (see module docstring)."""
+
+    method = "userllm"
 
     def __init__(self, cfg: UserLLMConfig, *, encoder: UserEncoder, llm: nn.Module) -> None:
         super().__init__()
@@ -65,37 +142,27 @@ class UserLLM(nn.Module):
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
 
+
     # ----------------------------------------------------------------- training strategies
     def _apply_strategy(self) -> None:
         """Set ``requires_grad`` for the paper's four strategies (and wrap the LLM with LoRA for ``lora``)."""
-        s = self.cfg.strategy
         self.requires_grad_(False)
         for module in self.connectors():
             module.requires_grad_(True)
-        if s in ("full", "lora", "enc"):
-            self.encoder.requires_grad_(True)
-        if s == "full":
-            self.llm.requires_grad_(True)
-        if s == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                              target_modules=self.cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
-            self.llm = get_peft_model(self.llm, lora)
+        self.encoder.requires_grad_(self.cfg.strategy != "proj")
+        self.llm = apply_llm_strategy(self.llm, self.cfg)
+        self.trained_prefixes = ("projector.", "perceiver.", "xattn.") + (("encoder.",) if self.cfg.strategy != "proj" else ())
 
     def connectors(self) -> list[nn.Module]:
         return [m for m in (self.projector, self.perceiver, self.xattn) if m is not None]
 
-    def parameter_groups(self) -> dict[str, tuple[int, int]]:
-        """{group: (trainable, total)} parameter counts for encoder, connectors, cross-attention, llm."""
-        groups = {
+    def groups(self) -> dict[str, list[nn.Module]]:
+        return {
             "encoder": [self.encoder],
             "projector+perceiver": [m for m in (self.projector, self.perceiver) if m is not None],
             "cross-attention blocks": [self.xattn],
             "llm": [self.llm],
         }
-        params = {name: [p for m in modules for p in m.parameters()] for name, modules in groups.items()}
-        return {name: (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)) for name, ps in params.items()}
 
     # ----------------------------------------------------------------- user context
     def user_context(self, user_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -155,89 +222,28 @@ class UserLLM(nn.Module):
         embeds, mask, pos, labels = self._soft_prompt(ctx, ctx_mask, input_ids, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
-    @torch.no_grad()
-    def generate(self, user_batch: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor, *,
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
-        """New tokens (b, max_new_tokens) for left-padded prompts; greedy, or sampling with temperature/top-k.
-
-        After ``eos_token_id`` a row emits ``pad_token_id``. ``use_cache=False`` recomputes the whole sequence
-        at every step (slow; for checking the cache).
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            ctx, ctx_mask = self.user_context(user_batch)
-            if self.cfg.mode == "cross_attention":
-                with self._conditioned(ctx, ctx_mask):
-                    embeds, mask = self._embed_tokens()(input_ids), attention_mask.long()
-                    return self._decode(embeds, mask, max_new_tokens, do_sample, temperature, top_k, eos_token_id,
-                                        pad_token_id, use_cache, generator)  # fmt: skip
+    @contextmanager
+    def conditioned(self, user_batch: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
+        """Decode under the users' context: yields the prefix (embeds (b, t, d), mask (b, t)) for
+        :mod:`userllm.llm.decoding`; in cross-attention mode the blocks see the context until exit."""
+        ctx, ctx_mask = self.user_context(user_batch)
+        if self.cfg.mode == "cross_attention":
+            with self._conditioned(ctx, ctx_mask):
+                yield self._embed_tokens()(input_ids), attention_mask.long()
+        else:
             embeds, mask, _, _ = self._soft_prompt(ctx, ctx_mask, input_ids, attention_mask, None)
-            return self._decode(embeds, mask, max_new_tokens, do_sample, temperature, top_k, eos_token_id,
-                                pad_token_id, use_cache, generator)  # fmt: skip
-        finally:
-            self.train(was_training)
+            yield embeds, mask
 
-    def _decode(self, embeds, mask, max_new_tokens, do_sample, temperature, top_k, eos, pad, use_cache, generator):
-        b = embeds.shape[0]
-        done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
-        out_tokens, past = [], None
-        step_embeds = embeds
-        for _ in range(max_new_tokens):
-            if use_cache:
-                pos = positions(mask)[:, -step_embeds.shape[1]:]
-                out = self.llm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=pos, cache=past,
-                               use_cache=True)  # fmt: skip
-                past = out.cache
-            else:
-                out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-            logits = out.logits[:, -1].float()
-            if do_sample:
-                logits = logits / max(temperature, 1e-6)
-                if top_k:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad), token)
-            out_tokens.append(token)
-            if eos is not None:
-                done |= token == eos
-            new = self._embed_tokens()(token[:, None])
-            embeds = torch.cat([embeds, new], 1)
-            step_embeds = new
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
-            if eos is not None and done.all():
-                break
-        return torch.stack(out_tokens, 1)
+    def repeat_context(self, k: int) -> None:
+        """Repeat the active cross-attention context ``k`` times per row (for beams); soft prompts live in the
+        KV cache, so there is nothing to do for them."""
+        if self._active is not None:
+            self._active = {"mask": self._active["mask"].repeat_interleave(k, 0),
+                            "kv": {key: tuple(t.repeat_interleave(k, 0) for t in kv) for key, kv in self._active["kv"].items()}}  # fmt: skip
 
     # ----------------------------------------------------------------- saving and loading
-    def trained_state_dict(self) -> dict[str, Tensor]:
-        """What this strategy trains: connectors and cross-attention blocks always; the encoder unless
-        ``proj``; LoRA weights under ``lora``; the LLM's weights only under ``full``."""
-        keep = ("projector.", "perceiver.", "xattn.")
-        if self.cfg.strategy != "proj":
-            keep += ("encoder.",)
-        state = {}
-        for name, tensor in self.state_dict().items():
-            if name.startswith(keep) or (self.cfg.strategy == "full" and name.startswith("llm.")) or (
-                self.cfg.strategy == "lora" and "lora_" in name
-            ):
-                state[name] = tensor.detach().contiguous()
-        return state
-
-    def save(self, path: Path, *, extra: dict | None = None) -> None:
-        """``path/userllm.safetensors`` (trained weights) + ``path/userllm.json`` (configs), atomically."""
-        config = {"userllm": dump_config(self.cfg), "encoder": dump_config(self.encoder.cfg), **(extra or {})}
-
-        def write(tmp: Path) -> None:
-            save_file(self.trained_state_dict(), tmp / "userllm.safetensors")
-            (tmp / "userllm.json").write_text(json.dumps(config, indent=2))
-
-        write_dir_atomically(Path(path), write, force=True, marker="userllm.json")
+    def save_config(self) -> dict:
+        return {**super().save_config(), "encoder": dump_config(self.encoder.cfg)}
 
     @classmethod
     def load(cls, path: Path, *, llm: nn.Module, encoder: UserEncoder | None = None) -> UserLLM:
@@ -257,13 +263,50 @@ class UserLLM(nn.Module):
             encoder = UserEncoder(enc_cfg, item_categories=state["encoder.embed.item_categories"],
                                   item_text=state["encoder.embed.item_text"])  # fmt: skip
         model = cls(cfg, encoder=encoder, llm=llm)
-        missing = set(state) - set(model.state_dict())
-        if missing:
-            raise InputError(f"{path}: saved weights do not fit this backbone: {sorted(missing)[:5]}")
-        model.load_state_dict(state, strict=False)
+        model.load_trained(path, state)
         return model
 
 
-def positions(mask: Tensor) -> Tensor:
-    """Position ids that skip padding: (b, t) attention mask -> cumulative count - 1, 0 on padding."""
-    return (mask.long().cumsum(1) - 1).clamp(min=0)
+class TextPromptLM(ConditionedLM):
+    """The text-prompt (TP) baseline: the backbone alone, reading the user's history written out as text in
+    its prompt. Trained like User-LLM's LLM (``full`` or ``lora``); ``user_batch`` arguments are ignored.
+
+    Example::
+
+        tp = TextPromptLM(UserLLMConfig(strategy="lora"), llm=backbone.model)
+        loss = tp(None, input_ids, attention_mask, labels).loss
+    """
+
+    method = "textprompt"
+
+    def __init__(self, cfg: UserLLMConfig, *, llm: nn.Module) -> None:
+        super().__init__()
+        if cfg.strategy not in ("full", "lora"):
+            raise InputError(f"the text-prompt baseline has no encoder or connectors to train: strategy must be full or "
+                             f"lora, got {cfg.strategy!r}")  # fmt: skip
+        self.cfg = cfg
+        self.llm = apply_llm_strategy(llm, cfg)
+
+    def forward(self, user_batch, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None):
+        return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                        labels=labels)  # fmt: skip
+
+    @contextmanager
+    def conditioned(self, user_batch, input_ids: Tensor, attention_mask: Tensor):
+        yield self.llm.get_input_embeddings()(input_ids), attention_mask.long()
+
+    def repeat_context(self, k: int) -> None:
+        """No user context besides the prompt, which lives in the KV cache."""
+
+
+def load_model(path: Path, *, llm: nn.Module, encoder: UserEncoder | None = None) -> ConditionedLM:
+    """A saved :class:`UserLLM` or :class:`TextPromptLM` (``path/userllm.json`` says which), on ``llm``."""
+    path = Path(path)
+    if not (path / "userllm.json").exists():
+        raise InputError(f"{path} holds no saved model (userllm.json)")
+    config = json.loads((path / "userllm.json").read_text())
+    if config.get("method") != TextPromptLM.method:
+        return UserLLM.load(path, llm=llm, encoder=encoder)
+    model = TextPromptLM(UserLLMConfig.model_validate(config["userllm"]), llm=llm)
+    model.load_trained(path, load_file(path / "userllm.safetensors"))
+    return model

@@ -1,0 +1,166 @@
+"""Decoding for conditioned LLMs: greedy/sampled generation and beam search constrained to a token trie.
+
+Both work on a *prefix* (embeddings (b, t, d) and attention mask (b, t), left-padded) and a model that
+offers ``llm`` (the backbone, called step by step with its KV cache) and ``repeat_context(k)`` (repeat any
+per-row user context, e.g. cross-attention keys/values, ``k`` times per row). ``UserLLM.conditioned`` and
+``TextPromptLM.conditioned`` provide both, so User-LLM and the text-prompt baseline decode with the same code.
+
+Example::
+
+    trie = TokenTrie([tokenizer(t, add_special_tokens=False).input_ids for t in titles], eos_token_id=eos)
+    with model.conditioned(user_batch, input_ids, attention_mask) as (embeds, mask):
+        ranked = constrained_beam_search(model, embeds, mask, trie, beams=10)   # [[(title index, log p), ...]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids that skip padding: (b, t) attention mask -> cumulative count - 1, 0 on padding."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def llm_step(llm, embeds: Tensor, mask: Tensor, cache) -> tuple[Tensor, object]:
+    """Run the new ``embeds`` (b, s, d) with the cache of everything before; ``mask`` (b, t) covers all t
+    positions. Returns the last position's logits (b, V) in float32 and the updated cache."""
+    pos = positions(mask)[:, -embeds.shape[1]:]
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    return out.logits[:, -1].float(), out.cache
+
+
+def _append(mask: Tensor) -> Tensor:
+    return torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
+
+
+@torch.no_grad()
+def generate_tokens(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int = 32, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int = 0, eos_token_id: int | None = None, pad_token_id: int = 0,
+                    use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """New tokens (b, <= max_new_tokens) after the prefix: greedy, or sampling with temperature / top-k.
+
+    After ``eos_token_id`` a row emits ``pad_token_id``; decoding stops when every row has ended.
+    ``use_cache=False`` recomputes the whole sequence at every step (slow; for checking the cache).
+    """
+    llm, embed = model.llm, model.llm.get_input_embeddings()
+    b = embeds.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
+    out_tokens, cache, step_embeds = [], None, embeds
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits, cache = llm_step(llm, step_embeds, mask, cache)
+        else:
+            logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+            logits = logits.logits[:, -1].float()
+        if do_sample:
+            logits = logits / max(temperature, 1e-6)
+            if top_k:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        out_tokens.append(token)
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+        step_embeds = embed(token[:, None])
+        embeds = torch.cat([embeds, step_embeds], 1)
+        mask = _append(mask)
+        if eos_token_id is not None and done.all():
+            break
+    return torch.stack(out_tokens, 1)
+
+
+@dataclass
+class TokenTrie:
+    """A trie over token sequences (e.g. every catalogue title), each ended by ``eos_token_id``.
+
+    ``children(node)`` lists the allowed next tokens; following ``eos_token_id`` from a node completes
+    sequence ``ends[node]`` (its index in the list given). Identical sequences keep the first index.
+    """
+
+    sequences: list[list[int]]
+    eos_token_id: int
+    nodes: list[dict[int, int]] = field(default_factory=lambda: [{}])
+    ends: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for index, tokens in enumerate(self.sequences):
+            node = 0
+            for t in tokens:
+                nxt = self.nodes[node].get(t)
+                if nxt is None:
+                    nxt = self.nodes[node][t] = len(self.nodes)
+                    self.nodes.append({})
+                node = nxt
+            self.nodes[node].setdefault(self.eos_token_id, -1)  # -1: completion, not a node
+            self.ends.setdefault(node, index)
+
+    def children(self, node: int) -> list[int]:
+        return list(self.nodes[node])
+
+
+@torch.no_grad()
+def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie, *, beams: int,
+                            max_steps: int | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+    """The ``beams`` most likely complete trie sequences for each prefix: per row ``[(index, log p), ...]``,
+    best first. Every answer is a sequence of the trie (e.g. a real catalogue title).
+
+    Scores are summed token log-probabilities (eos included). The prefix is run once per row; its KV cache
+    (and the model's user context, via ``model.repeat_context``) is then repeated for the beams.
+    """
+    llm, embed = model.llm, model.llm.get_input_embeddings()
+    b, device, k = embeds.shape[0], embeds.device, beams
+    logits, cache = llm_step(llm, embeds, mask, None)
+    logp = logits.log_softmax(-1)
+    finished: list[list[tuple[float, int]]] = [[] for _ in range(b)]
+    # beam state per row r of (b*k): trie node, score; start: all k beams of a prefix at the root, one alive
+    node = torch.zeros(b * k, dtype=torch.long)
+    score = torch.full((b * k,), float("-inf"))
+    score[::k] = 0.0
+    logp = logp.repeat_interleave(k, 0)
+    cache.batch_repeat_interleave(k)
+    model.repeat_context(k)
+    mask = mask.repeat_interleave(k, 0)
+    limit = max_steps or 1 + max(len(s) for s in trie.sequences)
+    for _ in range(limit):
+        allowed = torch.full_like(logp, float("-inf"))
+        for r in range(b * k):
+            if score[r] > float("-inf"):
+                allowed[r, trie.children(int(node[r]))] = 0.0
+        total = (score.to(device)[:, None] + logp + allowed).view(b, -1).cpu()  # (b, k*V)
+        top = total.topk(min(2 * k, total.shape[1]), dim=1)
+        new_node = torch.zeros(b * k, dtype=torch.long)
+        new_score = torch.full((b * k,), float("-inf"))
+        source = torch.arange(b * k)  # the beam each new beam continues (for the cache)
+        new_token = torch.full((b * k,), trie.eos_token_id, dtype=torch.long)
+        for i in range(b):
+            filled = 0
+            for s, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                if s == float("-inf") or filled == k:
+                    break
+                beam, token = divmod(flat, logp.shape[1])
+                parent = i * k + beam
+                if token == trie.eos_token_id:
+                    finished[i].append((s, trie.ends[int(node[parent])]))
+                    continue
+                r = i * k + filled
+                new_node[r] = trie.nodes[int(node[parent])][token]
+                new_score[r], source[r], new_token[r] = s, parent, token
+                filled += 1
+        node, score = new_node, new_score
+        # stop when every row has k answers that no live beam can beat (scores only fall)
+        best_live = score.view(b, k).max(1).values
+        if all(best_live[i] == float("-inf") or (len(f) >= k and sorted(f, reverse=True)[k - 1][0] >= best_live[i])
+               for i, f in enumerate(finished)):  # fmt: skip
+            break
+        cache.reorder_cache(source.to(device))
+        mask = _append(mask)
+        logits, cache = llm_step(llm, embed(new_token.to(device)[:, None]), mask, cache)
+        logp = logits.log_softmax(-1)
+    return [[(index, s) for s, index in sorted(f, reverse=True)[:k]] for f in finished]
