@@ -186,3 +186,40 @@ class UserLLMConfig(_Config):
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     lora_targets: list[str] | None = Field(None, description="module names for LoRA (None: PEFT's default for the model)")
+
+
+Task = Literal["next_item", "favorite_genre", "review"]
+
+
+class TrainConfig(_Config):
+    """``userllm train``: fine-tune User-LLM (or the text-prompt baseline) on one task."""
+
+    dataset: Path = Field(Path("outputs/ml-100k"), description="prepared dataset directory")
+    out: Path = Field(Path("runs/task"), description="run directory (checkpoints, model, metrics, config)")
+    task: Task = Field("next_item", description="next_item, favorite_genre, or review (datasets with review text)")
+    method: Literal["userllm", "textprompt"] = Field(
+        "userllm", description="userllm: history as embeddings; textprompt: history written out in the prompt (TP)"
+    )
+    llm: UserLLMConfig = Field(default_factory=UserLLMConfig)
+    encoder: str | None = Field(
+        None, description="userllm: a stage-1 run directory (`userllm pretrain`), or 'random' for an untrained encoder"
+    )
+    random_encoder: EncoderConfig = Field(
+        default_factory=EncoderConfig, description="the encoder built when encoder='random' (max_len follows max_history)"
+    )
+    max_history: int = Field(50, ge=1, description="events of history before each target (embeddings or text lines)")
+    train_examples: int = Field(256, ge=1, description="training budget: examples seen (steps x batch size)")
+    batch_size: int = Field(4, ge=1, description="examples per optimizer step (over all processes)")
+    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(5, ge=0, description="linear warmup steps")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    checkpoint_every: int = Field(20, ge=1, description="steps between atomic checkpoints (and one at the end)")
+    beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
+    max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
+    eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
+    bf16: bool = Field(False, description="bf16 autocast (GPU)")
+    device: str = Field("cpu", description="cpu, cuda, or cuda:N")
+    seed: int = Field(0, description="seeds connectors, the example order and dropout")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+    force: bool = Field(False, description="start over, replacing an existing run in --out")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from userllm.errors import OutputExistsError
+from userllm.errors import InputError, OutputExistsError
 
 
 def check_output(out: Path, force: bool, marker: str = "manifest.json") -> None:
@@ -68,3 +68,14 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def start_run(out: Path, *, resume: bool, force: bool, rank: int, marker: str, checkpoint: str = "checkpoint") -> None:
+    """Check a training run directory before starting: an existing run needs ``resume`` (continue its
+    ``checkpoint``) or ``force`` (start over: rank 0 empties it, refusing directories that are not ours)."""
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise OutputExistsError(f"run directory {out} already exists; pass --resume to continue it or --force to replace it")
+    if resume and not (out / checkpoint / "train_state.pt").exists():
+        raise InputError(f"--resume: no checkpoint in {out} to continue from")
+    if force and not resume and rank == 0 and out.exists():
+        write_dir_atomically(out, lambda tmp: None, force=True, marker=marker)

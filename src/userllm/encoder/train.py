@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -34,9 +33,10 @@ from userllm.config import EncoderConfig, PretrainConfig, dump_config, save_conf
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines, eval_inputs, history_items, train_windows
 from userllm.encoder.model import UserEncoder
-from userllm.errors import ConfigError, InputError, OutputExistsError
+from userllm.errors import ConfigError, InputError
 from userllm.eval.metrics import ranking_metrics, target_ranks
-from userllm.io import write_dir_atomically, write_json
+from userllm.distributed import setup_distributed
+from userllm.io import start_run, write_dir_atomically, write_json
 from userllm.progress import progress_bar
 
 MARKER = "config.json"
@@ -196,14 +196,6 @@ def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, m
     return ranking_metrics(ranks)
 
 
-def _dist(device: str) -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun (nccl on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-
-
 def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, state: dict) -> None:
     def write(tmp: Path) -> None:
         save_model(model, tmp)
@@ -217,18 +209,9 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
 
     ``epochs_this_run`` stops after that many epochs (the run can be continued with ``resume``).
     """
-    rank, world = _dist(cfg.device)
-    device = cfg.device
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    out = Path(cfg.out)
-    ckpt = out / "checkpoint"
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.force):
-        raise OutputExistsError(f"run directory {out} already exists; pass --resume to continue it or --force to replace it")
-    if cfg.resume and not (ckpt / "train_state.pt").exists():
-        raise InputError(f"--resume: no checkpoint in {out} to continue from")
-    if cfg.force and not cfg.resume and rank == 0 and out.exists():
-        write_dir_atomically(out, lambda tmp: None, force=True, marker=MARKER)
+    rank, world, device = setup_distributed(cfg.device)
+    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
+    start_run(out, resume=cfg.resume, force=cfg.force, rank=rank, marker=MARKER)
 
     ds = PreparedDataset(cfg.dataset)
     tl = Timelines.from_dataset(ds, cfg.encoder.time_gap_buckets)

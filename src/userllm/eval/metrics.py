@@ -7,6 +7,11 @@ the rank of the target's index, never an optimistic 0.
 - ``Recall@K  = 1[rank < K]`` (the hit rate: one target per example)
 - ``NDCG@K    = 1[rank < K] / log2(rank + 2)`` (one relevant item, so the ideal DCG is 1)
 - ``MRR@K     = 1[rank < K] / (rank + 1)``
+
+Generated answers: a ranked list of answers (e.g. titles from a constrained beam search) gives the rank of
+the target's position in the list (:func:`list_ranks`; absent = never ranked), so the same formulas apply;
+``accuracy = mean 1[prediction == truth]``; ROUGE-1/2/Lsum are rouge-score's F-measures
+(:func:`rouge_scores`), in 0..1, averaged over examples.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import Tensor
 
 RECALL_KS, NDCG_KS, MRR_KS = (1, 5, 10, 20), (5, 10, 20), (10,)
+NOT_RANKED = 1 << 30  # rank of a target missing from a ranked list
 
 
 def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
@@ -43,3 +49,26 @@ def ranking_metrics(ranks: Tensor) -> dict[str, float]:
     out |= {f"ndcg@{k}": ndcg_at(ranks, k) for k in NDCG_KS}
     out |= {f"mrr@{k}": mrr_at(ranks, k) for k in MRR_KS}
     return out
+
+
+def list_ranks(ranked: list[list[int]], targets: list[int]) -> Tensor:
+    """0-based position of each target in its ranked list of answers, :data:`NOT_RANKED` when absent."""
+    return torch.tensor([r.index(t) if t in r else NOT_RANKED for r, t in zip(ranked, targets)])
+
+
+def accuracy(predictions: list, truths: list) -> float:
+    """Fraction of exact matches."""
+    return sum(p == t for p, t in zip(predictions, truths)) / max(1, len(truths))
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (rouge-score, Porter stemming); Lsum splits
+    sentences on newlines."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeLsum": 0.0}
+    for p, r in zip(predictions, references):
+        for name, score in scorer.score(r, p).items():
+            totals[name] += score.fmeasure
+    return {name: v / max(1, len(references)) for name, v in totals.items()}

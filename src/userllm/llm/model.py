@@ -96,15 +96,14 @@ class ConditionedLM(nn.Module):
     def save_config(self) -> dict:
         return {"method": self.method, "userllm": dump_config(self.cfg)}
 
+    def write(self, directory: Path, *, extra: dict | None = None) -> None:
+        """``directory/userllm.safetensors`` (trained weights) + ``directory/userllm.json`` (configs)."""
+        save_file(self.trained_state_dict(), Path(directory) / "userllm.safetensors")
+        (Path(directory) / "userllm.json").write_text(json.dumps({**self.save_config(), **(extra or {})}, indent=2))
+
     def save(self, path: Path, *, extra: dict | None = None) -> None:
-        """``path/userllm.safetensors`` (trained weights) + ``path/userllm.json`` (configs), atomically."""
-        config = {**self.save_config(), **(extra or {})}
-
-        def write(tmp: Path) -> None:
-            save_file(self.trained_state_dict(), tmp / "userllm.safetensors")
-            (tmp / "userllm.json").write_text(json.dumps(config, indent=2))
-
-        write_dir_atomically(Path(path), write, force=True, marker="userllm.json")
+        """:meth:`write` to ``path`` atomically (a temporary directory renamed into place)."""
+        write_dir_atomically(Path(path), lambda tmp: self.write(tmp, extra=extra), force=True, marker="userllm.json")
 
     def load_trained(self, path: Path, state: dict[str, Tensor]) -> None:
         """Load saved trained weights; every saved tensor must find its parameter."""

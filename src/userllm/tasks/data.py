@@ -1,0 +1,165 @@
+"""Task examples: from a prepared dataset to prompts, answers and token batches, for both methods.
+
+========================  ===============================================================================
+task                      answer (after the prompt, ended by the tokenizer's eos token)
+========================  ===============================================================================
+``next_item``             the title of the user's next item
+``favorite_genre``        the most frequent category of the history window (ties: the most recent);
+                          recomputed for ``max_history``
+``review``                the review text the user wrote for the target item (its title and rating are
+                          in the prompt); only datasets with review text
+========================  ===============================================================================
+
+The history of an example is the up-to-``max_history`` events before its target, the same window for the
+embeddings (User-LLM) and for the text lines (TP). Examples come from ``examples.parquet``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from userllm.data.dataset import PreparedDataset
+from userllm.data.prepare import favorite_categories
+from userllm.encoder.data import Timelines
+from userllm.errors import EmptyResultError, InputError
+from userllm.progress import progress_bar
+from userllm.tasks import prompts
+
+IGNORE = -100  # label of prompt and padding tokens
+
+
+@dataclass
+class TaskExample:
+    """One prompt/answer pair: user ``user_idx``'s events ``[start, end)`` are the history, ``end`` the target."""
+
+    user_idx: int
+    user_id: str
+    start: int
+    end: int
+    prompt: str  # rendered prompt text (chat template applied)
+    answer: str  # the target text
+    label: int  # target item index (next_item, review) or category index (favorite_genre)
+
+    @property
+    def history_len(self) -> int:
+        return self.end - self.start
+
+
+class TaskData:
+    """Everything a task needs from a dataset: examples of a split, the answer vocabulary, token batches.
+
+    Example::
+
+        data = TaskData(ds, tokenizer, task="next_item", method="textprompt", max_history=50)
+        examples = data.examples("test")
+        ids, mask, labels = data.batch(examples[:4], with_answers=True)
+    """
+
+    def __init__(self, ds: PreparedDataset, tokenizer, *, task: str, method: str, max_history: int,
+                 timelines: Timelines | None = None) -> None:  # fmt: skip
+        self.ds, self.tokenizer, self.task, self.method, self.max_history = ds, tokenizer, task, method, max_history
+        self.tl = timelines or Timelines.from_dataset(ds)
+        self.words = prompts.domain_words(ds.manifest.get("source", ""))
+        self.categories: list[str] = ds.vocab["category"]
+        self.ratings: list[str] = ds.vocab["rating"]
+        if tokenizer.eos_token_id is None:
+            raise InputError("the backbone's tokenizer has no eos token: answers could not be ended")
+
+    # ----------------------------------------------------------------- answers
+    def answer_vocabulary(self) -> list[str]:
+        """What a constrained answer may be: every item title (next_item) or every category name."""
+        if self.task == "next_item":
+            return self.ds.item_titles
+        return self.categories
+
+    def tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def answer_tokens(self, text: str) -> list[int]:
+        return self.tokens(text) + [self.tokenizer.eos_token_id]
+
+    # ----------------------------------------------------------------- examples
+    def _frame(self, split: str, users: list[int] | None) -> pl.DataFrame:
+        ex = self.ds.examples.filter(pl.col("split") == split)
+        if users is not None:
+            ex = ex.filter(pl.col("user_idx").is_in(users))
+        ex = ex.with_columns(history_start=(pl.col("target_pos") - self.max_history).clip(lower_bound=0))
+        if self.task == "review":
+            ex = ex.filter(pl.col("review_text").is_not_null() & (pl.col("review_text").str.strip_chars() != ""))
+            if ex.height == 0:
+                raise EmptyResultError(f"{self.ds.root}: no {split} example has review text; the review task needs a "
+                                       "dataset with reviews (amazon, google-local, synthetic)")  # fmt: skip
+        if self.task == "favorite_genre":
+            offsets = self.tl.offsets[ex.get_column("user_idx").to_numpy()]
+            windows = pl.DataFrame({"g0": offsets + ex.get_column("history_start").to_numpy(),
+                                    "g1": offsets + ex.get_column("target_pos").to_numpy()})  # fmt: skip
+            item_cats = self.ds.items.select("item_idx", "category_idx")
+            with progress_bar("examples", transient=True) as progress:
+                fav = favorite_categories(windows, self.tl.item, item_cats, progress)
+            ex = ex.with_columns(fav).filter(pl.col("favorite_category").is_not_null())
+        return ex
+
+    def examples(self, split: str, users: list[int] | None = None) -> list[TaskExample]:
+        """The split's examples (optionally of some users only), prompts rendered for this method."""
+        out = []
+        for row in self._frame(split, users).iter_rows(named=True):
+            u, start, end = row["user_idx"], row["history_start"], row["target_pos"]
+            if self.task == "favorite_genre":
+                label = row["favorite_category"]
+                answer = self.categories[label]
+                text = prompts.instruction("favorite_genre", self.words)
+            else:
+                label = row["target_item"]
+                if self.task == "next_item":
+                    answer, text = self.ds.item_titles[label], prompts.instruction("next_item", self.words)
+                else:
+                    rating = prompts.rating_text(row["target_rating"])
+                    answer = row["review_text"].strip()
+                    text = prompts.instruction("review", self.words, title=self.ds.item_titles[label], rating=rating)
+            lines = self.history_lines(u, start, end) if self.method == "textprompt" else None
+            prompt = prompts.render(self.tokenizer, text, lines, self.words)
+            out.append(TaskExample(u, row["user_id"], start, end, prompt, answer, int(label)))
+        if not out:
+            raise EmptyResultError(f"{self.ds.root}: no {split} examples for task {self.task}")
+        return out
+
+    def history_lines(self, user: int, start: int, end: int) -> list[str]:
+        """TP serialization: one line per event of ``[start, end)``, oldest first."""
+        rows = self.tl.offsets[user] + np.arange(start, end)
+        cats = self.ds.item_categories
+        return [
+            prompts.history_line(self.ds.item_titles[i], self.ratings[r], [self.categories[c] for c in cats[i] if c > 1])
+            for i, r in zip(self.tl.item[rows], self.tl.rating[rows])
+        ]  # fmt: skip
+
+    # ----------------------------------------------------------------- batches
+    def batch(self, examples: list[TaskExample], *, with_answers: bool, device: str = "cpu"
+              ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+        """Left-padded ``input_ids`` (b, t), ``attention_mask`` (b, t) and, with answers, ``labels`` (b, t)
+        that score only the answer tokens (prompt and padding are -100)."""
+        seqs, labels = [], []
+        for ex in examples:
+            prompt = self.tokens(ex.prompt)
+            answer = self.answer_tokens(ex.answer) if with_answers else []
+            seqs.append(prompt + answer)
+            labels.append([IGNORE] * len(prompt) + answer)
+        t = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        lab = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
+        for r, (s, l) in enumerate(zip(seqs, labels)):
+            ids[r, t - len(s):], mask[r, t - len(s):], lab[r, t - len(l):] = torch.tensor(s), 1, torch.tensor(l)
+        return ids.to(device), mask.to(device), (lab.to(device) if with_answers else None)
+
+    def user_batch(self, examples: list[TaskExample], device: str = "cpu") -> dict[str, Tensor]:
+        """The encoder's input for the examples' history windows (b, n)."""
+        users = np.array([e.user_idx for e in examples])
+        starts = np.array([e.start for e in examples])
+        ends = np.array([e.end for e in examples])
+        return self.tl.collate(users, starts, ends, device=device)

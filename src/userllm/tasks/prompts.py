@@ -1,0 +1,57 @@
+"""Prompt templates: data, in one place, per task; shared by User-LLM and the text-prompt (TP) baseline.
+
+In User-LLM the prompt holds only the instruction (and, for reviews, the target item's title and rating):
+the history enters through the embeddings. In TP the same instruction follows the history written out
+as text, one line per event, oldest first. Both are wrapped in the backbone's chat template when it has
+one; the answer (title, genre or review) follows, ended by the tokenizer's end-of-sequence token.
+
+Example::
+
+    text = render(tokenizer, instruction("next_item", words), history_lines=None)   # User-LLM prompt
+"""
+
+from __future__ import annotations
+
+TEMPLATES: dict[str, str] = {
+    "next_item": "Which {item} will this user choose next? Answer with its title only.",
+    "favorite_genre": "Which {category} appears most often in this user's recent history? Answer with the "
+    "{category} only.",
+    "review": 'This user rated "{title}" {rating} out of 5. Write the review they wrote about it.',
+}
+HISTORY_HEADER = "The user's history, oldest first ({item} title; rating; {category}s):"
+PLAIN_ANSWER = "\nAnswer: "  # after the instruction when the tokenizer has no chat template
+
+
+def domain_words(source: str) -> dict[str, str]:
+    """How the prompts name an item and a category for a dataset source."""
+    if source.startswith("movielens"):
+        return {"item": "movie", "category": "genre"}
+    return {"item": "item", "category": "category"}
+
+
+def rating_text(value: float | str) -> str:
+    """``4.0`` -> ``4``, ``4.5`` -> ``4.5``; unknown ratings stay as given."""
+    try:
+        v = float(value)
+    except ValueError:
+        return str(value)
+    return f"{v:g}"
+
+
+def history_line(title: str, rating: float | str, categories: list[str]) -> str:
+    """One event of the TP history: ``title; rating; category, category``."""
+    return f"{title}; {rating_text(rating)}; {', '.join(categories) or 'unknown'}"
+
+
+def instruction(task: str, words: dict[str, str], **fields: str) -> str:
+    return TEMPLATES[task].format(**words, **fields)
+
+
+def render(tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str]) -> str:
+    """The full prompt text: ``text`` after the TP history (when given), in the chat template if any."""
+    if history_lines is not None:
+        text = "\n".join([HISTORY_HEADER.format(**words), *history_lines, "", text])
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    return text + PLAIN_ANSWER

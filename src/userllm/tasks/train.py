@@ -1,0 +1,183 @@
+"""``userllm train``: fine-tune User-LLM or the text-prompt baseline on one task (stage 2).
+
+A flat loop over a fixed budget of training examples (``train_examples``, drawn in a seeded order from the
+train split, cycling when the budget exceeds it): the language-model loss on the answer tokens only,
+AdamW over exactly the strategy's trainable parameters (printed with counts at start), linear warmup then
+cosine decay, gradient clipping, optional bf16 autocast. Every ``checkpoint_every`` steps (and at the end)
+an atomic checkpoint (``checkpoint/``: trained weights, optimizer/scheduler state); ``--resume`` continues
+to the same result as an uninterrupted run, because the example order and each step's dropout are derived
+from ``seed``. Runs unchanged under ``torchrun --nproc_per_node=N`` (DistributedDataParallel, gloo on CPU,
+nccl on GPU; each process takes its share of every batch).
+
+Run directory: ``config.json``/``config.yaml`` (resolved), ``checkpoint/``, ``model/`` (the trained weights,
+``userllm.safetensors`` + ``userllm.json``), ``summary.json``; ``userllm evaluate`` adds ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.table import Table
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+
+from userllm.config import EncoderConfig, TrainConfig, dump_config, save_config
+from userllm.data.dataset import PreparedDataset
+from userllm.distributed import barrier, setup_distributed
+from userllm.encoder.data import Timelines
+from userllm.encoder.model import UserEncoder
+from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
+from userllm.errors import ConfigError, InputError
+from userllm.io import start_run, write_dir_atomically, write_json
+from userllm.llm.backbone import Backbone, load_backbone
+from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
+from userllm.progress import console, progress_bar
+from userllm.tasks.data import TaskData
+
+MARKER = "config.json"
+
+
+def task_encoder(cfg: TrainConfig, ds: PreparedDataset) -> UserEncoder:
+    """The stage-1 encoder of ``cfg.encoder`` (checked against the dataset), or a seeded random one."""
+    if cfg.encoder is None:
+        raise ConfigError("--method userllm needs --encoder RUN_DIR (a `userllm pretrain` run) or --encoder random")
+    if cfg.encoder == "random":
+        enc_cfg: EncoderConfig = cfg.random_encoder
+        return build_encoder(ds, enc_cfg.model_copy(update={"max_len": max(enc_cfg.max_len, cfg.max_history)}), cfg.seed)
+    encoder = load_encoder(Path(cfg.encoder))
+    if encoder.cfg.num_items != ds.num_items:
+        raise InputError(f"encoder {cfg.encoder} was trained on a catalogue of {encoder.cfg.num_items} items, dataset "
+                         f"{ds.root} has {ds.num_items}: pretrain it on this dataset")  # fmt: skip
+    if encoder.cfg.max_len < cfg.max_history:
+        raise ConfigError(f"--max-history {cfg.max_history} is longer than encoder {cfg.encoder} reads "
+                          f"(max_len {encoder.cfg.max_len}); pretrain one with -s encoder.max_len={cfg.max_history}")  # fmt: skip
+    return encoder
+
+
+def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = None) -> tuple[ConditionedLM, TaskData]:
+    """The untrained model of a run (connectors seeded by ``cfg.seed``) and its task data."""
+    backbone = backbone or load_backbone(cfg.llm.backbone)
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "textprompt":
+        model: ConditionedLM = TextPromptLM(cfg.llm, llm=backbone.model)
+        tl = Timelines.from_dataset(ds)
+    else:
+        encoder = task_encoder(cfg, ds)
+        torch.manual_seed(cfg.seed)
+        model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model)
+        tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
+    data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
+    return model, data
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, ConditionedLM, TaskData]:
+    """A trained run (``userllm train``'s ``model/``) with its resolved config and task data."""
+    run_dir = Path(run_dir)
+    weights = run_dir / "model" / "userllm.safetensors"
+    if not weights.exists():
+        raise InputError(f"{run_dir} holds no trained model (model/userllm.safetensors); train one with `userllm train`")
+    cfg = TrainConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    model, data = build(cfg, PreparedDataset(cfg.dataset))
+    model.load_trained(run_dir / "model", load_file(weights))
+    return cfg, model.to(device).eval(), data
+
+
+def print_parameters(model: ConditionedLM, strategy: str) -> None:
+    table = Table(title=f"trainable parameters (strategy {strategy})")
+    for col in ("group", "trainable", "total"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    groups = model.parameter_groups()
+    for name, (trainable, total) in groups.items():
+        table.add_row(name, f"{trainable:,}", f"{total:,}")
+    table.add_row("all", f"{sum(t for t, _ in groups.values()):,}", f"{sum(n for _, n in groups.values()):,}")
+    console.print(table)
+
+
+def example_order(n: int, count: int, seed: int) -> np.ndarray:
+    """``count`` example indices: seeded permutations of ``range(n)``, one after another."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(n) for _ in range(math.ceil(count / n))])[:count]
+
+
+def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
+    """Fine-tune into ``cfg.out``; returns the summary (also ``summary.json``).
+
+    ``steps_this_run`` stops after that many steps, at a checkpoint (continue with ``resume``).
+    """
+    rank, world, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    start_run(out, resume=cfg.resume, force=cfg.force, rank=rank, marker=MARKER)
+    ds = PreparedDataset(cfg.dataset)
+    model, data = build(cfg, ds)
+    model.to(device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dump_config(cfg))
+        save_config(cfg, out / "config.yaml")
+        print_parameters(model, cfg.llm.strategy)
+    examples = data.examples("train")
+    steps = math.ceil(cfg.train_examples / cfg.batch_size)
+    order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
+    ckpt = out / "checkpoint"
+    if cfg.resume:
+        model.load_trained(ckpt, load_file(ckpt / "userllm.safetensors", device=device))
+        saved = torch.load(ckpt / "train_state.pt", weights_only=False)
+        opt.load_state_dict(saved.pop("optimizer"))
+        sched.load_state_dict(saved.pop("scheduler"))
+        state = saved
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    model.train()
+    with progress_bar("tokens") as progress:
+        task = progress.add_task("training", total=None)
+        last = steps if steps_this_run is None else min(steps, state["step"] + steps_this_run)
+        for step in range(state["step"], last):
+            t0 = time.perf_counter()
+            batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]]
+            ids, mask, labels = data.batch(batch, with_answers=True, device=device)
+            users = data.user_batch(batch, device) if cfg.method == "userllm" else None
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = ddp(users, ids, mask, labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            tokens = int(mask.sum()) * world
+            state["step"], state["tokens"] = step + 1, state["tokens"] + tokens
+            state["seconds"] += time.perf_counter() - t0
+            state["losses"].append(round(loss.item(), 5))
+            progress.update(task, advance=tokens, description=f"step {step + 1}/{steps} loss {loss.item():.3f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last:
+                if rank == 0:
+                    write_dir_atomically(ckpt, lambda tmp: _write_checkpoint(tmp, model, opt, sched, state),
+                                         force=True, marker="userllm.json")  # fmt: skip
+                barrier(world)
+    summary = {
+        "steps": state["step"], "examples": state["step"] * cfg.batch_size, "tokens": state["tokens"],
+        "train_seconds": round(state["seconds"], 2), "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
+        "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
+        "losses": state["losses"], "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
+    }  # fmt: skip
+    if world > 1:
+        hashes = [None] * world
+        torch.distributed.all_gather_object(hashes, state_hash(model))
+        summary["replica_sha256"] = hashes
+    if rank == 0 and state["step"] == steps:
+        model.save(out / "model")
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _write_checkpoint(tmp: Path, model: ConditionedLM, opt, sched, state: dict) -> None:
+    model.write(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, tmp / "train_state.pt")

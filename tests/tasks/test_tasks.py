@@ -1,0 +1,162 @@
+"""Task construction, the title trie, TP serialization, and a tiny end-to-end train + evaluate per method."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import polars as pl
+import pytest
+import torch
+
+from userllm.config import TrainConfig, UserLLMConfig
+from userllm.errors import EmptyResultError, OutputExistsError
+from userllm.llm.backbone import load_backbone
+from userllm.llm.decoding import TokenTrie, constrained_beam_search
+from userllm.llm.model import TextPromptLM
+from userllm.tasks import prompts
+from userllm.tasks.data import IGNORE, TaskData
+from userllm.tasks.evaluate import evaluate, eval_users, generate_for_user
+from userllm.tasks.train import train
+
+
+@pytest.fixture(scope="module")
+def backbone(text_lm_dir):
+    return load_backbone(str(text_lm_dir))
+
+
+def task_data(ds, backbone, task, method="userllm", max_history=5):
+    return TaskData(ds, backbone.tokenizer, task=task, method=method, max_history=max_history)
+
+
+def test_next_item_examples_and_labels(synthetic_ds, backbone):
+    data = task_data(synthetic_ds, backbone, "next_item")
+    ex = data.examples("test")
+    assert len(ex) == synthetic_ds.sequences.height
+    e = ex[0]
+    seq = synthetic_ds.sequences.row(e.user_idx, named=True)
+    assert e.end == seq["length"] - 1 and e.start == max(0, e.end - 5)
+    assert e.answer == synthetic_ds.item_titles[seq["item_idx"][-1]]
+    assert "history" not in e.prompt  # User-LLM: the instruction only
+    ids, mask, labels = data.batch(ex[:3], with_answers=True)
+    for r in range(3):  # labels score exactly the answer tokens + eos, at the end of the row
+        answer = data.answer_tokens(ex[r].answer)
+        scored = labels[r][labels[r] != IGNORE].tolist()
+        assert scored == answer and ids[r, -len(answer):].tolist() == answer
+        assert mask[r].sum() == len(data.tokens(ex[r].prompt)) + len(answer)
+    assert (mask[:, -1] == 1).all()  # left padding
+
+
+def test_favorite_genre_is_most_frequent_then_most_recent(synthetic_ds, backbone):
+    data = task_data(synthetic_ds, backbone, "favorite_genre", max_history=6)
+    cats = synthetic_ds.item_categories
+    for e in data.examples("test")[:10]:
+        rows = data.tl.offsets[e.user_idx] + range(e.start, e.end)
+        counts, last = Counter(), {}
+        for pos, item in enumerate(data.tl.item[rows]):
+            for c in cats[item]:
+                counts[c] += 1
+                last[c] = pos
+        best = max(counts, key=lambda c: (counts[c], last[c], -c))
+        assert e.label == best and e.answer == synthetic_ds.vocab["category"][best]
+
+
+def test_review_examples_and_refusal_without_reviews(synthetic_ds, backbone, tmp_path):
+    data = task_data(synthetic_ds, backbone, "review")
+    e = data.examples("test")[0]
+    title = synthetic_ds.item_titles[e.label]
+    assert f'"{title}"' in e.prompt and e.answer and e.answer in synthetic_ds.examples.get_column("review_text").to_list()
+    no_reviews = synthetic_ds.examples.with_columns(review_text=pl.lit(None, dtype=pl.String))
+    data.ds.__dict__["examples"] = no_reviews
+    try:
+        with pytest.raises(EmptyResultError, match="review task needs a dataset with reviews"):
+            data.examples("test")
+    finally:
+        del data.ds.__dict__["examples"]
+
+
+def test_textprompt_history_respects_max_history(synthetic_ds, backbone):
+    for L in (1, 3, 7):
+        data = task_data(synthetic_ds, backbone, "next_item", method="textprompt", max_history=L)
+        for e in data.examples("test")[:5]:
+            lines = e.prompt.split(prompts.HISTORY_HEADER.format(**data.words))[1].strip().split("\n")
+            history = [ln for ln in lines if ln.count(";") == 2]
+            assert len(history) == min(L, e.end) == e.history_len
+            rows = data.tl.offsets[e.user_idx] + e.end - 1  # the newest event is the last line
+            assert history[-1].startswith(synthetic_ds.item_titles[data.tl.item[rows]] + ";")
+
+
+def test_chat_template_wraps_prompt(backbone):
+    tok = backbone.tokenizer
+    plain = prompts.render(tok, "Q?", None, {"item": "item", "category": "category"})
+    assert plain == "Q?" + prompts.PLAIN_ANSWER
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    try:
+        assert prompts.render(tok, "Q?", ["a; 4; x"], {"item": "item", "category": "category"}).startswith("<|user|>The user's")
+    finally:
+        tok.chat_template = None
+
+
+def test_trie_search_only_yields_vocabulary(synthetic_ds, backbone):
+    """Even a random LM's constrained beam search returns only catalogue titles, best first, distinct."""
+    data = task_data(synthetic_ds, backbone, "next_item")
+    titles = synthetic_ds.item_titles[2:]
+    trie = TokenTrie([data.tokens(t) for t in titles], eos_token_id=backbone.tokenizer.eos_token_id)
+    model = TextPromptLM(UserLLMConfig(strategy="full"), llm=backbone.model).eval()
+    ex = data.examples("test")[:3]
+    ids, mask, _ = data.batch(ex, with_answers=False)
+    with model.conditioned(None, ids, mask) as (embeds, m):
+        found = constrained_beam_search(model, embeds, m, trie, beams=5)
+    for row in found:
+        assert len(row) == 5 and len({i for i, _ in row}) == 5
+        assert all(0 <= i < len(titles) for i, _ in row)
+        scores = [s for _, s in row]
+        assert scores == sorted(scores, reverse=True)
+    # the scores are the model's own log-probabilities of title + eos
+    i, s = found[0][0]
+    seq = data.tokens(titles[i]) + [backbone.tokenizer.eos_token_id]
+    full = torch.cat([ids[:1], torch.tensor([seq])], 1)
+    fmask = torch.cat([mask[:1], torch.ones(1, len(seq), dtype=torch.long)], 1)
+    with torch.no_grad():
+        logp = model(None, full, fmask).logits.log_softmax(-1)[0, -len(seq) - 1 : -1]
+    assert abs(logp.gather(1, torch.tensor(seq)[:, None]).sum().item() - s) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,mode", [("userllm", "cross_attention"), ("userllm", "soft_prompt"), ("textprompt", None)])
+def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, method, mode):
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc",
+                        cross_attention_every=1, **({"mode": mode} if mode else {}))  # fmt: skip
+    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", method=method, llm=llm,
+                      encoder="random" if method == "userllm" else None, max_history=5, train_examples=16,
+                      batch_size=4, lr=3e-3, checkpoint_every=2, beams=3, max_new_tokens=8)  # fmt: skip
+    summary = train(cfg)
+    assert summary["steps"] == 4 and summary["last_loss"] < summary["first_loss"]
+    run = tmp_path / "run"
+    assert (run / "model" / "userllm.safetensors").exists() and (run / "checkpoint" / "train_state.pt").exists()
+    m = evaluate(run, users=6, seed=1, general=True)
+    assert m["examples"] == 6 and set(m["metrics"]) == {"recall@1", "exact_match", "valid_title"}
+    assert 0 <= m["metrics"]["recall@1"] <= 1 and m["general"]["perplexity_before"] > 1
+    titles = set(synthetic_ds.item_titles)
+    assert all(len(p["ranked"]) == 3 and set(p["ranked"]) <= titles for p in m["predictions"])
+    assert json.loads((run / "metrics.json").read_text())["config"]["method"] == method
+    assert eval_users(run, synthetic_ds.sequences.height, 6, 1) == json.loads((run / "eval_users-6-seed1.json").read_text())
+    with pytest.raises(OutputExistsError):
+        evaluate(run, users=6, seed=1)
+    answer = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
+                  train_examples=16, batch_size=4, lr=3e-3, checkpoint_every=2)  # fmt: skip
+    train(TrainConfig(out=tmp_path / "a", **common))
+    assert train(TrainConfig(out=tmp_path / "b", **common), steps_this_run=2)["steps"] == 2
+    with pytest.raises(OutputExistsError):
+        train(TrainConfig(out=tmp_path / "b", **common))
+    assert train(TrainConfig(out=tmp_path / "b", resume=True, **common))["steps"] == 4
+    a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
