@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from userllm.config import SOURCES, PrepareConfig, PretrainConfig, load_config
+from userllm.config import SOURCES, PrepareConfig, PretrainConfig, TrainConfig, load_config
 from userllm.errors import UserError
 
 app = typer.Typer(
@@ -171,6 +171,88 @@ def embed(
 
     info = embed_dataset(run, dataset, out_file, force=force, device=device)
     out.print(info)
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    task: Annotated[Optional[str], typer.Option(help="next_item, favorite_genre or review [default: next_item]")] = None,
+    method: Annotated[Optional[str], typer.Option(help="userllm or textprompt [default: userllm]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="cross_attention or soft_prompt [default: cross_attention]")] = None,
+    perceiver_latents: Annotated[Optional[int], typer.Option(help="compress the timeline to N latents [default: 0, off]")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="full, lora, enc or proj [default: enc]")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="userllm: a `userllm pretrain` run directory, or 'random'")] = None,
+    max_history: Annotated[Optional[int], typer.Option(help="history events per example [default: 50]")] = None,
+    train_examples: Annotated[Optional[int], typer.Option(help="training budget in examples [default: 256]")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/task"),
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cpu]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed [default: 0]")] = None,
+    steps_this_run: Annotated[Optional[int], typer.Option(help="stop after this many steps (continue later with --resume)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing run in --out")] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Fine-tune User-LLM (or the text-prompt baseline) on a task (runs unchanged under torchrun)."""
+    from userllm.tasks.train import train as run_train
+
+    overrides = {
+        "dataset": str(dataset), "out": str(out_dir), "task": task, "method": method, "llm.mode": mode,
+        "llm.perceiver_latents": perceiver_latents, "llm.strategy": strategy, "llm.backbone": backbone,
+        "encoder": encoder, "max_history": max_history, "train_examples": train_examples, "device": device,
+        "bf16": bf16, "seed": seed, "resume": resume or None, "force": force or None,
+    } | parse_sets(sets)  # fmt: skip
+    summary = run_train(load_config(TrainConfig, config, overrides), steps_this_run=steps_this_run)
+    out.print({k: v for k, v in summary.items() if k != "losses"})
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="a `userllm train` run directory")],
+    users: Annotated[Optional[int], typer.Option(help="score a seeded subset of N users (saved in the run)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the user subset")] = 0,
+    general: Annotated[bool, typer.Option("--general", help="also the LLM's perplexity on general English, before/after")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: the run's]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing metrics.json")] = False,
+) -> None:
+    """Score a trained run on its task's test split; writes metrics.json."""
+    from userllm.tasks.evaluate import evaluate as run_evaluate
+
+    m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device)
+    out.print({k: m[k] for k in ("task", "method", "examples", "metrics", "llm_input_tokens", "by_history_length")})
+    if general:
+        out.print({"general": m["general"]})
+    out.print(f"wrote {run / 'metrics.json'}")
+
+
+@app.command()
+def generate(
+    run: Annotated[Path, typer.Argument(help="a `userllm train` run directory")],
+    instruction: Annotated[str, typer.Argument(help="what to ask, e.g. 'Which movie will I enjoy next?'")],
+    user: Annotated[str, typer.Option(help="a user_id of the run's dataset")],
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer in tokens")] = 48,
+) -> None:
+    """A personalized answer for one user of the dataset (their most recent history)."""
+    from userllm.tasks.evaluate import generate_for_user
+
+    print(generate_for_user(run, user, instruction, max_new_tokens=max_new_tokens))
+
+
+@app.command()
+def experiment(
+    spec: Annotated[Path, typer.Argument(help="an experiment YAML, e.g. experiments/movielens100k.yaml")],
+    only: Annotated[Optional[str], typer.Option(help="run only cells whose name contains this")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N for every cell [default: the spec's]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast for every cell")] = None,
+) -> None:
+    """Run a grid of train + evaluate cells (finished cells are skipped); writes results.md and plots."""
+    from userllm.tasks.experiment import run_experiment
+
+    overrides = {k: v for k, v in {"device": device, "bf16": bf16}.items() if v is not None}
+    results = run_experiment(spec, only=only, overrides=overrides)
+    out.print(f"wrote {results}")
 
 
 def main() -> None:

@@ -21,3 +21,18 @@ def test_metric_formulas():
     m = ranking_metrics(ranks)
     assert set(m) == {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"}
     assert math.isclose(m["recall@1"], 0.2, rel_tol=1e-6) and math.isclose(m["recall@20"], 0.8, rel_tol=1e-6)
+
+
+def test_generated_answer_metrics_hand_computed():
+    from userllm.eval.metrics import NOT_RANKED, accuracy, list_ranks, rouge_scores
+
+    ranks = list_ranks([["a", "b", "c"], ["c", "a"], ["x"]], ["b", "c", "y"])
+    assert ranks.tolist() == [1, 0, NOT_RANKED]
+    assert math.isclose(recall_at(ranks, 1), 1 / 3, rel_tol=1e-6) and math.isclose(recall_at(ranks, 2), 2 / 3, rel_tol=1e-6)
+    assert accuracy(["Drama", "Comedy", "War"], ["Drama", "Horror", "War"]) == 2 / 3
+    # "the cat sat" vs "the cat sat on the mat": unigrams P 3/3, R 3/6 -> F 2/3; bigrams P 2/2, R 2/5 -> F 4/7;
+    # the longest common subsequence is the 3 words -> Lsum = unigram F
+    r = rouge_scores(["the cat sat"], ["the cat sat on the mat"])
+    assert math.isclose(r["rouge1"], 2 / 3, rel_tol=1e-6) and math.isclose(r["rouge2"], 4 / 7, rel_tol=1e-6)
+    assert math.isclose(r["rougeLsum"], 2 / 3, rel_tol=1e-6)
+    assert rouge_scores(["same words here"], ["same words here"])["rougeLsum"] == 1.0

@@ -160,3 +160,58 @@ def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     assert train(TrainConfig(out=tmp_path / "b", resume=True, **common))["steps"] == 4
     a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_dir, tmp_path, monkeypatch, run_cli):
+    import yaml
+
+    from userllm.tasks import experiment
+
+    spec = {
+        "out": str(tmp_path / "exp"),
+        "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
+        "tasks": ["favorite_genre"],
+        "evaluate": {"users": 4, "seed": 0},
+        "defaults": {"llm": {"backbone": str(text_lm_dir), "cross_attention_every": 1}, "encoder": "random",
+                     "max_history": 4, "train_examples": 4, "batch_size": 2},
+        "cells": [{"name": "xattn", "set": {"method": "userllm"}},
+                  {"name": "tp", "set": {"method": "textprompt", "llm.strategy": "lora"}}],
+    }  # fmt: skip
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli("experiment", path)
+    assert code == 0, err
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "| xattn | userllm | cross_attention |" in table and "| tp | textprompt | text | lora |" in table
+    assert (tmp_path / "exp" / "results.png").stat().st_size > 0
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr("userllm.tasks.train.train", refuse)
+    monkeypatch.setattr("userllm.tasks.evaluate.evaluate", refuse)
+    assert experiment.run_experiment(path) == tmp_path / "exp" / "results.md"
+
+
+def test_cli_train_errors_are_clear(synthetic_ds, run_cli, tmp_path):
+    code, _, err = run_cli("train", synthetic_ds.root, "--out", tmp_path / "r", "--method", "userllm", "--backbone", "nope/none-such-model-x")
+    assert code != 0 and "encoder" in err  # no --encoder given: named before any model is loaded
+    code, _, err = run_cli("train", synthetic_ds.root, "--out", tmp_path / "r", "--task", "nonsense")
+    assert code == 2 and "task" in err
+
+
+def test_two_process_torchrun_train_replicas_identical(synthetic_ds, text_lm_dir, tmp_path):
+    """The stage-2 recipe under torchrun (2 gloo processes): both replicas end with identical weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "userllm.cli", "train", str(synthetic_ds.root), "--out", str(tmp_path / "ddp"), "--encoder", "random",
+           "--backbone", str(text_lm_dir), "--strategy", "lora", "--max-history", "4", "--train-examples", "8",
+           "-s", "batch_size=4", "-s", "llm.cross_attention_every=1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["steps"] == 2 and len(summary["replica_sha256"]) == 2 and len(set(summary["replica_sha256"])) == 1

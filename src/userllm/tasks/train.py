@@ -61,14 +61,13 @@ def task_encoder(cfg: TrainConfig, ds: PreparedDataset) -> UserEncoder:
 
 def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = None) -> tuple[ConditionedLM, TaskData]:
     """The untrained model of a run (connectors seeded by ``cfg.seed``) and its task data."""
+    encoder = task_encoder(cfg, ds) if cfg.method == "userllm" else None  # checked before the slow backbone load
     backbone = backbone or load_backbone(cfg.llm.backbone)
     torch.manual_seed(cfg.seed)
-    if cfg.method == "textprompt":
+    if encoder is None:
         model: ConditionedLM = TextPromptLM(cfg.llm, llm=backbone.model)
         tl = Timelines.from_dataset(ds)
     else:
-        encoder = task_encoder(cfg, ds)
-        torch.manual_seed(cfg.seed)
         model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model)
         tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
     data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
