@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +39,37 @@ from userllm.io import write_dir_atomically
 from userllm.llm.backbone import decoder_layers
 from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector
 from userllm.llm.decoding import generate_tokens, positions
+
+
+@dataclass
+class UserContext:
+    """The user side of a request, independent of the question asked: the context the LLM reads
+    ``ctx`` (b, m, d) with its ``mask`` (b, m), and in cross-attention mode each block's projected keys and
+    values ``kv[layer] = (k, v)``, each (b, heads, m, d / heads)."""
+
+    ctx: Tensor
+    mask: Tensor
+    kv: dict[str, tuple[Tensor, Tensor]]
+
+    def repeat(self, k: int) -> UserContext:
+        """Each row ``k`` times in a row (for beams)."""
+        return UserContext(self.ctx.repeat_interleave(k, 0), self.mask.repeat_interleave(k, 0),
+                           {key: (a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for key, (a, b) in self.kv.items()})  # fmt: skip
+
+    @staticmethod
+    def stack(contexts: list[UserContext]) -> UserContext:
+        """One batch from single-user contexts (b = 1 each), right-padded to the longest (mask False)."""
+        m = max(c.ctx.shape[1] for c in contexts)
+
+        def pad(t: Tensor, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = m - t.shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim)
+
+        return UserContext(
+            torch.cat([pad(c.ctx, 1) for c in contexts]), torch.cat([pad(c.mask, 1) for c in contexts]),
+            {key: tuple(torch.cat([pad(c.kv[key][i], 2) for c in contexts]) for i in range(2)) for key in contexts[0].kv},
+        )  # fmt: skip
 
 
 def apply_llm_strategy(llm: nn.Module, cfg: UserLLMConfig) -> nn.Module:
@@ -73,13 +105,15 @@ class ConditionedLM(nn.Module):
         return {name: (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)) for name, ps in params.items()}
 
     @torch.no_grad()
-    def generate(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+    def generate(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, *,
+                 context: UserContext | None = None, **kwargs) -> Tensor:  # fmt: skip
         """New tokens (b, <= max_new_tokens) for left-padded prompts; keyword arguments as in
-        :func:`~userllm.llm.decoding.generate_tokens` (greedy or sampling, eos, KV cache on)."""
+        :func:`~userllm.llm.decoding.generate_tokens` (greedy or sampling, eos, KV cache on). A precomputed
+        ``context`` (User-LLM) skips all user-side work."""
         was_training = self.training
         self.eval()
         try:
-            with self.conditioned(user_batch, input_ids, attention_mask) as (embeds, mask):
+            with self.conditioned(user_batch, input_ids, attention_mask, context=context) as (embeds, mask):
                 return generate_tokens(self, embeds, mask, **kwargs)
         finally:
             self.train(was_training)
@@ -167,17 +201,29 @@ class UserLLM(ConditionedLM):
     def user_context(self, user_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Encoder -> projector (-> Perceiver): context (b, n or m, d) and its mask (b, n or m)."""
         h, mask = self.encoder(user_batch)
+        return self.context_from_embeddings(h, mask)
+
+    def context_from_embeddings(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Projector (-> Perceiver) over encoder outputs h (b, n, d_enc): context (b, n or m, d), mask."""
         ctx = self.projector(h)
         if self.perceiver is not None:
             ctx = self.perceiver(ctx, mask)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
         return ctx, mask
 
-    @contextmanager
-    def _conditioned(self, ctx: Tensor, mask: Tensor):
-        """Make the user context visible to the cross-attention hooks for the duration of one call."""
+    def user_state(self, user_batch: dict[str, Tensor] | None = None, *, ctx: Tensor | None = None,
+                   mask: Tensor | None = None) -> UserContext:  # fmt: skip
+        """All the user-side work of a request, from the timelines (or from a given context and mask):
+        the context, its mask, and in cross-attention mode every block's keys/values."""
+        if ctx is None:
+            ctx, mask = self.user_context(user_batch)
         kv = {k: block.attn.context_kv(ctx) for k, block in self.xattn.items()}
-        self._active = {"mask": mask, "kv": kv}
+        return UserContext(ctx, mask, kv)
+
+    @contextmanager
+    def _conditioned(self, context: UserContext):
+        """Make the user context visible to the cross-attention hooks for the duration of one call."""
+        self._active = context
         try:
             yield
         finally:
@@ -186,11 +232,10 @@ class UserLLM(ConditionedLM):
     def _cross_attend(self, key: str, module: nn.Module, args: tuple, kwargs: dict):
         if self._active is None:
             return None
-        block = self.xattn[key]
-        ctx = self._active
+        block, ctx = self.xattn[key], self._active
         if args:
-            return (block(args[0], None, context_mask=ctx["mask"], kv=ctx["kv"][key]), *args[1:]), kwargs
-        kwargs["hidden_states"] = block(kwargs["hidden_states"], None, context_mask=ctx["mask"], kv=ctx["kv"][key])
+            return (block(args[0], None, context_mask=ctx.mask, kv=ctx.kv[key]), *args[1:]), kwargs
+        kwargs["hidden_states"] = block(kwargs["hidden_states"], None, context_mask=ctx.mask, kv=ctx.kv[key])
         return args, kwargs
 
     def _embed_tokens(self) -> nn.Module:
@@ -210,35 +255,37 @@ class UserLLM(ConditionedLM):
         return embeds, mask, positions(mask), labels
 
     # ----------------------------------------------------------------- forward / generate
-    def forward(self, user_batch: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
-                labels: Tensor | None = None):  # fmt: skip
-        """The LLM's output for ``input_ids`` (b, t) conditioned on the users; ``.loss`` counts only labels != -100."""
-        ctx, ctx_mask = self.user_context(user_batch)
+    def forward(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor,
+                labels: Tensor | None = None, *, context: UserContext | None = None):  # fmt: skip
+        """The LLM's output for ``input_ids`` (b, t) conditioned on the users; ``.loss`` counts only labels != -100.
+        A precomputed ``context`` (:meth:`user_state`, e.g. from a ``UserContextCache``) replaces ``user_batch``."""
+        context = context if context is not None else self.user_state(user_batch)
         if self.cfg.mode == "cross_attention":
-            with self._conditioned(ctx, ctx_mask):
+            with self._conditioned(context):
                 return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                                 labels=labels)  # fmt: skip
-        embeds, mask, pos, labels = self._soft_prompt(ctx, ctx_mask, input_ids, attention_mask, labels)
+        embeds, mask, pos, labels = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
     @contextmanager
-    def conditioned(self, user_batch: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor):
+    def conditioned(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, *,
+                    context: UserContext | None = None):  # fmt: skip
         """Decode under the users' context: yields the prefix (embeds (b, t, d), mask (b, t)) for
-        :mod:`userllm.llm.decoding`; in cross-attention mode the blocks see the context until exit."""
-        ctx, ctx_mask = self.user_context(user_batch)
+        :mod:`userllm.llm.decoding`; in cross-attention mode the blocks see the context until exit.
+        A precomputed ``context`` skips all user-side work."""
+        context = context if context is not None else self.user_state(user_batch)
         if self.cfg.mode == "cross_attention":
-            with self._conditioned(ctx, ctx_mask):
+            with self._conditioned(context):
                 yield self._embed_tokens()(input_ids), attention_mask.long()
         else:
-            embeds, mask, _, _ = self._soft_prompt(ctx, ctx_mask, input_ids, attention_mask, None)
+            embeds, mask, _, _ = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, None)
             yield embeds, mask
 
     def repeat_context(self, k: int) -> None:
         """Repeat the active cross-attention context ``k`` times per row (for beams); soft prompts live in the
         KV cache, so there is nothing to do for them."""
         if self._active is not None:
-            self._active = {"mask": self._active["mask"].repeat_interleave(k, 0),
-                            "kv": {key: tuple(t.repeat_interleave(k, 0) for t in kv) for key, kv in self._active["kv"].items()}}  # fmt: skip
+            self._active = self._active.repeat(k)
 
     # ----------------------------------------------------------------- saving and loading
     def save_config(self) -> dict:
@@ -291,7 +338,7 @@ class TextPromptLM(ConditionedLM):
                         labels=labels)  # fmt: skip
 
     @contextmanager
-    def conditioned(self, user_batch, input_ids: Tensor, attention_mask: Tensor):
+    def conditioned(self, user_batch, input_ids: Tensor, attention_mask: Tensor, *, context=None):
         yield self.llm.get_input_embeddings()(input_ids), attention_mask.long()
 
     def repeat_context(self, k: int) -> None:

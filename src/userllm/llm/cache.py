@@ -1,0 +1,201 @@
+"""``UserContextCache``: serve users from cached user-side state (beyond the paper).
+
+The user's side of a User-LLM request (encoder -> projector -> Perceiver -> cross-attention keys/values)
+does not depend on the question asked. The cache keeps, per user, the events it was computed from, the
+encoder's outputs and its key/value state, the context the LLM reads and every cross-attention block's
+keys/values (:class:`~userllm.llm.model.UserContext`). A request for the same events is a hit and skips
+all user-side work; a request whose events extend the cached ones appends only the new events with the
+encoder's incremental update (cost linear in the history), recomputing only what depends on all events
+(the Perceiver latents and their keys/values); anything else is recomputed. Timelines longer than the
+encoder's ``max_len`` keep their last ``max_len`` events, recomputed when the window slides.
+
+On disk (``directory``): ``index.json`` (per user: shard, event count, checksum, model fingerprint) and
+``shard-NNNNN.safetensors`` files written by :meth:`flush` (only the entries changed since the last flush;
+shards no entry refers to are deleted). An entry whose model fingerprint differs (another encoder or
+connector checkpoint) is stale; one whose shard is missing, unreadable or fails its checksum is corrupt;
+both are recomputed, never served.
+
+Example::
+
+    cache = UserContextCache(model, "cache/")
+    ctx = cache.get("user-42", events)            # events: encoder inputs of one timeline, (1, n) each
+    tokens = model.generate(None, input_ids, attention_mask, context=ctx, max_new_tokens=16)
+    cache.flush()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from userllm.encoder.model import EncoderState
+from userllm.encoder.train import state_hash
+from userllm.io import write_json
+from userllm.llm.model import UserContext, UserLLM
+
+EVENT_KEYS = ("item", "rating", "time_gap")
+
+
+def model_fingerprint(model: UserLLM) -> str:
+    """sha256 of every weight on the user side: encoder, projector, Perceiver, cross-attention blocks."""
+    side = nn.ModuleDict({"encoder": model.encoder, "projector": model.projector, "xattn": model.xattn})
+    if model.perceiver is not None:
+        side["perceiver"] = model.perceiver
+    return state_hash(side)
+
+
+def checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class UserContextCache:
+    """Per-user :class:`UserContext` with incremental updates, in memory and optionally on disk (see module)."""
+
+    def __init__(self, model: UserLLM, directory: str | Path | None = None) -> None:
+        self.model = model
+        self.fingerprint = model_fingerprint(model)
+        self.dir = Path(directory) if directory is not None else None
+        self.entries: dict[str, dict[str, Tensor]] = {}  # user -> flat tensors of its entry
+        self.dirty: set[str] = set()
+        self.index: dict[str, dict] = {}
+        self.stats: Counter = Counter()  # hit, append, miss, stale, corrupt
+        if self.dir is not None and (self.dir / "index.json").exists():
+            self.index = json.loads((self.dir / "index.json").read_text())
+
+    # ----------------------------------------------------------------- serving
+    @torch.no_grad()
+    def get(self, user: str, events: dict[str, Tensor]) -> UserContext:
+        """The user's context for timeline ``events`` (``item``, ``rating``, ``time_gap``: (1, n) each)."""
+        events = {k: events[k][:, -self.model.encoder.cfg.max_len:] for k in EVENT_KEYS}
+        entry = self.entries.get(user) if user in self.entries else self._load(user)
+        if entry is not None:
+            n = entry["item"].shape[1]
+            same = all(torch.equal(entry[k], events[k][:, :n]) for k in EVENT_KEYS) and events["item"].shape[1] >= n
+            if same and events["item"].shape[1] == n:
+                self.stats["hit"] += 1
+                return self._context(entry)
+            if same:
+                self.stats["append"] += 1
+                return self._store(user, self._append(entry, {k: v[:, n:] for k, v in events.items()}))
+        self.stats["miss"] += 1
+        return self._store(user, self._compute(events))
+
+    def _compute(self, events: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = EncoderState()
+        was = self.model.training
+        self.model.eval()
+        try:
+            h, _ = self.model.encoder(dict(events), state)
+        finally:
+            self.model.train(was)
+        return self._finish(dict(events), h, state)
+
+    def _append(self, entry: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+        state = self._encoder_state(entry)
+        was = self.model.training
+        self.model.eval()
+        try:
+            h_new, _ = self.model.encoder(new, state)
+        finally:
+            self.model.train(was)
+        events = {k: torch.cat([entry[k], new[k]], 1) for k in EVENT_KEYS}
+        h = torch.cat([entry["h"], h_new], 1)
+        if self.model.perceiver is None:  # per-event context: project and key only the new events
+            ctx_new = self.model.projector(h_new)
+            out = {**events, "h": h, "ctx": torch.cat([entry["ctx"], ctx_new], 1),
+                   "mask": torch.cat([entry["mask"], new["item"] > 0], 1)}  # fmt: skip
+            for key, block in self.model.xattn.items():
+                k, v = block.attn.context_kv(ctx_new)
+                out[f"kv.{key}.k"] = torch.cat([entry[f"kv.{key}.k"], k], 2)
+                out[f"kv.{key}.v"] = torch.cat([entry[f"kv.{key}.v"], v], 2)
+            return out | self._state_tensors(state)
+        return self._finish(events, h, state)
+
+    def _finish(self, events: dict[str, Tensor], h: Tensor, state: EncoderState) -> dict[str, Tensor]:
+        ctx, mask = self.model.context_from_embeddings(h, events["item"] > 0)
+        context = self.model.user_state(ctx=ctx, mask=mask)
+        out = {**events, "h": h, "ctx": context.ctx, "mask": context.mask}
+        for key, (k, v) in context.kv.items():
+            out[f"kv.{key}.k"], out[f"kv.{key}.v"] = k, v
+        return out | self._state_tensors(state)
+
+    @staticmethod
+    def _state_tensors(state: EncoderState) -> dict[str, Tensor]:
+        return {f"enc.{stack}.{i}.{j}": t for stack, layers in state.kv.items() for i, kv in enumerate(layers)
+                for j, t in enumerate(kv)}  # fmt: skip
+
+    @staticmethod
+    def _encoder_state(entry: dict[str, Tensor]) -> EncoderState:
+        layers: dict[str, dict[int, list]] = {}
+        for name, t in entry.items():
+            if name.startswith("enc."):
+                _, stack, i, j = name.split(".")
+                layers.setdefault(stack, {}).setdefault(int(i), [None, None])[int(j)] = t
+        kv = {stack: [tuple(layers[stack][i]) for i in sorted(layers[stack])] for stack in layers}
+        return EncoderState(kv=kv, length=entry["item"].shape[1])
+
+    @staticmethod
+    def _context(entry: dict[str, Tensor]) -> UserContext:
+        kv = {name.split(".")[1]: (entry[name], entry[name[:-1] + "v"]) for name in entry
+              if name.startswith("kv.") and name.endswith(".k")}  # fmt: skip
+        return UserContext(entry["ctx"], entry["mask"], kv)
+
+    def _store(self, user: str, entry: dict[str, Tensor]) -> UserContext:
+        self.entries[user] = entry
+        self.dirty.add(user)
+        return self._context(entry)
+
+    # ----------------------------------------------------------------- disk
+    def _load(self, user: str) -> dict[str, Tensor] | None:
+        info = self.index.get(user)
+        if info is None or self.dir is None:
+            return None
+        if info["fingerprint"] != self.fingerprint:
+            self.stats["stale"] += 1
+            return None
+        try:
+            with safe_open(self.dir / info["shard"], framework="pt") as f:
+                prefix = f"{info['slot']}/"
+                entry = {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+        except Exception:  # missing or unreadable shard: recompute, never serve
+            self.stats["corrupt"] += 1
+            return None
+        if not entry or checksum(entry) != info["checksum"]:
+            self.stats["corrupt"] += 1
+            return None
+        self.entries[user] = entry
+        return entry
+
+    def flush(self) -> None:
+        """Write the entries changed since the last flush to a new shard and the index, atomically."""
+        if self.dir is None or not self.dirty:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        number = 1 + max((int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.safetensors")), default=-1)
+        shard = f"shard-{number:05d}.safetensors"
+        tensors = {}
+        for slot, user in enumerate(sorted(self.dirty)):
+            entry = self.entries[user]
+            tensors |= {f"{slot}/{name}": t.contiguous() for name, t in entry.items()}
+            self.index[user] = {"shard": shard, "slot": slot, "events": int(entry["item"].shape[1]),
+                                "checksum": checksum(entry), "fingerprint": self.fingerprint}  # fmt: skip
+        tmp = self.dir / f".{shard}.tmp"
+        save_file(tensors, tmp)
+        tmp.replace(self.dir / shard)
+        write_json(self.dir / "index.json", self.index)
+        used = {info["shard"] for info in self.index.values()}
+        for path in self.dir.glob("shard-*.safetensors"):
+            if path.name not in used:
+                path.unlink()
+        self.dirty.clear()
