@@ -14,7 +14,9 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -29,8 +31,20 @@ def llm_step(llm, embeds: Tensor, mask: Tensor, cache) -> tuple[Tensor, object]:
     """Run the new ``embeds`` (b, s, d) with the cache of everything before; ``mask`` (b, t) covers all t
     positions. Returns the last position's logits (b, V) in float32 and the updated cache."""
     pos = positions(mask)[:, -embeds.shape[1]:]
-    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    keep = {"logits_to_keep": 1} if keeps_last_logits(llm) else {}  # no vocabulary projection of the whole prompt
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **keep)
     return out.logits[:, -1].float(), out.cache
+
+
+@lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def keeps_last_logits(llm) -> bool:
+    """Whether the backbone (under any PEFT wrapper) can compute the logits of the last position only."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return _forward_takes_logits_to_keep(type(base))
 
 
 def _append(mask: Tensor) -> Tensor:

@@ -128,6 +128,12 @@ class TaskData:
             raise EmptyResultError(f"{self.ds.root}: no {split} examples for task {self.task}")
         return out
 
+    def request(self, user: int, start: int, end: int, text: str, user_id: str = "") -> TaskExample:
+        """An unlabelled example: ``text`` (an instruction) about user ``user``'s events ``[start, end)``,
+        rendered for this method (the history written out in front of it for TP)."""
+        lines = self.history_lines(user, start, end) if self.method == "textprompt" else None
+        return TaskExample(user, user_id, start, end, prompts.render(self.tokenizer, text, lines, self.words), "", -1)
+
     def history_lines(self, user: int, start: int, end: int) -> list[str]:
         """TP serialization: one line per event of ``[start, end)``, oldest first."""
         rows = self.tl.offsets[user] + np.arange(start, end)

@@ -34,7 +34,6 @@ from userllm.io import write_json
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
 from userllm.progress import progress_bar
-from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
 from userllm.tasks.train import load_run
 
@@ -177,9 +176,7 @@ def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_
     u = ids.index(user_id)
     end = int(data.tl.lengths[u])
     start = max(0, end - cfg.max_history)
-    lines = data.history_lines(u, start, end) if cfg.method == "textprompt" else None
-    prompt = prompts.render(data.tokenizer, instruction, lines, data.words)
-    example = TaskExample(u, user_id, start, end, prompt, "", -1)
+    example = data.request(u, start, end, instruction, user_id)
     ids_t, mask, _ = data.batch([example], with_answers=False)
     users = data.user_batch([example]) if cfg.method == "userllm" else None
     eos = data.tokenizer.eos_token_id
