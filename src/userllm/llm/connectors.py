@@ -131,7 +131,7 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        latents = self.latents[None].expand(x.shape[0], -1, -1)
+        latents = self.latents[None].repeat(x.shape[0], 1, 1)  # a copy: a no-grad view of a parameter would still require grad
         for attn, ff in self.layers:
             latents = latents + attn(x, latents, mask)
             latents = latents + ff(latents)

@@ -1,0 +1,358 @@
+"""``userllm bench efficiency``: what User-LLM saves against the text prompt, measured side by side.
+
+For each history length and method (TP; cross-attention; cross-attention + Perceiver; soft prompt; soft
+prompt + Perceiver) one next-item request is built from real MovieLens-100K timelines (the longest users,
+cycled when shorter than the length) and measured on the real forward passes:
+
+- LLM input tokens per request (prompt tokens, plus the context embeddings of a soft prompt);
+- FLOPs per request for the prefill and for generating ``new_tokens`` tokens (prefill included), counted
+  with ``torch.utils.flop_counter`` (matrix products and attention; the CPU attention kernel is registered
+  with PyTorch's own SDPA formula), encoder and connectors included, beside :func:`analytic_flops`;
+- prefill and end-to-end generation latency, median and p90 over warm repeats, at each batch size, and the
+  peak memory above the loaded model;
+- every figure's ratio to TP at the same history length;
+- serving from a warm :class:`~userllm.llm.cache.UserContextCache` against the plain backbone generating
+  the same prompt with no user context.
+
+The analytic count (matrix-multiply FLOPs, 2 per multiply-add; Llama-style backbone: hidden ``d``, ``L``
+layers, key/value width ``d_kv``, gated MLP width ``f``, vocabulary ``V``). A forward of ``s`` new tokens
+over ``S`` cached + new positions costs ``L (s (4 d^2 + 4 d d_kv + 6 d f) + 4 s S d) + 2 d V`` (logits of
+the last position only). User-LLM adds: encoder ``n (2 d_in e + l_e 24 e^2) + l_e 4 n^2 e``; projector
+``2 n (e d + d^2)``; Perceiver (``P`` latents, depth ``D``) ``D (4 P d^2 + 4 (n+P) d^2 + 4 P (n+P) d + 16 P d^2)``;
+per cross-attention block (``k`` blocks, context ``m`` = n or P) the context keys/values ``4 m d^2`` once and
+``s (4 d^2 + 4 m d + 4 r d^2)`` per forward of ``s`` tokens (``r`` = ff_mult). A soft prompt adds its ``m``
+context positions to the prompt instead. Generating ``g`` tokens is the prefill plus ``g - 1`` one-token
+forwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from userllm.config import EncoderConfig, PrepareConfig, UserLLMConfig
+from userllm.data.dataset import PreparedDataset
+from userllm.encoder.data import Timelines
+from userllm.encoder.train import build_encoder
+from userllm.io import check_output, write_dir_atomically, write_json
+from userllm.llm.backbone import load_backbone
+from userllm.llm.cache import UserContextCache
+from userllm.llm.decoding import generate_tokens, llm_step
+from userllm.llm.model import ConditionedLM, TextPromptLM, UserContext, UserLLM
+from userllm.progress import progress_bar
+from userllm.tasks import prompts
+from userllm.tasks.data import TaskData
+
+METHODS: dict[str, dict | None] = {
+    "text_prompt": None,
+    "cross_attention": {"mode": "cross_attention"},
+    "cross_attention+perceiver16": {"mode": "cross_attention", "perceiver_latents": 16},
+    "soft_prompt": {"mode": "soft_prompt"},
+    "soft_prompt+perceiver16": {"mode": "soft_prompt", "perceiver_latents": 16},
+}
+GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
+_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+
+
+# ----------------------------------------------------------------- FLOPs
+def count_flops(fn) -> int:
+    """Matrix-multiply and attention FLOPs of ``fn()`` (torch.utils.flop_counter; CPU attention included)."""
+    with FlopCounterMode(display=False, custom_mapping=_SDPA) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def llm_forward_flops(c, s: int, S: int) -> int:
+    """Analytic FLOPs of one backbone forward of ``s`` new tokens over ``S`` positions (see module)."""
+    per_token = 4 * c.hidden_size**2 + 4 * c.hidden_size * c.d_kv + 6 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * (s * per_token + 4 * s * S * c.hidden_size) + 2 * c.hidden_size * c.vocab_size
+
+
+def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, new_tokens: int) -> dict[str, int] | None:
+    """{"prefill", "generate"} FLOPs of one request by the module formula; None for backbones outside
+    the Llama-style (gated MLP) families."""
+    cfg = model.llm.config
+    if getattr(cfg, "model_type", None) not in GATED_MLP:
+        return None
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    c = SimpleNamespace(hidden_size=cfg.hidden_size, d_kv=cfg.num_key_value_heads * head_dim, num_hidden_layers=cfg.num_hidden_layers,
+                        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size)  # fmt: skip
+    d, user, m, blocks, r = cfg.hidden_size, 0, 0, 0, 0
+    if isinstance(model, UserLLM):
+        e = model.encoder.cfg
+        d_in = len(e.features) * e.d_feature
+        n = n_events
+        user += n * (2 * d_in * e.d_model if d_in != e.d_model else 0) + e.n_layers * (n * 24 * e.d_model**2 + 4 * n * n * e.d_model)
+        if "text" in e.features:
+            user += 2 * n * e.text_dim * e.d_feature
+        user += 2 * n * (e.d_model * d + d * d)
+        m = n
+        if model.perceiver is not None:
+            P, depth = model.cfg.perceiver_latents, model.cfg.perceiver_depth
+            user += depth * (4 * P * d * d + 4 * (n + P) * d * d + 4 * P * (n + P) * d + 16 * P * d * d)
+            m = P
+        blocks, r = len(model.xattn), model.cfg.ff_mult
+        user += blocks * 4 * m * d * d
+    soft = m if isinstance(model, UserLLM) and model.cfg.mode == "soft_prompt" else 0
+    t = prompt_tokens + soft
+
+    def xattn(s: int) -> int:
+        return blocks * s * (4 * d * d + 4 * m * d + 4 * r * d * d)
+
+    prefill = user + llm_forward_flops(c, t, t) + xattn(t)
+    generate = prefill + sum(llm_forward_flops(c, 1, t + j) + xattn(1) for j in range(1, new_tokens))
+    return {"prefill": prefill, "generate": generate}
+
+
+# ----------------------------------------------------------------- timing and memory
+class PeakRSS:
+    """Peak resident memory above the start, sampled every 2 ms on a thread (Linux /proc); on CUDA the
+    allocator's peak instead."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.rss()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss() - self.base)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+def timed(fn, repeats: int, device: str) -> dict[str, float]:
+    """Median and p90 seconds of ``fn()`` over ``repeats`` warm runs (one warm-up run first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "p90_s": float(np.quantile(times, 0.9))}
+
+
+# ----------------------------------------------------------------- requests
+def bench_timelines(ds: PreparedDataset, users: int, length: int) -> Timelines:
+    """The ``users`` longest timelines of ``ds``, each cycled to exactly ``length`` events."""
+    tl = Timelines.from_dataset(ds)
+    longest = np.argsort(-tl.lengths, kind="stable")[:users]
+    idx = np.concatenate([tl.offsets[u] + np.arange(length) % tl.lengths[u] for u in longest])
+    return Timelines(item=tl.item[idx], rating=tl.rating[idx], time_gap=tl.time_gap[idx],
+                     lengths=np.full(len(longest), length), offsets=np.arange(len(longest)) * length)  # fmt: skip
+
+
+def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset, seed: int) -> ConditionedLM:
+    """A model of the method on ``llm`` (weights do not change the cost; gates opened so nothing is skipped)."""
+    if METHODS[name] is None:
+        return TextPromptLM(UserLLMConfig(strategy="full"), llm=llm).eval()  # the plain backbone
+    encoder = build_encoder(ds, encoder_cfg, seed)
+    torch.manual_seed(seed)
+    model = UserLLM(UserLLMConfig(strategy="enc", **METHODS[name]), encoder=encoder, llm=llm).eval()
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.5), block.ff_gate.fill_(0.5)
+    return model
+
+
+def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path | None = None,
+                   lengths: tuple[int, ...] = (10, 25, 50, 100, 200, 500), batch_sizes: tuple[int, ...] = (1, 8),
+                   repeats: int = 5, new_tokens: int = 16, cache_length: int = 200, device: str = "cpu",
+                   seed: int = 0, force: bool = False) -> dict:  # fmt: skip
+    """Measure every (method, history length) and write ``efficiency.json``/``.md``/``.png`` to ``out``."""
+    out = Path(out)
+    check_output(out, force, marker="efficiency.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        if dataset is None:
+            from userllm.data.prepare import prepare_dataset
+
+            dataset = Path(tmp) / "ml-100k"
+            prepare_dataset(PrepareConfig(source="movielens-100k", out=dataset))
+        ds = PreparedDataset(dataset)
+        bb = load_backbone(backbone)
+        tl = bench_timelines(ds, max(batch_sizes), max(lengths))
+        encoder_cfg = EncoderConfig(max_len=max(lengths), dropout=0.0)
+        rows, cache_rows = [], []
+        with progress_bar("cells") as progress:
+            task = progress.add_task("efficiency", total=len(METHODS) * len(lengths))
+            for name in METHODS:
+                model = build_method(name, bb.model, encoder_cfg, ds, seed).to(device)
+                method = "textprompt" if METHODS[name] is None else "userllm"
+                data = TaskData(ds, bb.tokenizer, task="next_item", method=method, max_history=max(lengths), timelines=tl)
+                text = prompts.instruction("next_item", data.words)
+                for length in lengths:
+                    rows.append(measure(model, data, text, length, batch_sizes, repeats, new_tokens, device, name))
+                    progress.update(task, advance=1, description=f"{name} @ {length}")
+                if method == "userllm" and model.cfg.mode == "cross_attention" and cache_length in lengths:
+                    cache_rows.append(measure_cache(model, data, text, cache_length, batch_sizes, repeats, new_tokens, device, name))
+                del model
+                bb = load_backbone(backbone)  # a fresh backbone: no hooks of the previous method
+        add_ratios(rows)
+        report = {"backbone": bb.label, "device": device, "new_tokens": new_tokens, "repeats": repeats,
+                  "batch_sizes": list(batch_sizes), "lengths": list(lengths), "rows": rows, "cache": cache_rows}  # fmt: skip
+
+        def write(tmp_dir: Path) -> None:
+            write_json(tmp_dir / "efficiency.json", report)
+            (tmp_dir / "efficiency.md").write_text(markdown(report))
+            plot(report, tmp_dir / "efficiency.png")
+
+        write_dir_atomically(out, write, force=True, marker="efficiency.json")
+    return report
+
+
+def requests(model, data: TaskData, text: str, length: int, b: int, device: str):
+    examples = [data.request(u, int(data.tl.lengths[u]) - length, int(data.tl.lengths[u]), text) for u in range(b)]
+    ids, mask, _ = data.batch(examples, with_answers=False, device=device)
+    users = data.user_batch(examples, device) if isinstance(model, UserLLM) else None
+    return users, ids, mask
+
+
+def measure(model, data, text, length, batch_sizes, repeats, new_tokens, device, name) -> dict:
+    """One row: tokens, FLOPs (counted and analytic), latency and memory of one (method, history length)."""
+    row: dict = {"method": name, "history": length}
+    users, ids, mask = requests(model, data, text, length, 1, device)
+
+    def prefill(users=users, ids=ids, mask=mask):
+        with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+            return llm_step(model.llm, embeds, m, None)
+
+    def generate(users=users, ids=ids, mask=mask):
+        return model.generate(users, ids, mask, max_new_tokens=new_tokens, eos_token_id=None)
+
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (_, m):
+        row["llm_input_tokens"] = int(m.sum())
+    row["flops_prefill"] = count_flops(prefill)
+    row["flops_generate"] = count_flops(generate)
+    row["analytic"] = analytic_flops(model, n_events=length, prompt_tokens=int(mask.sum()), new_tokens=new_tokens)
+    for b in batch_sizes:
+        u, i, mk = requests(model, data, text, length, b, device)
+        with PeakRSS(device) as mem:
+            row[f"prefill_b{b}"] = timed(lambda: prefill(u, i, mk), repeats, device)
+            row[f"generate_b{b}"] = timed(lambda: generate(u, i, mk), repeats, device)
+        row[f"peak_mb_b{b}"] = mem.peak / 2**20
+    return row
+
+
+def measure_cache(model: UserLLM, data, text, length, batch_sizes, repeats, new_tokens, device, name) -> dict:
+    """Generation with a warm UserContextCache vs uncached vs the plain backbone on the same prompt."""
+    row: dict = {"method": name, "history": length}
+    plain = SimpleNamespace(llm=model.llm)  # the backbone alone: hooks are inactive outside a user context
+    for b in batch_sizes:
+        users, ids, mask = requests(model, data, text, length, b, device)
+        cache = UserContextCache(model)
+        one = [{k: v[r : r + 1] for k, v in users.items()} for r in range(b)]
+
+        def cached():
+            ctx = UserContext.stack([cache.get(str(r), one[r]) for r in range(b)])
+            return model.generate(None, ids, mask, context=ctx, max_new_tokens=new_tokens, eos_token_id=None)
+
+        def base():
+            with torch.no_grad():
+                return generate_tokens(plain, model.llm.get_input_embeddings()(ids), mask, max_new_tokens=new_tokens)
+
+        row[f"uncached_b{b}"] = timed(lambda: model.generate(users, ids, mask, max_new_tokens=new_tokens, eos_token_id=None), repeats, device)
+        row[f"cached_b{b}"] = timed(cached, repeats, device)
+        row[f"backbone_b{b}"] = timed(base, repeats, device)
+        row[f"cached_over_backbone_b{b}"] = row[f"cached_b{b}"]["median_s"] / row[f"backbone_b{b}"]["median_s"]
+        row[f"cache_stats_b{b}"] = dict(cache.stats)
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's TP figure divided by its own, at the same history length (> 1: cheaper than TP)."""
+    tp = {r["history"]: r for r in rows if r["method"] == "text_prompt"}
+    for r in rows:
+        base = tp.get(r["history"])
+        if base is None:
+            continue
+        r["tp_over"] = {k: base[k] / r[k] for k in ("llm_input_tokens", "flops_prefill", "flops_generate")}
+        for k in r:
+            if k.startswith(("prefill_b", "generate_b")):
+                r["tp_over"][k] = base[k]["median_s"] / r[k]["median_s"]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Backbone {report['backbone']}, {report['device']}, {report['new_tokens']} new tokens, median of "
+             f"{report['repeats']} warm runs. `xTP` = TP's figure / this method's (higher = cheaper).", "",
+             "| method | history | LLM input tokens | prefill GFLOPs | generate GFLOPs | analytic / counted | FLOPs xTP (prefill) | "
+             + " | ".join(f"prefill b{b} ms | generate b{b} ms | xTP latency b{b} (prefill) | peak MB b{b}" for b in report["batch_sizes"]) + " |",
+             "|" + "---|" * (7 + 4 * len(report["batch_sizes"]))]  # fmt: skip
+    for r in report["rows"]:
+        an = f"{r['analytic']['prefill'] / r['flops_prefill']:.3f}" if r["analytic"] else "-"
+        cells = [r["method"], str(r["history"]), str(r["llm_input_tokens"]), f"{r['flops_prefill'] / 1e9:.2f}",
+                 f"{r['flops_generate'] / 1e9:.2f}", an, f"{r['tp_over']['flops_prefill']:.1f}x"]  # fmt: skip
+        for b in report["batch_sizes"]:
+            cells += [f"{r[f'prefill_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'prefill_b{b}']['p90_s'] * 1e3:.0f})",
+                      f"{r[f'generate_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'generate_b{b}']['p90_s'] * 1e3:.0f})",
+                      f"{r['tp_over'][f'prefill_b{b}']:.1f}x", f"{r[f'peak_mb_b{b}']:.0f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["cache"]:
+        lines += ["", f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms):", "",
+                  "| method | history | batch | uncached | cached | plain backbone, same prompt | cached / backbone |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in report["cache"]:
+            for b in report["batch_sizes"]:
+                lines.append(f"| {r['method']} | {r['history']} | {b} | {r[f'uncached_b{b}']['median_s'] * 1e3:.0f} | "
+                             f"{r[f'cached_b{b}']['median_s'] * 1e3:.0f} | {r[f'backbone_b{b}']['median_s'] * 1e3:.0f} | "
+                             f"{r[f'cached_over_backbone_b{b}']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """FLOPs per request and prefill latency (batch 1) vs history length, log scale, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    b = report["batch_sizes"][0]
+    for name in METHODS:
+        rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["history"])
+        if not rows:
+            continue
+        x = [r["history"] for r in rows]
+        axes[0].plot(x, [r["flops_prefill"] for r in rows], marker="o", label=name)
+        axes[1].plot(x, [r[f"prefill_b{b}"]["median_s"] * 1e3 for r in rows], marker="o", label=name)
+    axes[0].set(xscale="log", yscale="log", xlabel="history length (events)", ylabel="prefill FLOPs per request",
+                title=f"FLOPs ({report['backbone']})")  # fmt: skip
+    axes[1].set(xscale="log", yscale="log", xlabel="history length (events)", ylabel=f"prefill latency, batch {b} (ms)",
+                title=f"latency ({report['device']})")  # fmt: skip
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""The FLOP counter against the analytic formula (tiny Llama, every method), and a tiny end-to-end bench."""
+
+import json
+
+import pytest
+import torch
+
+from tests.encoder.conftest import random_batch, tiny_encoder
+from tests.llm.conftest import tiny_llama
+from userllm.config import UserLLMConfig
+from userllm.eval.efficiency import METHODS, analytic_flops, count_flops
+from userllm.llm.decoding import llm_step
+from userllm.llm.model import TextPromptLM, UserLLM
+
+
+def make(name: str):
+    if METHODS[name] is None:
+        return TextPromptLM(UserLLMConfig(strategy="full"), llm=tiny_llama())
+    torch.manual_seed(0)
+    return UserLLM(UserLLMConfig(strategy="enc", cross_attention_every=2, **METHODS[name]), encoder=tiny_encoder(),
+                   llm=tiny_llama()).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_flop_counter_matches_analytic_formula(name):
+    model = make(name)
+    n, t, g = 10, 14, 5
+    users = random_batch(1, n) if isinstance(model, UserLLM) else None
+    ids, mask = torch.randint(3, 96, (1, t)), torch.ones(1, t, dtype=torch.long)
+
+    def prefill():
+        with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+            llm_step(model.llm, embeds, m, None)
+
+    counted = {"prefill": count_flops(prefill),
+               "generate": count_flops(lambda: model.generate(users, ids, mask, max_new_tokens=g, eos_token_id=None))}
+    expected = analytic_flops(model, n_events=n, prompt_tokens=t, new_tokens=g)
+    for k in counted:
+        assert counted[k] > 0
+        assert abs(expected[k] - counted[k]) / counted[k] < 0.05, (k, expected[k], counted[k])
+
+
+def test_user_llm_prefill_is_flat_while_text_prompt_grows():
+    """More events: User-LLM's prompt does not grow (Perceiver: neither does the LLM's work)."""
+    model = make("cross_attention+perceiver16")
+    a = analytic_flops(model, n_events=10, prompt_tokens=14, new_tokens=1)["prefill"]
+    b = analytic_flops(model, n_events=12, prompt_tokens=14, new_tokens=1)["prefill"]
+    tp = make("text_prompt")
+    c = analytic_flops(tp, n_events=0, prompt_tokens=140, new_tokens=1)["prefill"]
+    d = analytic_flops(tp, n_events=0, prompt_tokens=168, new_tokens=1)["prefill"]
+    assert b / a < 1.2 < d / c
+
+
+@pytest.mark.slow
+def test_bench_efficiency_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
+    """The CLI on a tiny backbone and a tiny dataset: every method and length measured, files written."""
+    ds, tiny_lm_dir = synthetic_ds.root, text_lm_dir
+    code, stdout, err = run_cli("bench", "efficiency", "--backbone", tiny_lm_dir, "--dataset", ds, "--lengths", "2,4",
+                                "--batch-sizes", "1,2", "--repeats", "1", "--out", tmp_path / "bench")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "bench" / "efficiency.json").read_text())
+    assert {(r["method"], r["history"]) for r in report["rows"]} == {(m, h) for m in METHODS for h in (2, 4)}
+    assert all(r["tp_over"]["flops_prefill"] > 0 for r in report["rows"])
+    assert (tmp_path / "bench" / "efficiency.png").stat().st_size > 0 and "| text_prompt | 4 |" in stdout
+    code, _, err = run_cli("bench", "efficiency", "--backbone", tiny_lm_dir, "--dataset", ds, "--out", tmp_path / "bench")
+    assert code != 0 and "--force" in err
