@@ -27,6 +27,7 @@ forwards.
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import tempfile
 import threading
@@ -115,11 +116,19 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
 
 # ----------------------------------------------------------------- timing and memory
 class PeakRSS:
-    """Peak resident memory above the start, sampled every 2 ms on a thread (Linux /proc); on CUDA the
-    allocator's peak instead."""
+    """Peak resident memory above the start (after returning freed heap memory to the OS), sampled every
+    2 ms on a thread (Linux /proc); on CUDA the allocator's peak instead."""
 
     def __init__(self, device: str) -> None:
         self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def trim() -> None:
+        """Return freed heap memory to the OS (glibc), so the base is the live working set, not old peaks."""
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     @staticmethod
     def rss() -> int:
@@ -131,6 +140,7 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        self.trim()
         self.base = self.rss()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
