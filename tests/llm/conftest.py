@@ -8,12 +8,14 @@ import pytest
 import torch
 
 
-def tiny_llama():
+def tiny_llama(tie: bool = False):
+    """A tiny random Llama; ``tie`` shares the embeddings with the LM head (as SmolLM2 does)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      tie_word_embeddings=tie)  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
 
 

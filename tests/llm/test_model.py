@@ -135,6 +135,23 @@ def test_save_load_round_trip_exact(tmp_path, strategy):
             UserLLM.load(tmp_path / "saved", llm=tiny_llama())
 
 
+def test_full_strategy_saves_tied_embeddings_once(tmp_path):
+    """SmolLM2 ties its embeddings to the LM head: saved once, and both are restored exactly."""
+    torch.manual_seed(1)
+    model = UserLLM(UserLLMConfig(strategy="full", cross_attention_every=2), encoder=tiny_encoder(), llm=tiny_llama(tie=True))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids, mask = prompts()
+    users = random_batch(2, 5)
+    model(users, ids, mask, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    model.save(tmp_path / "saved")
+    saved = model.trained_state_dict()
+    assert ("llm.lm_head.weight" in saved) != ("llm.model.embed_tokens.weight" in saved)
+    loaded = UserLLM.load(tmp_path / "saved", llm=tiny_llama(tie=True)).eval()
+    assert torch.equal(loaded(users, ids, mask).logits, model(users, ids, mask).logits)
+
+
 def test_bad_cross_attention_layers():
     with pytest.raises(InputError, match="outside 0..3"):
         build(cross_attention_layers=[1, 7])

@@ -121,11 +121,14 @@ class ConditionedLM(nn.Module):
     def trained_state_dict(self) -> dict[str, Tensor]:
         """What this strategy trains: ``trained_prefixes``; LoRA weights under ``lora``; the LLM's weights
         only under ``full``."""
-        s = self.cfg.strategy
-        return {
-            name: t.detach().contiguous() for name, t in self.state_dict().items()
-            if name.startswith(self.trained_prefixes) or (s == "full" and name.startswith("llm.")) or (s == "lora" and "lora_" in name)
-        }  # fmt: skip
+        s, out, seen = self.cfg.strategy, {}, set()
+        for name, t in self.state_dict().items():
+            if name.startswith(self.trained_prefixes) or (s == "full" and name.startswith("llm.")) or (s == "lora" and "lora_" in name):
+                where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if where not in seen:  # tied weights (e.g. embeddings = LM head) are saved once and load into both
+                    seen.add(where)
+                    out[name] = t.detach().contiguous()
+        return out
 
     def save_config(self) -> dict:
         return {"method": self.method, "userllm": dump_config(self.cfg)}
