@@ -35,7 +35,7 @@ from userllm.encoder.data import Timelines, eval_inputs, history_items, train_wi
 from userllm.encoder.model import UserEncoder
 from userllm.errors import ConfigError, InputError
 from userllm.eval.metrics import ranking_metrics, target_ranks
-from userllm.distributed import setup_distributed
+from userllm.distributed import barrier, setup_distributed
 from userllm.io import start_run, write_dir_atomically, write_json
 from userllm.progress import progress_bar
 
@@ -281,8 +281,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
             if rank == 0:
                 _save_checkpoint(out, model, opt, sched, state)
                 write_json(out / "history.json", state["history"])
-            if world > 1:
-                dist.barrier()
+            barrier(world)
             run_epochs += 1
             if epochs_this_run is not None and run_epochs >= epochs_this_run:
                 break

@@ -212,13 +212,13 @@ def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path |
             dataset = Path(tmp) / "ml-100k"
             prepare_dataset(PrepareConfig(source="movielens-100k", out=dataset))
         ds = PreparedDataset(dataset)
-        bb = load_backbone(backbone)
         tl = bench_timelines(ds, max(batch_sizes), max(lengths))
         encoder_cfg = EncoderConfig(max_len=max(lengths), dropout=0.0)
         rows, cache_rows = [], []
         with progress_bar("cells") as progress:
             task = progress.add_task("efficiency", total=len(METHODS) * len(lengths))
             for name in METHODS:
+                bb = load_backbone(backbone)  # a fresh backbone per method: no hooks of the previous one
                 model = build_method(name, bb.model, encoder_cfg, ds, seed).to(device)
                 method = "textprompt" if METHODS[name] is None else "userllm"
                 data = TaskData(ds, bb.tokenizer, task="next_item", method=method, max_history=max(lengths), timelines=tl)
@@ -229,7 +229,6 @@ def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path |
                 if method == "userllm" and model.cfg.mode == "cross_attention" and cache_length in lengths:
                     cache_rows.append(measure_cache(model, data, text, cache_length, batch_sizes, repeats, new_tokens, device, name))
                 del model
-                bb = load_backbone(backbone)  # a fresh backbone: no hooks of the previous method
         add_ratios(rows)
         report = {"backbone": bb.label, "device": device, "new_tokens": new_tokens, "repeats": repeats,
                   "batch_sizes": list(batch_sizes), "lengths": list(lengths), "rows": rows, "cache": cache_rows}  # fmt: skip

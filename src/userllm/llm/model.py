@@ -347,15 +347,3 @@ class TextPromptLM(ConditionedLM):
     def repeat_context(self, k: int) -> None:
         """No user context besides the prompt, which lives in the KV cache."""
 
-
-def load_model(path: Path, *, llm: nn.Module, encoder: UserEncoder | None = None) -> ConditionedLM:
-    """A saved :class:`UserLLM` or :class:`TextPromptLM` (``path/userllm.json`` says which), on ``llm``."""
-    path = Path(path)
-    if not (path / "userllm.json").exists():
-        raise InputError(f"{path} holds no saved model (userllm.json)")
-    config = json.loads((path / "userllm.json").read_text())
-    if config.get("method") != TextPromptLM.method:
-        return UserLLM.load(path, llm=llm, encoder=encoder)
-    model = TextPromptLM(UserLLMConfig.model_validate(config["userllm"]), llm=llm)
-    model.load_trained(path, load_file(path / "userllm.safetensors"))
-    return model

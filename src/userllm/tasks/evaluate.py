@@ -62,6 +62,7 @@ def history_bucket(length: int) -> str:
     return f">{HISTORY_BUCKETS[-1]}"
 
 
+@torch.no_grad()
 def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str) -> list[dict]:
     """One record per example: the prediction(s) of the task, the truth and the LLM's input length."""
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
@@ -78,18 +79,17 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             batch = examples[c : c + cfg.eval_batch_size]
             ids, mask, _ = data.batch(batch, with_answers=False, device=device)
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
+            context = model.user_state(users) if users is not None else None  # once for both decodings
             ranked: list[list[str]] = [[] for _ in batch]
-            if trie is not None:
-                with model.conditioned(users, ids, mask) as (embeds, prefix_mask):
-                    input_tokens = prefix_mask.sum(1).tolist()
+            with model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
+                input_tokens = prefix_mask.sum(1).tolist()
+                if trie is not None:
                     found = constrained_beam_search(model, embeds, prefix_mask, trie, beams=beams)
-                ranked = [[vocab[i + 2] for i, _ in row] for row in found]
-            else:
-                with model.conditioned(users, ids, mask) as (_, prefix_mask):
-                    input_tokens = prefix_mask.sum(1).tolist()
+                    ranked = [[vocab[i + 2] for i, _ in row] for row in found]
             greedy = []
             if data.task != "favorite_genre":
-                new = model.generate(users, ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+                new = model.generate(users, ids, mask, context=context, max_new_tokens=cfg.max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=pad)  # fmt: skip
                 greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip() for row in new.tolist()]
             for i, ex in enumerate(batch):
                 records.append({"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer,
