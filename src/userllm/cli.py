@@ -272,6 +272,7 @@ def bench_efficiency(
     lengths: Annotated[str, typer.Option(help="comma-separated history lengths")] = "10,25,50,100,200,500",
     batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8",
     repeats: Annotated[int, typer.Option(help="warm runs per latency figure")] = 5,
+    cache_repeats: Annotated[int, typer.Option(help="paired runs of cached serving vs the plain backbone")] = 10,
     quick: Annotated[bool, typer.Option("--quick", help="lengths 10,50,200,500, batch 1, 2 repeats (a few minutes)")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
@@ -292,7 +293,8 @@ def bench_efficiency(
     if quick:
         sizes, hist, repeats = (1,), (10, 50, 200, 500), 2
     report = run_efficiency(out=out_dir, backbone=backbone, dataset=dataset, lengths=hist, batch_sizes=sizes,
-                            repeats=repeats, cache_length=200 if 200 in hist else max(hist), device=device, force=force)  # fmt: skip
+                            repeats=repeats, cache_length=200 if 200 in hist else max(hist), cache_repeats=cache_repeats,
+                            device=device, force=force)  # fmt: skip
     print(markdown(report))
     out.print(f"wrote {out_dir}/efficiency.json, efficiency.md, efficiency.png")
 

@@ -8,7 +8,7 @@ import torch
 from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_llama
 from userllm.config import UserLLMConfig
-from userllm.eval.efficiency import METHODS, analytic_flops, count_flops
+from userllm.eval.efficiency import METHODS, analytic_flops, count_flops, paired_ratio
 from userllm.llm.decoding import llm_step
 from userllm.llm.model import TextPromptLM, UserLLM
 
@@ -17,7 +17,7 @@ def make(name: str):
     if METHODS[name] is None:
         return TextPromptLM(UserLLMConfig(strategy="full"), llm=tiny_llama())
     torch.manual_seed(0)
-    return UserLLM(UserLLMConfig(strategy="enc", cross_attention_every=2, **METHODS[name]), encoder=tiny_encoder(),
+    return UserLLM(UserLLMConfig(**{"strategy": "enc", "cross_attention_every": 2, **METHODS[name]}), encoder=tiny_encoder(),
                    llm=tiny_llama()).eval()  # fmt: skip
 
 
@@ -52,15 +52,23 @@ def test_user_llm_prefill_is_flat_while_text_prompt_grows():
 
 
 @pytest.mark.slow
+def test_paired_ratio_is_the_median_of_per_run_ratios():
+    a, b = {"times_s": [1.0, 3.0, 2.2]}, {"times_s": [1.0, 2.0, 2.0]}  # ratios 1.0, 1.5, 1.1
+    assert paired_ratio(a, b) == pytest.approx(1.1)
+
+
 def test_bench_efficiency_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
     """The CLI on a tiny backbone and a tiny dataset: every method and length measured, files written."""
     ds, tiny_lm_dir = synthetic_ds.root, text_lm_dir
     code, stdout, err = run_cli("bench", "efficiency", "--backbone", tiny_lm_dir, "--dataset", ds, "--lengths", "2,4",
-                                "--batch-sizes", "1,2", "--repeats", "1", "--out", tmp_path / "bench")  # fmt: skip
+                                "--batch-sizes", "1,2", "--repeats", "1", "--cache-repeats", "3", "--out", tmp_path / "bench")  # fmt: skip
     assert code == 0, err
     report = json.loads((tmp_path / "bench" / "efficiency.json").read_text())
     assert {(r["method"], r["history"]) for r in report["rows"]} == {(m, h) for m in METHODS for h in (2, 4)}
     assert all(r["tp_over"]["flops_prefill"] > 0 for r in report["rows"])
     assert (tmp_path / "bench" / "efficiency.png").stat().st_size > 0 and "| text_prompt | 4 |" in stdout
+    for row in report["cache"]:  # cached serving: three paired runs per batch size, the ratio is their median
+        assert len(row["cached_b2"]["times_s"]) == len(row["backbone_b2"]["times_s"]) == 3
+        assert row["cached_over_backbone_b2"] == paired_ratio(row["cached_b2"], row["backbone_b2"])
     code, _, err = run_cli("bench", "efficiency", "--backbone", tiny_lm_dir, "--dataset", ds, "--out", tmp_path / "bench")
     assert code != 0 and "--force" in err

@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,6 +57,9 @@ METHODS: dict[str, dict | None] = {
     "text_prompt": None,
     "cross_attention": {"mode": "cross_attention"},
     "cross_attention+perceiver16": {"mode": "cross_attention", "perceiver_latents": 16},
+    # half the blocks: what each cross-attention block costs a decoded token (cached serving)
+    "cross_attention+perceiver16 (every 8th layer)": {"mode": "cross_attention", "perceiver_latents": 16,
+                                                      "cross_attention_every": 8},
     "soft_prompt": {"mode": "soft_prompt"},
     "soft_prompt+perceiver16": {"mode": "soft_prompt", "perceiver_latents": 16},
 }
@@ -162,17 +166,30 @@ class PeakRSS:
 
 def timed(fn, repeats: int, device: str) -> dict[str, float]:
     """Median and p90 seconds of ``fn()`` over ``repeats`` warm runs (one warm-up run first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    return timed_in_turn({"fn": fn}, repeats, device)["fn"]
+
+
+def timed_in_turn(fns: dict[str, Callable], repeats: int, device: str) -> dict[str, dict]:
+    """:func:`timed` for several functions run in turn within each repeat, so a drift in the machine's speed
+    hits them alike; each result also holds its per-repeat seconds (``times_s``) for paired ratios."""
+    for fn in fns.values():
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "p90_s": float(np.quantile(times, 0.9))}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(t), "p90_s": float(np.quantile(t, 0.9)), "times_s": t} for k, t in times.items()}
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over repeats of ``a``'s seconds / ``b``'s seconds in the same repeat (:func:`timed_in_turn`)."""
+    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
 
 
 # ----------------------------------------------------------------- requests
@@ -200,8 +217,8 @@ def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset
 
 def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path | None = None,
                    lengths: tuple[int, ...] = (10, 25, 50, 100, 200, 500), batch_sizes: tuple[int, ...] = (1, 8),
-                   repeats: int = 5, new_tokens: int = 16, cache_length: int = 200, device: str = "cpu",
-                   seed: int = 0, force: bool = False) -> dict:  # fmt: skip
+                   repeats: int = 5, new_tokens: int = 16, cache_length: int = 200, cache_repeats: int = 10,
+                   device: str = "cpu", seed: int = 0, force: bool = False) -> dict:  # fmt: skip
     """Measure every (method, history length) and write ``efficiency.json``/``.md``/``.png`` to ``out``."""
     out = Path(out)
     check_output(out, force, marker="efficiency.json")
@@ -227,11 +244,11 @@ def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path |
                     rows.append(measure(model, data, text, length, batch_sizes, repeats, new_tokens, device, name))
                     progress.update(task, advance=1, description=f"{name} @ {length}")
                 if method == "userllm" and model.cfg.mode == "cross_attention" and cache_length in lengths:
-                    cache_rows.append(measure_cache(model, data, text, cache_length, batch_sizes, repeats, new_tokens, device, name))
+                    cache_rows.append(measure_cache(model, data, text, cache_length, batch_sizes, cache_repeats, new_tokens, device, name))
                 del model
         add_ratios(rows)
         report = {"backbone": bb.label, "device": device, "new_tokens": new_tokens, "repeats": repeats,
-                  "batch_sizes": list(batch_sizes), "lengths": list(lengths), "rows": rows, "cache": cache_rows}  # fmt: skip
+                  "cache_repeats": cache_repeats, "batch_sizes": list(batch_sizes), "lengths": list(lengths), "rows": rows, "cache": cache_rows}  # fmt: skip
 
         def write(tmp_dir: Path) -> None:
             write_json(tmp_dir / "efficiency.json", report)
@@ -276,7 +293,8 @@ def measure(model, data, text, length, batch_sizes, repeats, new_tokens, device,
 
 
 def measure_cache(model: UserLLM, data, text, length, batch_sizes, repeats, new_tokens, device, name) -> dict:
-    """Generation with a warm UserContextCache vs uncached vs the plain backbone on the same prompt."""
+    """Generation with a warm UserContextCache vs uncached vs the plain backbone on the same prompt, run in
+    turn ``repeats`` times; cached / backbone is the median of the per-repeat ratios."""
     row: dict = {"method": name, "history": length}
     plain = SimpleNamespace(llm=model.llm)  # the backbone alone: hooks are inactive outside a user context
     for b in batch_sizes:
@@ -292,10 +310,13 @@ def measure_cache(model: UserLLM, data, text, length, batch_sizes, repeats, new_
             with torch.no_grad():
                 return generate_tokens(plain, model.llm.get_input_embeddings()(ids), mask, max_new_tokens=new_tokens)
 
-        row[f"uncached_b{b}"] = timed(lambda: model.generate(users, ids, mask, max_new_tokens=new_tokens, eos_token_id=None), repeats, device)
-        row[f"cached_b{b}"] = timed(cached, repeats, device)
-        row[f"backbone_b{b}"] = timed(base, repeats, device)
-        row[f"cached_over_backbone_b{b}"] = row[f"cached_b{b}"]["median_s"] / row[f"backbone_b{b}"]["median_s"]
+        def uncached():
+            return model.generate(users, ids, mask, max_new_tokens=new_tokens, eos_token_id=None)
+
+        t = timed_in_turn({"uncached": uncached, "cached": cached, "backbone": base}, repeats, device)
+        for k, v in t.items():
+            row[f"{k}_b{b}"] = v
+        row[f"cached_over_backbone_b{b}"] = paired_ratio(t["cached"], t["backbone"])
         row[f"cache_stats_b{b}"] = dict(cache.stats)
     return row
 
@@ -329,7 +350,9 @@ def markdown(report: dict) -> str:
                       f"{r['tp_over'][f'prefill_b{b}']:.1f}x", f"{r[f'peak_mb_b{b}']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if report["cache"]:
-        lines += ["", f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms):", "",
+        lines += ["", f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms; the three "
+                  f"run in turn {report.get('cache_repeats', report['repeats'])} times, cached / backbone is the median "
+                  "of the per-run ratios):", "",
                   "| method | history | batch | uncached | cached | plain backbone, same prompt | cached / backbone |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in report["cache"]:
             for b in report["batch_sizes"]:
