@@ -182,8 +182,15 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     code, _, err = run_cli("experiment", path)
     assert code == 0, err
     table = (tmp_path / "exp" / "results.md").read_text()
-    assert "| xattn | userllm | cross_attention |" in table and "| tp | textprompt | text | lora |" in table
+    assert "| xattn | userllm | cross_attention | every 1 |" in table and "| tp | textprompt | text | - | lora |" in table
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
+    prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
+    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)
+    top = Counter(e.answer for e in data.examples("train")).most_common(1)[0][0]
+    users = json.loads(next((tmp_path / "exp" / "favorite_genre" / "xattn").glob("eval_users-*.json")).read_text())
+    test = data.examples("test", users)
+    assert prior["cell"] == "prior-h4" and "| prior-h4 | label prior |" in table
+    assert prior["metrics"]["accuracy"] == pytest.approx(sum(e.answer == top for e in test) / len(test))
 
     def refuse(*a, **k):
         raise AssertionError("a finished cell was run again")

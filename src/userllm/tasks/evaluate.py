@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from importlib.resources import files
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def score(task: str, records: list[dict], catalogue: set[str], beams: int) -> di
     out["exact_match"] = accuracy([r["greedy"] for r in records], [r["truth"] for r in records])
     out["valid_title"] = sum(r["greedy"] in catalogue for r in records) / max(1, len(records))
     return out
+
+
+def label_prior(data: TaskData, examples: list[TaskExample], beams: int) -> dict[str, float]:
+    """The task's metrics for answers that ignore the user: the train split's most frequent answers, most
+    frequent first (next_item: popularity, the ``beams`` most frequent target titles; favorite_genre: always
+    the most frequent genre), scored by :func:`score` on ``examples``. What a model learns first."""
+    if data.task == "review":
+        raise InputError("review has no label prior: every answer is free text")
+    counts = Counter(e.answer for e in data.examples("train"))
+    ranked = [answer for answer, _ in counts.most_common(beams)]
+    records = [{"ranked": ranked, "greedy": ranked[0], "truth": e.answer} for e in examples]
+    return score(data.task, records, set(data.ds.item_titles[2:]), beams)
 
 
 @torch.no_grad()

@@ -120,10 +120,13 @@ def collect(spec: dict) -> list[dict]:
             summary = json.loads((run / "summary.json").read_text())
             c = m["config"]
             encoder = "-" if c["method"] == "textprompt" else ("random" if c["encoder"] == "random" else "pretrained")
+            xattn = c["method"] == "userllm" and c["llm"]["mode"] == "cross_attention"
+            layers = c["llm"]["cross_attention_layers"]
             rows.append({
                 "task": task, "cell": cell["name"], "method": c["method"],
                 "mode": c["llm"]["mode"] if c["method"] == "userllm" else "text",
                 "strategy": c["llm"]["strategy"], "perceiver": c["llm"]["perceiver_latents"] if c["method"] == "userllm" else 0,
+                "xattn_layers": (f"{layers}" if layers else f"every {c['llm']['cross_attention_every']}") if xattn else "-",
                 "encoder": encoder, "history": c["max_history"], "metrics": m["metrics"], "examples": m["examples"],
                 "llm_input_tokens": m["llm_input_tokens"], "train_seconds": summary["train_seconds"],
                 "general": m.get("general"),
@@ -131,10 +134,40 @@ def collect(spec: dict) -> list[dict]:
     return rows
 
 
+def label_priors(spec: dict, rows: list[dict]) -> list[dict]:
+    """One row per (task, history length) of the finished cells: the label prior
+    (:func:`~userllm.tasks.evaluate.label_prior`) on the same test users as the cells."""
+    from userllm.data.dataset import PreparedDataset
+    from userllm.llm.backbone import load_backbone
+    from userllm.tasks.data import TaskData
+    from userllm.tasks.evaluate import label_prior
+
+    out, priors, tokenizers = Path(spec["out"]), [], {}
+    for task, history in sorted({(r["task"], r["history"]) for r in rows if r["task"] != "review"}):
+        cell = next(r for r in rows if (r["task"], r["history"]) == (task, history))
+        run = out / task / cell["cell"]
+        cfg = json.loads((run / "config.json").read_text())
+        users = sorted(run.glob("eval_users-*.json"))
+        if cfg["llm"]["backbone"] not in tokenizers:
+            tokenizers[cfg["llm"]["backbone"]] = load_backbone(cfg["llm"]["backbone"]).tokenizer
+        data = TaskData(PreparedDataset(cfg["dataset"]), tokenizers[cfg["llm"]["backbone"]], task=task,
+                        method=cfg["method"], max_history=history)  # fmt: skip
+        examples = data.examples("test", json.loads(users[0].read_text()) if users else None)
+        priors.append({
+            "task": task, "cell": f"prior-h{history}", "method": "label prior", "mode": "-", "xattn_layers": "-",
+            "strategy": "-", "perceiver": 0, "encoder": "-", "history": history, "examples": len(examples),
+            "metrics": label_prior(data, examples, cfg["beams"] if task == "next_item" else 1),
+            "llm_input_tokens": 0.0, "train_seconds": 0.0, "general": None,
+        })  # fmt: skip
+    return priors
+
+
 def write_results(spec: dict) -> Path:
-    """``results.json``, ``results.md`` (a table per task) and ``results.png`` from the finished cells."""
+    """``results.json``, ``results.md`` (a table per task, label priors last) and ``results.png`` from the
+    finished cells."""
     out = Path(spec["out"])
     rows = collect(spec)
+    rows += label_priors(spec, rows)
     write_json(out / "results.json", rows)
     lines = []
     for task in spec["tasks"]:
@@ -143,15 +176,18 @@ def write_results(spec: dict) -> Path:
             continue
         names = list(part[0]["metrics"])
         lines += [f"### {task}", "",
-                  "| cell | method | mode | strategy | perceiver | encoder | history | " + " | ".join(names)
+                  "| cell | method | mode | xattn layers | strategy | perceiver | encoder | history | " + " | ".join(names)
                   + " | LLM input tokens | train s | ppl after/before |",
-                  "|" + "---|" * (len(names) + 10)]  # fmt: skip
+                  "|" + "---|" * (len(names) + 11)]  # fmt: skip
         for r in part:
             ppl = f"{r['general']['ratio']:.3f}" if r["general"] else "-"
-            lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['strategy']} | {r['perceiver'] or '-'} | "
+            cost = "- | -" if r["method"] == "label prior" else f"{r['llm_input_tokens']:.0f} | {r['train_seconds']:.0f}"
+            lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['encoder']} | {r['history']} | " + " | ".join(f"{r['metrics'][n]:.3f}" for n in names)
-                         + f" | {r['llm_input_tokens']:.0f} | {r['train_seconds']:.0f} | {ppl} |")  # fmt: skip
-        lines += ["", f"{part[0]['examples']} test examples per cell.", ""]
+                         + f" | {cost} | {ppl} |")  # fmt: skip
+        lines += ["", f"{part[0]['examples']} test examples per cell. Label prior: the train split's most frequent "
+                  "answers, whoever the user (next_item: the most popular titles; favorite_genre: the most frequent "
+                  "genre).", ""]  # fmt: skip
     write_text_atomically(out / "results.md", "\n".join(lines))
     if rows:
         plot(rows, spec["tasks"], out / "results.png")
@@ -159,8 +195,8 @@ def write_results(spec: dict) -> Path:
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
-    """Per task: main metric vs history length (one line per method/mode, default settings), and main
-    metric vs mean LLM input tokens (every cell)."""
+    """Per task: main metric vs history length (one line per method/mode, default settings; the label prior
+    dashed), and main metric vs mean LLM input tokens (every cell; the label priors dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,19 +205,26 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
     for ax_row, task in zip(axes, tasks):
-        part = [r for r in rows if r["task"] == task]
         metric = MAIN_METRIC[task]
+        part = [r for r in rows if r["task"] == task and r["method"] != "label prior"]
+        priors = sorted((r["history"], r["metrics"][metric]) for r in rows if r["task"] == task and r["method"] == "label prior")
         for label in sorted({r["mode"] for r in part}):
             same = [r for r in part if r["mode"] == label and not r["perceiver"] and r["encoder"] != "random"]
-            usual = Counter(r["strategy"] for r in same).most_common(1)[0][0] if same else None
-            line = sorted((r["history"], r["metrics"][metric]) for r in same if r["strategy"] == usual)
+            usual = Counter((r["strategy"], r["xattn_layers"]) for r in same).most_common(1)[0][0] if same else None
+            line = sorted((r["history"], r["metrics"][metric]) for r in same if (r["strategy"], r["xattn_layers"]) == usual)
             if line:
                 ax_row[0].plot(*zip(*line), marker="o", label=label)
+        if priors:
+            ax_row[0].plot(*zip(*priors), "k--", marker=".", label="label prior")
+            for i, (_, value) in enumerate(priors):
+                ax_row[1].axhline(value, color="k", ls=":", lw=0.8, label="label prior" if i == 0 else None)
         ax_row[0].set(xlabel="history length (events)", ylabel=metric, title=f"{task}: quality vs history length")
         ax_row[0].legend()
         for r in part:
             ax_row[1].scatter(r["llm_input_tokens"], r["metrics"][metric])
             ax_row[1].annotate(r["cell"], (r["llm_input_tokens"], r["metrics"][metric]), fontsize=7)
+        if priors:
+            ax_row[1].legend(fontsize=8)
         ax_row[1].set(xscale="log", xlabel="LLM input tokens per request", ylabel=metric,
                       title=f"{task}: quality vs LLM input tokens")  # fmt: skip
     fig.tight_layout()
