@@ -13,7 +13,8 @@ The spec (see ``experiments/movielens100k.yaml``)::
 
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
 trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
-encoder unless they set ``encoder: random``.
+encoder unless they set ``encoder: random``. Each task's table ends with the label prior at every history
+length of its cells (the train split's most frequent answers on the same test users), the floor to beat.
 """
 
 from __future__ import annotations
