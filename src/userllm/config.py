@@ -220,6 +220,9 @@ class TrainConfig(_RunConfig):
     max_history: int = Field(50, ge=1, description="events of history before each target (embeddings or text lines)")
     train_examples: int = Field(256, ge=1, description="training budget: examples seen (steps x batch size)")
     batch_size: int = Field(4, ge=1, description="examples per optimizer step (over all processes)")
+    micro_batch_size: int | None = Field(None, ge=1, description="examples per forward/backward, gradients "
+                                         "accumulated to the same step (less memory for long prompts); None: the "
+                                         "whole batch")  # fmt: skip
     lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(5, ge=0, description="linear warmup steps")

@@ -162,6 +162,22 @@ def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["textprompt", "userllm"])
+def test_micro_batches_give_the_same_step(synthetic_ds, text_lm_dir, tmp_path, method):
+    """Gradient accumulation over micro-batches of 1 (unequal answer lengths) == the whole batch at once."""
+    from safetensors.torch import load_file
+
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc", cross_attention_every=1)
+    common = dict(dataset=synthetic_ds.root, task="next_item", method=method, llm=llm, encoder="random", max_history=5,
+                  train_examples=8, batch_size=4, lr=3e-3, random_encoder={"dropout": 0.0})  # fmt: skip
+    whole = train(TrainConfig(out=tmp_path / "whole", **common))
+    parts = train(TrainConfig(out=tmp_path / "parts", micro_batch_size=1, **common))
+    assert parts["losses"] == pytest.approx(whole["losses"], rel=1e-4)
+    a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in ("whole", "parts"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert whole["losses"][0] != whole["losses"][-1]  # it trained
+
+
 def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_dir, tmp_path, monkeypatch, run_cli):
     import yaml
 

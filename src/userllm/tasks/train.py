@@ -7,7 +7,9 @@ cosine decay, gradient clipping, optional bf16 autocast. Every ``checkpoint_ever
 an atomic checkpoint (``checkpoint/``: trained weights, optimizer/scheduler state); ``--resume`` continues
 to the same result as an uninterrupted run, because the example order and each step's dropout are derived
 from ``seed``. Runs unchanged under ``torchrun --nproc_per_node=N`` (DistributedDataParallel, gloo on CPU,
-nccl on GPU; each process takes its share of every batch).
+nccl on GPU; each process takes its share of every batch). ``micro_batch_size`` splits each process's share
+into parts whose gradients add up to the same step (answer tokens weighted as in the whole batch), for
+prompts too long to back-propagate together.
 
 Run directory: ``config.json``/``config.yaml`` (resolved), ``checkpoint/``, ``model/`` (the trained weights,
 ``userllm.safetensors`` + ``userllm.json``), ``summary.json``; ``userllm evaluate`` adds ``metrics.json``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from userllm.io import start_run, write_dir_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
 from userllm.progress import console, progress_bar
-from userllm.tasks.data import TaskData
+from userllm.tasks.data import IGNORE, TaskData
 
 MARKER = "config.json"
 
@@ -141,21 +144,29 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         for step in range(state["step"], last):
             t0 = time.perf_counter()
             batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]]
-            ids, mask, labels = data.batch(batch, with_answers=True, device=device)
-            users = data.user_batch(batch, device) if cfg.method == "userllm" else None
+            micro = cfg.micro_batch_size or len(batch)
+            parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+            tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
+            answer_tokens = sum(int((labels != IGNORE).sum()) for _, _, labels in tensors)
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = ddp(users, ids, mask, labels).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value, tokens = 0.0, 0
+            for j, (part, (ids, mask, labels)) in enumerate(zip(parts, tensors)):
+                users = data.user_batch(part, device) if cfg.method == "userllm" else None
+                # DDP averages gradients across processes once, after the last part
+                with ddp.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
+                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                        # the model's loss is the mean over this part's answer tokens: weight it to the batch mean
+                        loss = ddp(users, ids, mask, labels).loss * (int((labels != IGNORE).sum()) / answer_tokens)
+                    loss.backward()
+                loss_value, tokens = loss_value + loss.item(), tokens + int(mask.sum()) * world
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             sched.step()
-            tokens = int(mask.sum()) * world
             state["step"], state["tokens"] = step + 1, state["tokens"] + tokens
             state["seconds"] += time.perf_counter() - t0
-            state["losses"].append(round(loss.item(), 5))
-            progress.update(task, advance=tokens, description=f"step {step + 1}/{steps} loss {loss.item():.3f}")
+            state["losses"].append(round(loss_value, 5))
+            progress.update(task, advance=tokens, description=f"step {step + 1}/{steps} loss {loss_value:.3f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last:
                 if rank == 0:
                     write_dir_atomically(ckpt, lambda tmp: _write_checkpoint(tmp, model, opt, sched, state),
