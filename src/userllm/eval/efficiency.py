@@ -351,7 +351,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["cache"]:
         lines += ["", f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms; the three "
-                  f"run in turn {report.get('cache_repeats', report['repeats'])} times, cached / backbone is the median "
+                  f"run in turn {report['cache_repeats']} times, cached / backbone is the median "
                   "of the per-run ratios):", "",
                   "| method | history | batch | uncached | cached | plain backbone, same prompt | cached / backbone |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in report["cache"]:

@@ -76,31 +76,45 @@ def convert_smollm2(dest: Path) -> None:
     write_dir_atomically(dest, write, force=True, marker="config.json")
 
 
-def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32,
-                  device: str = "cpu") -> Backbone:  # fmt: skip
-    """Load the default SmolLM2, a local model directory, or a hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    label = str(name_or_path)
+def locate_backbone(name_or_path: str = DEFAULT_BACKBONE) -> tuple[Path | str, str]:
+    """Where a backbone loads from (the SmolLM2 cache, converted on first use; a local directory; or a hub
+    id) and its label for results."""
     if name_or_path == DEFAULT_BACKBONE:
         path = cache_root() / "smollm2-135m-instruct-q4_1"
         if not (path / "config.json").exists():
             convert_smollm2(path)
-        label = SMOLLM2_LABEL
-    else:
-        path = Path(name_or_path)
-        if not path.exists() and (str(name_or_path).startswith((".", "/", "~")) or os.sep * 2 in str(name_or_path)):
-            raise InputError(f"backbone path does not exist: {name_or_path}")
-        if not path.exists():
-            path = name_or_path  # a hub id: needs network access
+        return path, SMOLLM2_LABEL
+    path = Path(name_or_path)
+    if not path.exists() and (str(name_or_path).startswith((".", "/", "~")) or os.sep * 2 in str(name_or_path)):
+        raise InputError(f"backbone path does not exist: {name_or_path}")
+    return (path if path.exists() else name_or_path), str(name_or_path)  # a hub id needs network access
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_BACKBONE):
+    """The backbone's tokenizer alone, without its weights (padding with eos when it has no pad token)."""
+    from transformers import AutoTokenizer
+
+    path, _ = locate_backbone(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise InputError(f"cannot load backbone {name_or_path!r}: {err}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(model=model, tokenizer=tokenizer, label=label)
+    return tokenizer
+
+
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu") -> Backbone:  # fmt: skip
+    """Load the default SmolLM2, a local model directory, or a hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path, label = locate_backbone(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except OSError as err:
+        raise InputError(f"cannot load backbone {name_or_path!r}: {err}") from None
+    return Backbone(model=model, tokenizer=load_tokenizer(name_or_path), label=label)
 
 
 def decoder_layers(model: nn.Module, override: str | None = None) -> nn.ModuleList:

@@ -102,6 +102,8 @@ class TaskData:
             with progress_bar("examples", transient=True) as progress:
                 fav = favorite_categories(windows, self.tl.item, item_cats, progress)
             ex = ex.with_columns(fav).filter(pl.col("favorite_category").is_not_null())
+        if ex.height == 0:
+            raise EmptyResultError(f"{self.ds.root}: no {split} examples for task {self.task}")
         return ex
 
     def examples(self, split: str, users: list[int] | None = None) -> list[TaskExample]:
@@ -109,24 +111,26 @@ class TaskData:
         out = []
         for row in self._frame(split, users).iter_rows(named=True):
             u, start, end = row["user_idx"], row["history_start"], row["target_pos"]
-            if self.task == "favorite_genre":
-                label = row["favorite_category"]
-                answer = self.categories[label]
-                text = prompts.instruction("favorite_genre", self.words)
-            else:
-                label = row["target_item"]
-                if self.task == "next_item":
-                    answer, text = self.ds.item_titles[label], prompts.instruction("next_item", self.words)
-                else:
-                    rating = prompts.rating_text(row["target_rating"])
-                    answer = row["review_text"].strip()
-                    text = prompts.instruction("review", self.words, title=self.ds.item_titles[label], rating=rating)
+            answer, label, text = self._answer(row)
             lines = self.history_lines(u, start, end) if self.method == "textprompt" else None
             prompt = prompts.render(self.tokenizer, text, lines, self.words)
-            out.append(TaskExample(u, row["user_id"], start, end, prompt, answer, int(label)))
-        if not out:
-            raise EmptyResultError(f"{self.ds.root}: no {split} examples for task {self.task}")
+            out.append(TaskExample(u, row["user_id"], start, end, prompt, answer, label))
         return out
+
+    def answers(self, split: str, users: list[int] | None = None) -> list[str]:
+        """The answers of :meth:`examples`, without rendering any prompt."""
+        return [self._answer(row)[0] for row in self._frame(split, users).iter_rows(named=True)]
+
+    def _answer(self, row: dict) -> tuple[str, int, str]:
+        """One example row's answer, its label (category or item index) and the task's instruction."""
+        if self.task == "favorite_genre":
+            label = row["favorite_category"]
+            return self.categories[label], int(label), prompts.instruction("favorite_genre", self.words)
+        label = row["target_item"]
+        if self.task == "next_item":
+            return self.ds.item_titles[label], int(label), prompts.instruction("next_item", self.words)
+        title, rating = self.ds.item_titles[label], prompts.rating_text(row["target_rating"])
+        return row["review_text"].strip(), int(label), prompts.instruction("review", self.words, title=title, rating=rating)
 
     def request(self, user: int, start: int, end: int, text: str, user_id: str = "") -> TaskExample:
         """An unlabelled example: ``text`` (an instruction) about user ``user``'s events ``[start, end)``,

@@ -112,15 +112,15 @@ def score(task: str, records: list[dict], catalogue: set[str], beams: int) -> di
     return out
 
 
-def label_prior(data: TaskData, examples: list[TaskExample], beams: int) -> dict[str, float]:
-    """The task's metrics for answers that ignore the user: the train split's most frequent answers, most
-    frequent first (next_item: popularity, the ``beams`` most frequent target titles; favorite_genre: always
-    the most frequent genre), scored by :func:`score` on ``examples``. What a model learns first."""
+def label_prior(data: TaskData, users: list[int] | None, beams: int) -> dict[str, float]:
+    """The task's metrics for answers that ignore the user, on the test examples of ``users`` (None: all):
+    the train split's most frequent answers, most frequent first (next_item: popularity, the ``beams`` most
+    frequent target titles; favorite_genre: always the most frequent genre), scored by :func:`score`.
+    What a model learns first."""
     if data.task == "review":
         raise InputError("review has no label prior: every answer is free text")
-    counts = Counter(e.answer for e in data.examples("train"))
-    ranked = [answer for answer, _ in counts.most_common(beams)]
-    records = [{"ranked": ranked, "greedy": ranked[0], "truth": e.answer} for e in examples]
+    ranked = [answer for answer, _ in Counter(data.answers("train")).most_common(beams)]
+    records = [{"ranked": ranked, "greedy": ranked[0], "truth": truth} for truth in data.answers("test", users)]
     return score(data.task, records, set(data.ds.item_titles[2:]), beams)
 
 

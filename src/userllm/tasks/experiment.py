@@ -139,25 +139,24 @@ def label_priors(spec: dict, rows: list[dict]) -> list[dict]:
     """One row per (task, history length) of the finished cells: the label prior
     (:func:`~userllm.tasks.evaluate.label_prior`) on the same test users as the cells."""
     from userllm.data.dataset import PreparedDataset
-    from userllm.llm.backbone import load_backbone
+    from userllm.llm.backbone import load_tokenizer
     from userllm.tasks.data import TaskData
-    from userllm.tasks.evaluate import label_prior
+    from userllm.tasks.evaluate import eval_users, label_prior
 
-    out, priors, tokenizers = Path(spec["out"]), [], {}
+    ev, priors, tokenizers = spec.get("evaluate") or {}, [], {}
     for task, history in sorted({(r["task"], r["history"]) for r in rows if r["task"] != "review"}):
         cell = next(r for r in rows if (r["task"], r["history"]) == (task, history))
-        run = out / task / cell["cell"]
-        cfg = json.loads((run / "config.json").read_text())
-        users = sorted(run.glob("eval_users-*.json"))
-        if cfg["llm"]["backbone"] not in tokenizers:
-            tokenizers[cfg["llm"]["backbone"]] = load_backbone(cfg["llm"]["backbone"]).tokenizer
-        data = TaskData(PreparedDataset(cfg["dataset"]), tokenizers[cfg["llm"]["backbone"]], task=task,
-                        method=cfg["method"], max_history=history)  # fmt: skip
-        examples = data.examples("test", json.loads(users[0].read_text()) if users else None)
+        run = Path(spec["out"]) / task / cell["cell"]
+        cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
+        if cfg.llm.backbone not in tokenizers:
+            tokenizers[cfg.llm.backbone] = load_tokenizer(cfg.llm.backbone)
+        data = TaskData(PreparedDataset(cfg.dataset), tokenizers[cfg.llm.backbone], task=task, method=cfg.method,
+                        max_history=history)  # fmt: skip
+        users = eval_users(run, data.tl.num_users, ev["users"], ev.get("seed", 0)) if ev.get("users") else None
         priors.append({
             "task": task, "cell": f"prior-h{history}", "method": "label prior", "mode": "-", "xattn_layers": "-",
-            "strategy": "-", "perceiver": 0, "encoder": "-", "history": history, "examples": len(examples),
-            "metrics": label_prior(data, examples, cfg["beams"] if task == "next_item" else 1),
+            "strategy": "-", "perceiver": 0, "encoder": "-", "history": history, "examples": cell["examples"],
+            "metrics": label_prior(data, users, cfg.beams if task == "next_item" else 1),
             "llm_input_tokens": 0.0, "train_seconds": 0.0, "general": None,
         })  # fmt: skip
     return priors

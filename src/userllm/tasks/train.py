@@ -147,17 +147,17 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             micro = cfg.micro_batch_size or len(batch)
             parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
             tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
-            answer_tokens = sum(int((labels != IGNORE).sum()) for _, _, labels in tensors)
+            counts = [int((labels != IGNORE).sum()) for _, _, labels in tensors]  # answer tokens per part
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
-            for j, (part, (ids, mask, labels)) in enumerate(zip(parts, tensors)):
+            for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
                 with ddp.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
                     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
                         # the model's loss is the mean over this part's answer tokens: weight it to the batch mean
-                        loss = ddp(users, ids, mask, labels).loss * (int((labels != IGNORE).sum()) / answer_tokens)
+                        loss = ddp(users, ids, mask, labels).loss * (count / sum(counts))
                     loss.backward()
                 loss_value, tokens = loss_value + loss.item(), tokens + int(mask.sum()) * world
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
