@@ -36,6 +36,22 @@ def test_cross_attention_ignores_masked_context_and_precomputed_kv_matches():
     assert torch.isfinite(empty).all()
 
 
+def test_absorbed_context_equals_keys_and_values():
+    """Folding a context into the query/output projections changes the cost, not the output: padding,
+    a fully padded row (zeros) and every head included."""
+    torch.manual_seed(0)
+    attn = GatedCrossAttentionBlock(dim=32, heads=4).attn
+    x, ctx = torch.randn(3, 7, 32), torch.randn(3, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    kv = attn.context_kv(ctx)
+    absorbed = attn.absorb(kv, mask)
+    assert absorbed.qk.shape == (3, 32, 4 * 5) and absorbed.ov.shape == (3, 4 * 5, 32)
+    expected = attn(x, None, mask, kv)
+    torch.testing.assert_close(attn(x, None, mask, absorbed), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(attn(x, None, mask, absorbed)[2], torch.zeros(7, 32))
+    assert attn.absorbs(7) and not attn.absorbs(8)  # cheaper only while heads * n < dim
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_perceiver_ignores_padded_events(depth):
     torch.manual_seed(0)

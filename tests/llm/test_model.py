@@ -51,6 +51,23 @@ def test_cached_equals_uncached_generation(arch, mode):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("events", [5, 9])  # 4 heads x 5 < d = 32: absorbed context; 4 x 9 >= 32: keys/values
+def test_forward_without_gradients_matches_training_forward(events):
+    """Without gradients the blocks read the absorbed context where it is cheaper; the logits do not change."""
+    model = build()
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
+    ids, mask = prompts(lengths=[6, 4])
+    users = random_batch(2, events, lengths=[events, 2])
+    trained = model(users, ids, mask).logits
+    with torch.no_grad():
+        served = model(users, ids, mask).logits
+        kinds = {type(kv).__name__ for kv in model.absorbed(model.user_state(users)).kv.values()}
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
+    assert kinds == {"AbsorbedContext" if events == 5 else "ContextKV"}
+
+
 @pytest.mark.parametrize("arch", MAKERS)
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_equals_single_under_left_padding(arch, mode):

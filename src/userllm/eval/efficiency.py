@@ -19,8 +19,10 @@ layers, key/value width ``d_kv``, gated MLP width ``f``, vocabulary ``V``). A fo
 over ``S`` cached + new positions costs ``L (s (4 d^2 + 4 d d_kv + 6 d f) + 4 s S d) + 2 d V`` (logits of
 the last position only). User-LLM adds: encoder ``n (2 d_in e + l_e 24 e^2) + l_e 4 n^2 e``; projector
 ``2 n (e d + d^2)``; Perceiver (``P`` latents, depth ``D``) ``D (4 P d^2 + 4 (n+P) d^2 + 4 P (n+P) d + 16 P d^2)``;
-per cross-attention block (``k`` blocks, context ``m`` = n or P) the context keys/values ``4 m d^2`` once and
-``s (4 d^2 + 4 m d + 4 r d^2)`` per forward of ``s`` tokens (``r`` = ff_mult). A soft prompt adds its ``m``
+per cross-attention block (``k`` blocks, context ``m`` = n or P, ``h`` heads) the context keys/values
+``4 m d^2`` once and ``s (4 d^2 + 4 m d + 4 r d^2)`` per forward of ``s`` tokens (``r`` = ff_mult); when
+``h m < d`` generation folds the keys/values into the query and output projections (``4 m d^2`` more once,
+then ``s (4 h m d + 4 r d^2)`` per forward; :meth:`~userllm.llm.connectors.MaskedCrossAttention.absorb`). A soft prompt adds its ``m``
 context positions to the prompt instead. Generating ``g`` tokens is the prefill plus ``g - 1`` one-token
 forwards.
 """
@@ -91,7 +93,7 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     c = SimpleNamespace(hidden_size=cfg.hidden_size, d_kv=cfg.num_key_value_heads * head_dim, num_hidden_layers=cfg.num_hidden_layers,
                         intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size)  # fmt: skip
-    d, user, m, blocks, r = cfg.hidden_size, 0, 0, 0, 0
+    d, user, m, blocks, r, absorbed = cfg.hidden_size, 0, 0, 0, 0, False
     if isinstance(model, UserLLM):
         e = model.encoder.cfg
         d_in = len(e.features) * e.d_feature
@@ -106,12 +108,14 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
             user += depth * (4 * P * d * d + 4 * (n + P) * d * d + 4 * P * (n + P) * d + 16 * P * d * d)
             m = P
         blocks, r = len(model.xattn), model.cfg.ff_mult
-        user += blocks * 4 * m * d * d
+        absorbed = blocks and next(iter(model.xattn.values())).attn.absorbs(m)
+        user += blocks * 4 * m * d * d * (2 if absorbed else 1)
     soft = m if isinstance(model, UserLLM) and model.cfg.mode == "soft_prompt" else 0
     t = prompt_tokens + soft
 
     def xattn(s: int) -> int:
-        return blocks * s * (4 * d * d + 4 * m * d + 4 * r * d * d)
+        attention = 4 * heads * m * d if absorbed else 4 * d * d + 4 * m * d
+        return blocks * s * (attention + 4 * r * d * d)
 
     prefill = user + llm_forward_flops(c, t, t) + xattn(t)
     generate = prefill + sum(llm_forward_flops(c, 1, t + j) + xattn(1) for j in range(1, new_tokens))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from userllm.encoder.model import EncoderState
 from userllm.encoder.train import state_hash
 from userllm.io import write_json
+from userllm.llm.connectors import ContextKV
 from userllm.llm.model import UserContext, UserLLM
 
 EVENT_KEYS = ("item", "rating", "time_gap")
@@ -147,7 +148,7 @@ class UserContextCache:
 
     @staticmethod
     def _context(entry: dict[str, Tensor]) -> UserContext:
-        kv = {name.split(".")[1]: (entry[name], entry[name[:-1] + "v"]) for name in entry
+        kv = {name.split(".")[1]: ContextKV(entry[name], entry[name[:-1] + "v"]) for name in entry
               if name.startswith("kv.") and name.endswith(".k")}  # fmt: skip
         return UserContext(entry["ctx"], entry["mask"], kv)
 

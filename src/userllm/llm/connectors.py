@@ -7,6 +7,8 @@
 - :class:`GatedCrossAttentionBlock` (Flamingo): the LLM's hidden states (b, t, d) attend to the user
   context (b, n, d); the attention and feed-forward outputs pass through ``tanh`` gates initialised to
   zero, so a freshly inserted block is the identity and the LLM starts exactly as it was.
+- :class:`AbsorbedContext`: a fixed context folded into a block's query and output projections, so that
+  serving a user costs each query token less (exact; see :meth:`MaskedCrossAttention.absorb`).
 
 Example::
 
@@ -17,6 +19,8 @@ Example::
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +44,28 @@ def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a modu
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
+class ContextKV(NamedTuple):
+    """A context's keys and values, each (b, heads, n, d / heads)."""
+
+    k: Tensor
+    v: Tensor
+
+
+class AbsorbedContext(NamedTuple):
+    """A fixed context folded into the query and output projections (:meth:`MaskedCrossAttention.absorb`):
+    ``qk`` (b, d, heads * n) maps a normed hidden state to attention scores, ``ov`` (b, heads * n, d) maps
+    attention weights to the output, ``bias`` (b, 1, 1, n) is 0 for real entries and -inf for padding."""
+
+    qk: Tensor
+    ov: Tensor
+    bias: Tensor
+
+
 class MaskedCrossAttention(nn.Module):
     """Queries (b, t, d) attend to a context (b, n, d); ``context_mask`` (b, n) is True for real entries.
 
-    ``kv`` (precomputed keys/values from :meth:`context_kv`) lets a decoder reuse them at every step.
-    A query whose context is entirely masked receives zeros.
+    ``kv`` (precomputed keys/values from :meth:`context_kv`, or their :meth:`absorb`-ed form) lets a decoder
+    reuse them at every step. A query whose context is entirely masked receives zeros.
     """
 
     def __init__(self, *, dim: int, heads: int, dim_context: int | None = None) -> None:
@@ -57,16 +78,38 @@ class MaskedCrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim_context or dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
 
-    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+    def context_kv(self, context: Tensor) -> ContextKV:
         """Keys and values of a context (b, n, d) -> two (b, heads, n, d/heads)."""
         b, n, _ = context.shape
         k, v = self.to_kv(context).chunk(2, dim=-1)
-        return tuple(t.view(b, n, self.heads, -1).transpose(1, 2) for t in (k, v))  # type: ignore[return-value]
+        return ContextKV(*(t.view(b, n, self.heads, -1).transpose(1, 2) for t in (k, v)))
+
+    def absorbs(self, n: int) -> bool:
+        """Whether :meth:`absorb` makes a query token cheaper for a context of ``n`` entries: its two
+        (d, heads * n) products replace the (d, d) query and output projections when heads * n < d."""
+        return self.heads * n < self.to_q.in_features
+
+    def absorb(self, kv: ContextKV, context_mask: Tensor) -> AbsorbedContext:
+        """Fold a fixed context's keys/values into the query and output projections (exact, once per user):
+        scores_h = norm(x) Wq_h k_h^T / sqrt(d_h) = norm(x) qk_h and out = sum_h p_h v_h Wo_h^T = p ov.
+        A row with no real entry gets bias 0 and ov 0, so its output is 0 as in :meth:`forward`."""
+        k, v = kv
+        h, e = self.heads, k.shape[-1]
+        real = context_mask.to(torch.bool)
+        empty = ~real.any(-1)  # (b,)
+        qk = torch.einsum("hed,bhne->bdhn", self.to_q.weight.view(h, e, -1), k).flatten(2) * e**-0.5
+        ov = torch.einsum("bhne,dhe->bhnd", v, self.to_out.weight.view(-1, h, e)).flatten(1, 2)
+        ov = ov.masked_fill(empty[:, None, None], 0.0)
+        bias = torch.zeros(real.shape, dtype=qk.dtype, device=qk.device).masked_fill(~real & ~empty[:, None], float("-inf"))
+        return AbsorbedContext(qk, ov, bias[:, None, None, :])
 
     def forward(
-        self, x: Tensor, context: Tensor | None, context_mask: Tensor, kv: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, context: Tensor | None, context_mask: Tensor, kv: ContextKV | AbsorbedContext | None = None
     ) -> Tensor:
         b, t, d = x.shape
+        if isinstance(kv, AbsorbedContext):
+            scores = (self.norm(x) @ kv.qk).view(b, t, self.heads, -1) + kv.bias  # (b, t, heads, n)
+            return scores.softmax(-1).view(b, t, -1) @ kv.ov
         q = self.to_q(self.norm(x)).view(b, t, self.heads, -1).transpose(1, 2)
         k, v = kv if kv is not None else self.context_kv(context)
         mask = context_mask[:, None, None, :].to(torch.bool)  # (b, 1, 1, n)
@@ -89,7 +132,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(
-        self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: ContextKV | AbsorbedContext | None = None
     ) -> Tensor:
         """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
         x = x + self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)

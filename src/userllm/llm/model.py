@@ -37,7 +37,7 @@ from userllm.encoder.model import UserEncoder
 from userllm.errors import InputError
 from userllm.io import write_dir_atomically
 from userllm.llm.backbone import decoder_layers
-from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector
+from userllm.llm.connectors import AbsorbedContext, ContextKV, GatedCrossAttentionBlock, PerceiverResampler, Projector
 from userllm.llm.decoding import generate_tokens, positions
 
 
@@ -45,16 +45,17 @@ from userllm.llm.decoding import generate_tokens, positions
 class UserContext:
     """The user side of a request, independent of the question asked: the context the LLM reads
     ``ctx`` (b, m, d) with its ``mask`` (b, m), and in cross-attention mode each block's projected keys and
-    values ``kv[layer] = (k, v)``, each (b, heads, m, d / heads)."""
+    values ``kv[layer] = ContextKV(k, v)``, each (b, heads, m, d / heads) (or, while a call decodes, their
+    :class:`~userllm.llm.connectors.AbsorbedContext`)."""
 
     ctx: Tensor
     mask: Tensor
-    kv: dict[str, tuple[Tensor, Tensor]]
+    kv: dict[str, ContextKV | AbsorbedContext]
 
     def repeat(self, k: int) -> UserContext:
         """Each row ``k`` times in a row (for beams)."""
         return UserContext(self.ctx.repeat_interleave(k, 0), self.mask.repeat_interleave(k, 0),
-                           {key: (a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for key, (a, b) in self.kv.items()})  # fmt: skip
+                           {key: t._make(x.repeat_interleave(k, 0) for x in t) for key, t in self.kv.items()})  # fmt: skip
 
     @staticmethod
     def stack(contexts: list[UserContext]) -> UserContext:
@@ -68,7 +69,7 @@ class UserContext:
 
         return UserContext(
             torch.cat([pad(c.ctx, 1) for c in contexts]), torch.cat([pad(c.mask, 1) for c in contexts]),
-            {key: tuple(torch.cat([pad(c.kv[key][i], 2) for c in contexts]) for i in range(2)) for key in contexts[0].kv},
+            {key: ContextKV(*(torch.cat([pad(c.kv[key][i], 2) for c in contexts]) for i in range(2))) for key in contexts[0].kv},
         )  # fmt: skip
 
 
@@ -223,10 +224,19 @@ class UserLLM(ConditionedLM):
         kv = {k: block.attn.context_kv(ctx) for k, block in self.xattn.items()}
         return UserContext(ctx, mask, kv)
 
+    def absorbed(self, context: UserContext) -> UserContext:
+        """``context`` with each block's keys/values folded into its query and output projections where that
+        makes a token cheaper (:meth:`~userllm.llm.connectors.MaskedCrossAttention.absorb`; e.g. 16 Perceiver
+        latents). Exact; costs about one token's block work per context and saves it at every token after."""
+        kv = {key: block.attn.absorb(context.kv[key], context.mask) if block.attn.absorbs(context.mask.shape[1]) else context.kv[key]
+              for key, block in self.xattn.items()}  # fmt: skip
+        return UserContext(context.ctx, context.mask, kv)
+
     @contextmanager
     def _conditioned(self, context: UserContext):
-        """Make the user context visible to the cross-attention hooks for the duration of one call."""
-        self._active = context
+        """Make the user context visible to the cross-attention hooks for the duration of one call; without
+        gradients (generation, evaluation) in its :meth:`absorbed` form."""
+        self._active = context if torch.is_grad_enabled() else self.absorbed(context)
         try:
             yield
         finally:
