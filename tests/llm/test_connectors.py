@@ -49,7 +49,8 @@ def test_absorbed_context_equals_keys_and_values():
     expected = attn(x, None, mask, kv)
     torch.testing.assert_close(attn(x, None, mask, absorbed), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(attn(x, None, mask, absorbed)[2], torch.zeros(7, 32))
-    assert attn.absorbs(7) and not attn.absorbs(8)  # cheaper only while heads * n < dim
+    # d = 32, 4 heads: only while 4 n < 32, and only for enough tokens to pay for absorbing (11 t > 7 x 32)
+    assert attn.absorbs(7, tokens=21) and not attn.absorbs(7, tokens=20) and not attn.absorbs(8, tokens=1000)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

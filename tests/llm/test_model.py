@@ -58,12 +58,12 @@ def test_forward_without_gradients_matches_training_forward(events):
     with torch.no_grad():
         for block in model.xattn.values():
             block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
-    ids, mask = prompts(lengths=[6, 4])
+    ids, mask = prompts(t=12, lengths=[12, 4])  # 12 tokens pay for absorbing 5 entries (d = 32, 4 heads)
     users = random_batch(2, events, lengths=[events, 2])
     trained = model(users, ids, mask).logits
     with torch.no_grad():
         served = model(users, ids, mask).logits
-        kinds = {type(kv).__name__ for kv in model.absorbed(model.user_state(users)).kv.values()}
+        kinds = {type(kv).__name__ for kv in model.absorbed(model.user_state(users), tokens=12).kv.values()}
     torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
     assert kinds == {"AbsorbedContext" if events == 5 else "ContextKV"}
 

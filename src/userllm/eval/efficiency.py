@@ -21,8 +21,9 @@ the last position only). User-LLM adds: encoder ``n (2 d_in e + l_e 24 e^2) + l_
 ``2 n (e d + d^2)``; Perceiver (``P`` latents, depth ``D``) ``D (4 P d^2 + 4 (n+P) d^2 + 4 P (n+P) d + 16 P d^2)``;
 per cross-attention block (``k`` blocks, context ``m`` = n or P, ``h`` heads) the context keys/values
 ``4 m d^2`` once and ``s (4 d^2 + 4 m d + 4 r d^2)`` per forward of ``s`` tokens (``r`` = ff_mult); when
-``h m < d`` generation folds the keys/values into the query and output projections (``4 m d^2`` more once,
-then ``s (4 h m d + 4 r d^2)`` per forward; :meth:`~userllm.llm.connectors.MaskedCrossAttention.absorb`). A soft prompt adds its ``m``
+``h m < d`` and a prompt of ``t`` tokens pays for it (``t (d + m - h m) > m d``), generation folds the
+keys/values into the query and output projections (``4 m d^2`` more once, then ``s (4 h m d + 4 r d^2)``
+per forward; :meth:`~userllm.llm.connectors.MaskedCrossAttention.absorbs`). A soft prompt adds its ``m``
 context positions to the prompt instead. Generating ``g`` tokens is the prefill plus ``g - 1`` one-token
 forwards.
 """
@@ -108,7 +109,7 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
             user += depth * (4 * P * d * d + 4 * (n + P) * d * d + 4 * P * (n + P) * d + 16 * P * d * d)
             m = P
         blocks, r = len(model.xattn), model.cfg.ff_mult
-        absorbed = blocks and next(iter(model.xattn.values())).attn.absorbs(m)
+        absorbed = blocks and next(iter(model.xattn.values())).attn.absorbs(m, prompt_tokens)
         user += blocks * 4 * m * d * d * (2 if absorbed else 1)
     soft = m if isinstance(model, UserLLM) and model.cfg.mode == "soft_prompt" else 0
     t = prompt_tokens + soft

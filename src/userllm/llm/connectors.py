@@ -84,13 +84,15 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(context).chunk(2, dim=-1)
         return ContextKV(*(t.view(b, n, self.heads, -1).transpose(1, 2) for t in (k, v)))
 
-    def absorbs(self, n: int) -> bool:
-        """Whether :meth:`absorb` makes a query token cheaper for a context of ``n`` entries: its two
-        (d, heads * n) products replace the (d, d) query and output projections when heads * n < d."""
-        return self.heads * n < self.to_q.in_features
+    def absorbs(self, n: int, tokens: int) -> bool:
+        """Whether :meth:`absorb` saves FLOPs for a context of ``n`` entries read by ``tokens`` query tokens:
+        per token its two (d, heads * n) products replace the (d, d) query and output projections and the
+        attention over n entries (4 h n d instead of 4 d^2 + 4 n d), and absorbing costs 4 n d^2 once."""
+        d = self.to_q.in_features
+        return self.heads * n < d and tokens * (d + n - self.heads * n) > n * d
 
     def absorb(self, kv: ContextKV, context_mask: Tensor) -> AbsorbedContext:
-        """Fold a fixed context's keys/values into the query and output projections (exact, once per user):
+        """Fold a fixed context's keys/values into the query and output projections (exact; once per call):
         scores_h = norm(x) Wq_h k_h^T / sqrt(d_h) = norm(x) qk_h and out = sum_h p_h v_h Wo_h^T = p ov.
         A row with no real entry gets bias 0 and ov 0, so its output is 0 as in :meth:`forward`."""
         k, v = kv

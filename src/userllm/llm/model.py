@@ -224,19 +224,19 @@ class UserLLM(ConditionedLM):
         kv = {k: block.attn.context_kv(ctx) for k, block in self.xattn.items()}
         return UserContext(ctx, mask, kv)
 
-    def absorbed(self, context: UserContext) -> UserContext:
+    def absorbed(self, context: UserContext, tokens: int) -> UserContext:
         """``context`` with each block's keys/values folded into its query and output projections where that
-        makes a token cheaper (:meth:`~userllm.llm.connectors.MaskedCrossAttention.absorb`; e.g. 16 Perceiver
-        latents). Exact; costs about one token's block work per context and saves it at every token after."""
-        kv = {key: block.attn.absorb(context.kv[key], context.mask) if block.attn.absorbs(context.mask.shape[1]) else context.kv[key]
-              for key, block in self.xattn.items()}  # fmt: skip
+        saves FLOPs for a call of ``tokens`` prompt tokens (:meth:`~userllm.llm.connectors.MaskedCrossAttention.absorbs`;
+        e.g. 16 Perceiver latents and a prompt of 21 tokens or more on SmolLM2). Exact."""
+        kv = {key: block.attn.absorb(context.kv[key], context.mask) if block.attn.absorbs(context.mask.shape[1], tokens)
+              else context.kv[key] for key, block in self.xattn.items()}  # fmt: skip
         return UserContext(context.ctx, context.mask, kv)
 
     @contextmanager
-    def _conditioned(self, context: UserContext):
-        """Make the user context visible to the cross-attention hooks for the duration of one call; without
-        gradients (generation, evaluation) in its :meth:`absorbed` form."""
-        self._active = context if torch.is_grad_enabled() else self.absorbed(context)
+    def _conditioned(self, context: UserContext, tokens: int):
+        """Make the user context visible to the cross-attention hooks for the duration of one call of
+        ``tokens`` prompt tokens; without gradients (generation, evaluation) in its :meth:`absorbed` form."""
+        self._active = context if torch.is_grad_enabled() else self.absorbed(context, tokens)
         try:
             yield
         finally:
@@ -274,7 +274,7 @@ class UserLLM(ConditionedLM):
         A precomputed ``context`` (:meth:`user_state`, e.g. from a ``UserContextCache``) replaces ``user_batch``."""
         context = context if context is not None else self.user_state(user_batch)
         if self.cfg.mode == "cross_attention":
-            with self._conditioned(context):
+            with self._conditioned(context, input_ids.shape[1]):
                 return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                                 labels=labels)  # fmt: skip
         embeds, mask, pos, labels = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, labels)
@@ -288,7 +288,7 @@ class UserLLM(ConditionedLM):
         A precomputed ``context`` skips all user-side work."""
         context = context if context is not None else self.user_state(user_batch)
         if self.cfg.mode == "cross_attention":
-            with self._conditioned(context):
+            with self._conditioned(context, input_ids.shape[1]):
                 yield self._embed_tokens()(input_ids), attention_mask.long()
         else:
             embeds, mask, _, _ = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, None)
