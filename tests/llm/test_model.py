@@ -7,6 +7,7 @@ from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_gpt2, tiny_llama
 from userllm.config import UserLLMConfig
 from userllm.errors import InputError
+from userllm.llm.connectors import AbsorbedContext
 from userllm.llm.model import UserLLM
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -66,6 +67,27 @@ def test_forward_without_gradients_matches_training_forward(events):
         kinds = {type(kv).__name__ for kv in model.absorbed(model.user_state(users), tokens=12).kv.values()}
     torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
     assert kinds == {"AbsorbedContext" if events == 5 else "ContextKV"}
+
+
+def test_beam_search_over_an_absorbed_context_matches_keys_and_values():
+    """Beams repeat the absorbed context row by row (UserContext.repeat keeps its kind)."""
+    from userllm.llm.decoding import TokenTrie, constrained_beam_search
+
+    model = build(perceiver_latents=3)
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
+    ids, mask = prompts(t=12, lengths=[12, 9])
+    users = random_batch(2, 5, lengths=[5, 2])
+    trie = TokenTrie([[5, 6], [5, 7, 8], [9], [10, 11], [12]], eos_token_id=2)
+    found = {}
+    for absorbed in (True, False):
+        with torch.set_grad_enabled(not absorbed), model.conditioned(users, ids, mask) as (embeds, m):
+            assert isinstance(next(iter(model._active.kv.values())), AbsorbedContext) == absorbed
+            found[absorbed] = constrained_beam_search(model, embeds.detach(), m, trie, beams=3)
+    assert [[i for i, _ in row] for row in found[True]] == [[i for i, _ in row] for row in found[False]]
+    for a, b in zip(found[True], found[False]):
+        torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", MAKERS)
