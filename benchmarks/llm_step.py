@@ -46,7 +46,8 @@ def main() -> None:
              "time_gap": torch.randint(1, 24, (args.batch, args.events))}  # fmt: skip
     ids = torch.randint(0, 49152, (args.batch, args.tokens))
     mask = torch.ones_like(ids)
-    print(f"\nTrainable parameters (SmolLM2-135M-Instruct (Q4_1), cross-attention before every 4th layer)\n")
+    print(f"\nTrainable parameters (SmolLM2-135M-Instruct (Q4_1), cross-attention before every "
+          f"{UserLLMConfig().cross_attention_every}th layer)\n")
     print("| strategy | encoder | projector+perceiver | cross-attention blocks | llm | total trainable |")
     print("|---|---|---|---|---|---|")
     for strategy in ("full", "lora", "enc", "proj"):

@@ -183,7 +183,8 @@ class UserLLMConfig(_Config):
     decoder_layers_path: str | None = Field(None, description="dotted path of the decoder layer list, for "
                                             "model types userllm does not recognise (e.g. 'model.layers')")  # fmt: skip
     mode: Literal["cross_attention", "soft_prompt"] = Field("cross_attention", description="how embeddings enter")
-    cross_attention_every: int = Field(4, ge=1, description="a gated cross-attention block before every k-th layer")
+    cross_attention_every: int = Field(8, ge=1, description="a gated cross-attention block before every k-th layer "
+                                       "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)")
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
     ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")

@@ -60,9 +60,9 @@ METHODS: dict[str, dict | None] = {
     "text_prompt": None,
     "cross_attention": {"mode": "cross_attention"},
     "cross_attention+perceiver16": {"mode": "cross_attention", "perceiver_latents": 16},
-    # half the blocks: what each cross-attention block costs a decoded token (cached serving)
-    "cross_attention+perceiver16 (every 8th layer)": {"mode": "cross_attention", "perceiver_latents": 16,
-                                                      "cross_attention_every": 8},
+    # twice the default blocks: what each cross-attention block costs a decoded token (cached serving)
+    "cross_attention+perceiver16 (every 4th layer)": {"mode": "cross_attention", "perceiver_latents": 16,
+                                                      "cross_attention_every": 4},
     "soft_prompt": {"mode": "soft_prompt"},
     "soft_prompt+perceiver16": {"mode": "soft_prompt", "perceiver_latents": 16},
 }
