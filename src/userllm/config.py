@@ -124,6 +124,10 @@ class EncoderConfig(_Config):
     n_heads: int = Field(2, ge=1, description="attention heads")
     d_feature: int = Field(64, ge=4, description="embedding width of each feature before fusion")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
+    item_head: bool = Field(
+        False, description="a linear map of the output before scoring it against the item embeddings (always there "
+        "when d_model != d_feature); without it the output itself is scored, as in SASRec",
+    )
     max_len: int = Field(50, ge=2, description="longest timeline the encoder reads (learned positions)")
     time_gap_buckets: int = Field(24, ge=3, description="log2 buckets of seconds since the previous event")
     text_dim: int = Field(0, ge=0, description="width of the fixed item-text embeddings ('text' feature)")
@@ -131,6 +135,11 @@ class EncoderConfig(_Config):
     num_items: int = Field(0, ge=0, description="item vocabulary size, specials included")
     num_ratings: int = Field(0, ge=0, description="rating vocabulary size, specials included")
     num_categories: int = Field(0, ge=0, description="category vocabulary size, specials included")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> EncoderConfig:
+        """A saved encoder config; one written before ``item_head`` existed had the head."""
+        return cls.model_validate({"item_head": True, **data})
 
 
 class _RunConfig(_Config):
@@ -233,3 +242,10 @@ class TrainConfig(_RunConfig):
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> TrainConfig:
+        """A run's saved config (its random encoder read as :meth:`EncoderConfig.from_saved`)."""
+        if "random_encoder" in data:
+            data = {**data, "random_encoder": EncoderConfig.from_saved(data["random_encoder"])}
+        return cls.model_validate(data)

@@ -8,7 +8,7 @@ from userllm.encoder.model import EncoderState
 def test_shapes(encoder):
     batch = random_batch(3, 10, lengths=[10, 4, 7])
     h, mask = encoder(batch)
-    assert h.shape == (3, 10, 16) and mask.shape == (3, 10)
+    assert h.shape == (3, 10, encoder.cfg.d_model) and mask.shape == (3, 10)
     assert mask.sum(1).tolist() == [10, 4, 7]
     assert encoder.item_logits(h).shape == (3, 10, V)
     assert encoder.item_logits(h, torch.tensor([2, 5])).shape == (3, 10, 2)
@@ -67,3 +67,13 @@ def test_encode_is_eval_and_no_grad():
     enc.train()
     h, _ = enc.encode(random_batch(1, 4))
     assert not h.requires_grad and enc.training
+
+
+def test_items_scored_by_the_output_itself_unless_a_head_is_asked_for():
+    """SASRec scoring, the default when d_model == d_feature: item logits are h E^T, with no head weights."""
+    enc = tiny_encoder(d_model=8)
+    h = torch.randn(2, 3, 8)
+    torch.testing.assert_close(enc.item_logits(h), h @ enc.embed.item.weight.T, rtol=0, atol=0)
+    assert not any(k.startswith("item_head") for k in enc.state_dict())
+    assert tiny_encoder(d_model=8, item_head=True).item_head.weight.shape == (8, 8)
+    assert tiny_encoder().item_head.weight.shape == (8, 16)  # d_model != d_feature: always a head

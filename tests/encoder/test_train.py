@@ -87,6 +87,17 @@ def test_checkpoint_round_trip_exact(dataset, tmp_path):
     torch.testing.assert_close(model.encode(batch)[0], again.encode(batch)[0], rtol=0, atol=0)
 
 
+def test_run_saved_before_item_head_existed_loads(dataset, tmp_path):
+    """A saved encoder config without ``item_head`` (written before the option) had the head: it loads."""
+    pretrain(cfg(dataset, tmp_path / "run", epochs=1, encoder=ENC.model_copy(update={"d_model": 16, "item_head": True})))
+    path = tmp_path / "run" / "checkpoint" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["item_head"]
+    path.write_text(json.dumps(saved))
+    model = load_encoder(tmp_path / "run" / "checkpoint")
+    assert model.cfg.item_head and "item_head.weight" in model.state_dict()
+
+
 def test_resume_equals_uninterrupted(dataset, tmp_path):
     pretrain(cfg(dataset, tmp_path / "full"))
     pretrain(cfg(dataset, tmp_path / "split"), epochs_this_run=2)

@@ -9,8 +9,9 @@ embedding). They are fused either
   concatenated and fused by a linear layer to ``d_model``.
 
 The output at position ``t`` summarizes events ``0..t`` (causal), and is trained to predict event ``t+1``
-(next item over the catalogue, next rating bucket, next categories). ``features=["item"]`` is the
-SASRec-style baseline. Timelines are right-padded (item index 0); because attention is causal, padding
+(next item over the catalogue, next rating bucket, next categories); items are scored by the dot product
+of the output with their input embeddings, as in SASRec. ``features=["item"]`` is the SASRec-style
+baseline. Timelines are right-padded (item index 0); because attention is causal, padding
 never reaches a real event. Shapes: b = batch, n = events, d = d_model, V = items.
 
 Example::
@@ -174,7 +175,9 @@ class UserEncoder(nn.Module):
         else:
             self.stacks = nn.ModuleDict({f: CausalTransformer(d_in=cfg.d_feature, **kw) for f in cfg.features})
             self.fuse = nn.Linear(len(cfg.features) * cfg.d_model, cfg.d_model)
-        self.item_head = nn.Linear(cfg.d_model, cfg.d_feature)  # scores items against the item embeddings
+        # scores items against the item embeddings: the output itself, as in SASRec, unless a head is asked for
+        head = cfg.item_head or cfg.d_model != cfg.d_feature
+        self.item_head = nn.Linear(cfg.d_model, cfg.d_feature) if head else nn.Identity()
         self.rating_head = nn.Linear(cfg.d_model, max(cfg.num_ratings, 1))
         self.category_head = nn.Linear(cfg.d_model, max(cfg.num_categories, 1))
         self.apply(self._init)

@@ -98,7 +98,7 @@ def encoder_weights(path: Path) -> Path:
 def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
     """Load an encoder saved by :func:`save_model` (a run's ``model/`` or ``checkpoint/`` directory, or the run)."""
     weights = encoder_weights(path)
-    cfg = EncoderConfig.model_validate(json.loads((weights.parent / "config.json").read_text()))
+    cfg = EncoderConfig.from_saved(json.loads((weights.parent / "config.json").read_text()))
     state = load_file(weights, device=device)
     model = UserEncoder(cfg, item_categories=state["embed.item_categories"], item_text=state["embed.item_text"])
     model.load_state_dict(state)

@@ -318,7 +318,7 @@ class UserLLM(ConditionedLM):
             raise InputError(f"{path} was trained with strategy 'proj', which does not save the frozen encoder; "
                              "pass encoder=load_encoder(STAGE1_RUN)")  # fmt: skip
         if encoder is None:
-            enc_cfg = EncoderConfig.model_validate(config["encoder"])
+            enc_cfg = EncoderConfig.from_saved(config["encoder"])
             encoder = UserEncoder(enc_cfg, item_categories=state["encoder.embed.item_categories"],
                                   item_text=state["encoder.embed.item_text"])  # fmt: skip
         model = cls(cfg, encoder=encoder, llm=llm)

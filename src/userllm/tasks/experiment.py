@@ -147,7 +147,7 @@ def label_priors(spec: dict, rows: list[dict]) -> list[dict]:
     for task, history in sorted({(r["task"], r["history"]) for r in rows if r["task"] != "review"}):
         cell = next(r for r in rows if (r["task"], r["history"]) == (task, history))
         run = Path(spec["out"]) / task / cell["cell"]
-        cfg = TrainConfig.model_validate(json.loads((run / "config.json").read_text()))
+        cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
         if cfg.llm.backbone not in tokenizers:
             tokenizers[cfg.llm.backbone] = load_tokenizer(cfg.llm.backbone)
         data = TaskData(PreparedDataset(cfg.dataset), tokenizers[cfg.llm.backbone], task=task, method=cfg.method,

@@ -83,7 +83,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Condition
     weights = run_dir / "model" / "userllm.safetensors"
     if not weights.exists():
         raise InputError(f"{run_dir} holds no trained model (model/userllm.safetensors); train one with `userllm train`")
-    cfg = TrainConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    cfg = TrainConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
     model, data = build(cfg, PreparedDataset(cfg.dataset))
     model.load_trained(run_dir / "model", load_file(weights))
     return cfg, model.to(device).eval(), data
