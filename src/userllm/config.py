@@ -171,6 +171,11 @@ class PretrainConfig(_RunConfig):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
+    ema_decay: float = Field(
+        0.998, ge=0, lt=1, description="if > 0, an exponential moving average of the weights (this decay per step, "
+        "i.e. over about the last 1 / (1 - decay) steps) is what is validated and saved as the run's model; 0: the "
+        "raw weights (for runs of a few hundred steps)",
+    )
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: {"item": 1.0, "rating": 0.2, "category": 0.2},
         description="weights of the next-item, next-rating and next-category losses",

@@ -98,18 +98,35 @@ def test_run_saved_before_item_head_existed_loads(dataset, tmp_path):
     assert model.cfg.item_head and "item_head.weight" in model.state_dict()
 
 
-def test_resume_equals_uninterrupted(dataset, tmp_path):
-    pretrain(cfg(dataset, tmp_path / "full"))
-    pretrain(cfg(dataset, tmp_path / "split"), epochs_this_run=2)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_equals_uninterrupted(dataset, tmp_path, ema_decay):
+    pretrain(cfg(dataset, tmp_path / "full", ema_decay=ema_decay))
+    pretrain(cfg(dataset, tmp_path / "split", ema_decay=ema_decay), epochs_this_run=2)
     first = json.loads((tmp_path / "split" / "history.json").read_text())
     assert len(first) == 2
-    pretrain(cfg(dataset, tmp_path / "split", resume=True))
-    a = load_encoder(tmp_path / "full" / "checkpoint")
-    b = load_encoder(tmp_path / "split" / "checkpoint")
-    assert state_hash(a) == state_hash(b)
+    pretrain(cfg(dataset, tmp_path / "split", ema_decay=ema_decay, resume=True))
+    for part in ("checkpoint", "model"):  # the last weights, and the best (of the moving average, with ema_decay)
+        assert state_hash(load_encoder(tmp_path / "full" / part)) == state_hash(load_encoder(tmp_path / "split" / part))
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("train_seconds", "events_per_s")} for r in h]  # noqa: E731
     full, split = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("full", "split"))
     assert strip(full) == strip(split)
+
+
+def test_ema_is_what_is_validated_and_saved(dataset, tmp_path):
+    """With ema_decay the run's model is the moving average of the weights (as checkpointed for resuming),
+    not the last raw weights, and its valid NDCG@10 is the one recorded."""
+    from userllm.data import PreparedDataset
+    from userllm.errors import ConfigError
+
+    summary = pretrain(cfg(dataset, tmp_path / "run", ema_decay=0.9, epochs=1))
+    best, last = load_encoder(tmp_path / "run" / "model"), load_encoder(tmp_path / "run" / "checkpoint")
+    ema = torch.load(tmp_path / "run" / "checkpoint" / "train_state.pt", weights_only=False)["ema"]
+    assert all(torch.equal(ema[f"module.{k}"], v) for k, v in best.state_dict().items())
+    assert state_hash(best) != state_hash(last)
+    tl = Timelines.from_dataset(PreparedDataset(dataset))
+    assert evaluate_split(best, tl, "valid", "cpu")["ndcg@10"] == pytest.approx(summary["best_valid_ndcg@10"], abs=1e-7)
+    with pytest.raises(ConfigError, match="resume with the run's own ema_decay"):
+        pretrain(cfg(dataset, tmp_path / "run", ema_decay=0.0, epochs=2, resume=True))
 
 
 def test_refuses_existing_run(dataset, tmp_path):

@@ -3,14 +3,15 @@
 A flat loop: every epoch tiles each user's train part into windows (a new tiling each epoch), and the
 loss is taken at *every* position of every window at once (next item, next rating bucket, next
 categories). AdamW with linear warmup then cosine decay, gradient clipping, optional bf16 autocast,
+an exponential moving average of the weights (``ema_decay``; it is what is validated and saved),
 validation NDCG@10 each epoch with early stopping. Each epoch ends with an atomic checkpoint
-(``checkpoint/``: safetensors weights, config.json, optimizer/scheduler/RNG state); ``--resume``
+(``checkpoint/``: safetensors weights, config.json, optimizer/scheduler/moving-average state); ``--resume``
 continues an interrupted run to the same result as an uninterrupted one, because every epoch's
 randomness is derived from ``seed`` and the epoch number. The same code runs under
 ``torchrun --nproc_per_node=N`` (DistributedDataParallel: gloo on CPU, nccl on GPU).
 
 Run directory: ``config.json``/``config.yaml`` (resolved), ``checkpoint/`` (last epoch), ``model/`` (best
-valid epoch: ``model.safetensors`` + ``config.json``), ``history.json`` (per-epoch loss and metrics).
+valid epoch, moving average if on: ``model.safetensors`` + ``config.json``), ``history.json`` (per-epoch loss and metrics).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from userllm.config import EncoderConfig, PretrainConfig, dump_config, save_config
 from userllm.data.dataset import PreparedDataset
@@ -196,10 +198,11 @@ def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, m
     return ranking_metrics(ranks)
 
 
-def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, state: dict) -> None:
+def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, ema, state: dict) -> None:
     def write(tmp: Path) -> None:
         save_model(model, tmp)
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state}, tmp / "train_state.pt")
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **extra, **state}, tmp / "train_state.pt")
 
     write_dir_atomically(out / "checkpoint", write, force=True, marker=MARKER)
 
@@ -227,6 +230,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
     steps_per_epoch = max(1, n_windows // world // per_rank_batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
     proposal = item_proposal(tl, model.cfg.num_items) if model.cfg.num_items - 2 > cfg.sampled_softmax_above else None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
 
     state = {"epoch": 0, "best_ndcg10": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "train_seconds": 0.0}
     if cfg.resume:
@@ -234,6 +238,11 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=device))
         opt.load_state_dict(saved.pop("optimizer"))
         sched.load_state_dict(saved.pop("scheduler"))
+        if (ema is None) != ("ema" not in saved):
+            raise ConfigError(f"{ckpt} was written with ema_decay {'0' if ema is not None else '> 0'}: resume with the "
+                              "run's own ema_decay (see its config.json)")  # fmt: skip
+        if ema is not None:
+            ema.load_state_dict(saved.pop("ema"))
         state = saved
     ddp = DistributedDataParallel(model) if world > 1 else model
 
@@ -260,6 +269,8 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 losses.append(loss.item())
                 progress.update(task, advance=int(scored[idx].sum()), description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
             seconds = time.perf_counter() - t0
@@ -268,18 +279,19 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
                       "train_seconds": round(state["train_seconds"], 2),
                       "events_per_s": round(int(scored[order].sum()) * world / seconds)}  # fmt: skip
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                valid = evaluate_split(model, tl, "valid", device)
+                best = model if ema is None else ema.module  # what is validated and saved as the run's model
+                valid = evaluate_split(best, tl, "valid", device)
                 record["valid"] = valid
                 if valid["ndcg@10"] > state["best_ndcg10"]:
                     state.update(best_ndcg10=valid["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
                     if rank == 0:
-                        write_dir_atomically(out / "model", lambda tmp: save_model(model, tmp), force=True, marker=MARKER)
+                        write_dir_atomically(out / "model", lambda tmp: save_model(best, tmp), force=True, marker=MARKER)
                 else:
                     state["bad_epochs"] += 1
             state["history"].append(record)
             state["epoch"] = epoch + 1
             if rank == 0:
-                _save_checkpoint(out, model, opt, sched, state)
+                _save_checkpoint(out, model, opt, sched, ema, state)
                 write_json(out / "history.json", state["history"])
             barrier(world)
             run_epochs += 1
