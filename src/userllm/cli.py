@@ -312,6 +312,11 @@ def main() -> None:
     except OSError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    finally:
+        if "torch.distributed" in sys.modules:  # torch stays unimported for commands that need none
+            from userllm.distributed import leave_process_group
+
+            leave_process_group()
 
 
 if __name__ == "__main__":

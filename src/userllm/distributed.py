@@ -23,3 +23,10 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if this process joined one, before it exits: a process that exits while
+    still in a gloo group can abort in gloo's threads ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
