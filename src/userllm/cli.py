@@ -217,19 +217,50 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="a `userllm train` run directory")],
     users: Annotated[Optional[int], typer.Option(help="score a seeded subset of N users (saved in the run)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the user subset")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the user subset and of the bootstrap intervals")] = 0,
     general: Annotated[bool, typer.Option("--general", help="also the LLM's perplexity on general English, before/after")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: the run's]")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing metrics.json")] = False,
 ) -> None:
-    """Score a trained run on its task's test split; writes metrics.json."""
+    """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""
+    from rich.table import Table
+
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device)
-    out.print({k: m[k] for k in ("task", "method", "examples", "metrics", "llm_input_tokens", "by_history_length")})
+    table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
+    for col in ("", *m["metrics"]):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, metrics in {"this run": m["metrics"], **m["references"]}.items():
+        table.add_row(name, *(f"{metrics[k]['value']:.3f} [{metrics[k]['low']:.3f}, {metrics[k]['high']:.3f}]"
+                              if k in metrics else "-" for k in m["metrics"]))  # fmt: skip
+    out.print(table)
+    out.print({"llm_input_tokens": m["llm_input_tokens"]})
     if general:
         out.print({"general": m["general"]})
     out.print(f"wrote {run / 'metrics.json'}")
+
+
+@app.command()
+def answer(
+    run: Annotated[Path, typer.Argument(help="a `userllm train` run directory (next_item or favorite_genre)")],
+    user: Annotated[list[str], typer.Option(help="a user_id of the run's dataset; repeat to compare users")],
+    top: Annotated[int, typer.Option(help="answers per user, best first")] = 5,
+) -> None:
+    """Users side by side: the run's task answered from each one's latest history (constrained to real titles
+    or categories, as evaluation scores it), beside their recent titles and most frequent categories."""
+    from rich.table import Table
+
+    from userllm.tasks.evaluate import ranked_for_users
+
+    rows = ranked_for_users(run, user, top=top)
+    table = Table(title=f"{run}: each user's answers from their own history (probability)")
+    for col in ("user", "latest titles", "most frequent categories", f"top {top} answers"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r['user_id']} ({r['events']} events)", "\n".join(r["recent"]), ", ".join(r["top_categories"]),
+                      "\n".join(f"{a} ({p:.2f})" for a, p in r["answers"]))  # fmt: skip
+    out.print(table)
 
 
 @app.command()
@@ -248,7 +279,8 @@ def generate(
 @app.command()
 def experiment(
     spec: Annotated[Path, typer.Argument(help="an experiment YAML, e.g. experiments/movielens100k.yaml")],
-    only: Annotated[Optional[str], typer.Option(help="run only cells whose name contains this")] = None,
+    only: Annotated[Optional[str], typer.Option(help="run only these cells (comma-separated names)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="run only this task's cells")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N for every cell [default: the spec's]")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="bf16 autocast for every cell")] = None,
 ) -> None:
@@ -256,7 +288,7 @@ def experiment(
     from userllm.tasks.experiment import run_experiment
 
     overrides = {k: v for k, v in {"device": device, "bf16": bf16}.items() if v is not None}
-    results = run_experiment(spec, only=only, overrides=overrides)
+    results = run_experiment(spec, only=only.split(",") if only else None, task=task, overrides=overrides)
     out.print(f"wrote {results}")
 
 

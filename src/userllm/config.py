@@ -201,6 +201,13 @@ class UserLLMConfig(_Config):
                                        "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)")
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
     ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
+    gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
+    item_words: list[Literal["title", "category"]] = Field(
+        default_factory=list, description="add each event's item in the LLM's own words to its context entry: the "
+        "frozen mean input embedding of its title's tokens / of its categories' names (beyond the paper)",
+    )
+    candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
+                            "in its title's words plus a rank embedding (0 = off; beyond the paper)")  # fmt: skip
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(
@@ -234,11 +241,17 @@ class TrainConfig(_RunConfig):
     )
     max_history: int = Field(50, ge=1, description="events of history before each target (embeddings or text lines)")
     train_examples: int = Field(256, ge=1, description="training budget: examples seen (steps x batch size)")
+    train_flops: float | None = Field(None, gt=0, description="training budget in analytic FLOPs instead (steps until "
+                                      "the examples' training FLOPs reach it; e.g. TP's budget, for equal compute)")  # fmt: skip
     batch_size: int = Field(4, ge=1, description="examples per optimizer step (over all processes)")
     micro_batch_size: int | None = Field(None, ge=1, description="examples per forward/backward, gradients "
                                          "accumulated to the same step (less memory for long prompts); None: the "
                                          "whole batch")  # fmt: skip
     lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
+    gate_lr_scale: float = Field(1.0, gt=0, description="the tanh gates' learning rate: lr times this")
+    encoder_lr_scale: float = Field(1.0, gt=0, description="the user encoder's learning rate: lr times this")
+    encoder_dropout: float | None = Field(None, ge=0, lt=1, description="the user encoder's dropout while stage 2 "
+                                          "trains (None: as pretrained)")  # fmt: skip
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(5, ge=0, description="linear warmup steps")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")

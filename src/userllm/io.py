@@ -79,3 +79,20 @@ def start_run(out: Path, *, resume: bool, force: bool, rank: int, marker: str, c
         raise InputError(f"--resume: no checkpoint in {out} to continue from")
     if force and not resume and rank == 0 and out.exists():
         write_dir_atomically(out, lambda tmp: None, force=True, marker=marker)
+
+
+def source_commit() -> str | None:
+    """The git commit of the userllm source that is running (``+dirty`` with uncommitted changes), or None
+    outside a git checkout (e.g. an installed wheel)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")

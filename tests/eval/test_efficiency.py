@@ -8,7 +8,8 @@ import torch
 from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_llama
 from userllm.config import UserLLMConfig
-from userllm.eval.efficiency import METHODS, analytic_flops, count_flops, paired_ratio
+from userllm.eval.efficiency import METHODS, count_flops, paired_ratio
+from userllm.llm.flops import analytic_flops
 from userllm.llm.decoding import llm_step
 from userllm.llm.model import TextPromptLM, UserLLM
 
@@ -39,6 +40,22 @@ def test_flop_counter_matches_analytic_formula(name, n):
     for k in counted:
         assert counted[k] > 0
         assert expected[k] == counted[k], (k, expected[k], counted[k])  # exact (the issue asks for 5%)
+
+
+@pytest.mark.parametrize("kw", [{}, {"item_words": ["title", "category"]}, {"perceiver_latents": 3},
+                                {"candidates": 4, "perceiver_latents": 3}])
+def test_training_flops_are_three_counted_training_forwards(kw):
+    """training_flops = 3 x the counted FLOPs of the training forward (keys/values, logits everywhere)."""
+    from tests.llm.test_model import word_tables
+    from userllm.llm.flops import training_flops
+
+    torch.manual_seed(0)
+    model = UserLLM(UserLLMConfig(strategy="enc", cross_attention_every=2, **kw), encoder=tiny_encoder(), llm=tiny_llama(),
+                    item_words=word_tables(UserLLM.word_tables_needed(UserLLMConfig(**kw))))  # fmt: skip
+    n, t = 5, 14  # 5 events would be absorbed without gradients: training never absorbs
+    users, ids = random_batch(1, n), torch.randint(3, 96, (1, t))
+    counted = count_flops(lambda: model(users, ids, torch.ones(1, t, dtype=torch.long), labels=ids))
+    assert training_flops(model, n_events=n, tokens=t) == 3 * counted
 
 
 def test_user_llm_prefill_is_flat_while_text_prompt_grows():

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from userllm.eval.metrics import mrr_at, ndcg_at, ranking_metrics, recall_at, target_ranks
+from userllm.eval.metrics import bootstrap_interval, estimate, mrr_at, ndcg_at, ranking_metrics, recall_at, target_ranks
 
 
 def test_ranks_hand_computed():
@@ -36,3 +36,15 @@ def test_generated_answer_metrics_hand_computed():
     assert math.isclose(r["rouge1"], 2 / 3, rel_tol=1e-6) and math.isclose(r["rouge2"], 4 / 7, rel_tol=1e-6)
     assert math.isclose(r["rougeLsum"], 2 / 3, rel_tol=1e-6)
     assert rouge_scores(["same words here"], ["same words here"])["rougeLsum"] == 1.0
+
+
+def test_bootstrap_interval_is_seeded_and_shrinks_with_users():
+    """The interval holds the mean, repeats under the same seed, and narrows ~1/sqrt(N) with more users."""
+    small, large = [1.0, 0.0] * 50, [1.0, 0.0] * 800
+    a = estimate(small, seed=3)
+    assert a["low"] < a["value"] == 0.5 < a["high"] and estimate(small, seed=3) == a
+    wide, narrow = (bootstrap_interval(v, seed=0) for v in (small, large))
+    assert 3 < (wide[1] - wide[0]) / (narrow[1] - narrow[0]) < 5  # sqrt(16) = 4
+    # binomial: half-width 1.96 sqrt(p (1 - p) / N) = 0.098 for N = 100
+    assert abs((wide[1] - wide[0]) / 2 - 0.098) < 0.015
+    assert bootstrap_interval([0.25] * 10) == (0.25, 0.25)

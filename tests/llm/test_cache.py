@@ -8,7 +8,9 @@ from tests.llm.test_model import build, prompts
 from userllm.llm.cache import UserContextCache
 from userllm.llm.model import UserContext
 
-SETUPS = [dict(mode="cross_attention"), dict(mode="cross_attention", perceiver_latents=3), dict(mode="soft_prompt")]
+SETUPS = [dict(mode="cross_attention"), dict(mode="cross_attention", perceiver_latents=3), dict(mode="soft_prompt"),
+          dict(mode="cross_attention", item_words=["title", "category"]), dict(mode="cross_attention", candidates=3)]
+IDS = ["xattn", "xattn-perceiver", "soft", "xattn-words", "xattn-candidates"]
 
 
 def open_gates(model):
@@ -22,7 +24,7 @@ def timeline(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return random_batch(1, n, seed=seed)
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=["xattn", "xattn-perceiver", "soft"])
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
 def test_cached_generation_equals_uncached(setup):
     model = open_gates(build(**setup))
     cache = UserContextCache(model)
@@ -39,7 +41,7 @@ def test_cached_generation_equals_uncached(setup):
     assert cache.stats["miss"] == 2 and cache.stats["hit"] == 2
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=["xattn", "xattn-perceiver", "soft"])
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
 def test_incremental_update_equals_recompute(setup):
     model = open_gates(build(**setup))
     cache = UserContextCache(model)

@@ -15,10 +15,16 @@ MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 MODES = ["cross_attention", "soft_prompt"]
 
 
+def word_tables(names, d=32) -> dict[str, torch.Tensor]:
+    """Random stand-ins for the item-words tables (V items of tiny_encoder, width d)."""
+    g = torch.Generator().manual_seed(7)
+    return {name: torch.randn(30, d, generator=g) for name in names}
+
+
 def build(arch="llama", **kw) -> UserLLM:
     torch.manual_seed(1)
     cfg = UserLLMConfig(**({"cross_attention_every": 1} | kw))
-    return UserLLM(cfg, encoder=tiny_encoder(), llm=MAKERS[arch]())
+    return UserLLM(cfg, encoder=tiny_encoder(), llm=MAKERS[arch](), item_words=word_tables(UserLLM.word_tables_needed(cfg)))
 
 
 def prompts(b=2, t=6, lengths=None, seed=0):
@@ -155,7 +161,7 @@ def test_strategy_trains_exactly_its_parameters(arch, strategy):
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
 def test_save_load_round_trip_exact(tmp_path, strategy):
-    model = build("llama", strategy=strategy, perceiver_latents=2)
+    model = build("llama", strategy=strategy, perceiver_latents=2, item_words=["title", "category"], candidates=2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids, mask = prompts()
     users = random_batch(2, 5)
@@ -263,3 +269,38 @@ def test_generation_stops_rows_at_eos():
     out = model.generate(users, ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     first = (out[0] == eos).nonzero()[0].item()
     assert (out[0, first + 1 :] == 0).all()
+
+
+def test_item_words_start_as_the_words_and_move_each_event():
+    """Each event's context entry adds its item's words through identity-initialised maps (tables frozen);
+    the tables are needed, and the event context changes with the item."""
+    model = build(item_words=["category"])
+    users = random_batch(1, 4)
+    h, _ = model.encoder(users)
+    table = model.item_words.table_category
+    expected = model.projector(h) + table[users["item"]]
+    torch.testing.assert_close(model.event_context(h, users["item"]), expected)
+    assert not table.requires_grad and model.item_words.maps["category"].weight.requires_grad
+    with pytest.raises(InputError, match="need their tables"):
+        UserLLM(UserLLMConfig(item_words=["title"]), encoder=tiny_encoder(), llm=tiny_llama())
+
+
+def test_gate_init_sets_both_gates():
+    model = build(gate_init=0.3)
+    assert all(b.attn_gate.item() == pytest.approx(0.3) and b.ff_gate.item() == pytest.approx(0.3) for b in model.xattn.values())
+
+
+def test_candidates_are_the_encoders_top_items_in_words():
+    """k extra context entries: the titles' words of the encoder's k best items after each row's last event
+    (specials never), plus a rank embedding; padding rows past the last event do not change them."""
+    model = build(candidates=3, perceiver_latents=0)
+    users = random_batch(2, 5, lengths=[5, 2])
+    h, mask = model.encoder(users)
+    ctx, cmask = model.context_from_embeddings(h, mask, users["item"])
+    assert ctx.shape[1] == 5 + 3 and cmask[:, 5:].all()
+    for row, last in ((0, 4), (1, 1)):
+        scores = model.encoder.item_logits(h[row, last])
+        scores[:2] = float("-inf")
+        top = scores.topk(3).indices
+        expected = model.candidates.table_title[top] + model.candidates.rank  # identity map at the start
+        torch.testing.assert_close(ctx[row, 5:], expected)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from userllm.config import TrainConfig, UserLLMConfig
-from userllm.errors import EmptyResultError, OutputExistsError
+from userllm.errors import EmptyResultError, InputError, OutputExistsError
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
 from userllm.llm.model import TextPromptLM
@@ -136,7 +136,9 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
     assert (run / "model" / "userllm.safetensors").exists() and (run / "checkpoint" / "train_state.pt").exists()
     m = evaluate(run, users=6, seed=1, general=True)
     assert m["examples"] == 6 and set(m["metrics"]) == {"recall@1", "exact_match", "valid_title"}
-    assert 0 <= m["metrics"]["recall@1"] <= 1 and m["general"]["perplexity_before"] > 1
+    r1 = m["metrics"]["recall@1"]
+    assert 0 <= r1["low"] <= r1["value"] <= r1["high"] <= 1 and m["general"]["perplexity_before"] > 1
+    assert set(m["references"]) == {"label prior"}  # a random encoder is no reference
     titles = set(synthetic_ds.item_titles)
     assert all(len(p["ranked"]) == 3 and set(p["ranked"]) <= titles for p in m["predictions"])
     assert json.loads((run / "metrics.json").read_text())["config"]["method"] == method
@@ -187,11 +189,12 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
         "out": str(tmp_path / "exp"),
         "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
         "tasks": ["favorite_genre"],
-        "evaluate": {"users": 4, "seed": 0},
+        "evaluate": {"seed": 0},
         "defaults": {"llm": {"backbone": str(text_lm_dir), "cross_attention_every": 1}, "encoder": "random",
                      "max_history": 4, "train_examples": 4, "batch_size": 2},
         "cells": [{"name": "xattn", "set": {"method": "userllm"}},
-                  {"name": "tp", "set": {"method": "textprompt", "llm.strategy": "lora"}}],
+                  {"name": "tp", "set": {"method": "textprompt", "llm.strategy": "lora"}, "evaluate": {"users": 3}},
+                  {"name": "xattn-equal", "set": {"method": "userllm", "batch_size": 1}, "match_flops": "tp"}],
     }  # fmt: skip
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -199,14 +202,30 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert code == 0, err
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "| xattn | userllm | cross_attention | every 1 |" in table and "| tp | textprompt | text | - | lora |" in table
+    # tp was scored on 3 users: its own table re-scores the other cells on those users from their records
+    same = table.split("on the 3 test users tp was scored on")[1]
+    assert "| tp | textprompt |" in same and "| xattn | userllm |" in same and "label prior (same users)" in same
+    from userllm.tasks.evaluate import rescore
+
+    tp_users = {json.loads(line)["user_id"] for line in (tmp_path / "exp" / "favorite_genre" / "tp" / "records.jsonl").open()}
+    xattn = json.loads((tmp_path / "exp" / "favorite_genre" / "xattn" / "metrics.json").read_text())
+    assert rescore(tmp_path / "exp" / "favorite_genre" / "xattn", set(xattn_users := {
+        json.loads(line)["user_id"] for line in (tmp_path / "exp" / "favorite_genre" / "xattn" / "records.jsonl").open()})) == xattn["metrics"]
+    assert len(tp_users) == 3 < len(xattn_users)
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
     prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)
     top = Counter(e.answer for e in data.examples("train")).most_common(1)[0][0]
-    users = json.loads(next((tmp_path / "exp" / "favorite_genre" / "xattn").glob("eval_users-*.json")).read_text())
-    test = data.examples("test", users)
+    test = data.examples("test")
     assert prior["cell"] == "prior-h4" and "| prior-h4 | label prior |" in table
-    assert prior["metrics"]["accuracy"] == pytest.approx(sum(e.answer == top for e in test) / len(test))
+    assert prior["metrics"]["accuracy"]["value"] == pytest.approx(sum(e.answer == top for e in test) / len(test))
+    cells = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert all(set(c) == set(experiment.RESULT_KEYS) for c in cells)
+    assert all(c["train_flops"] > 0 for c in cells if c["method"] in ("userllm", "textprompt"))
+    flops = {c["cell"]: c["train_flops"] for c in cells}
+    equal = json.loads((tmp_path / "exp" / "favorite_genre" / "xattn-equal" / "summary.json").read_text())
+    # User-LLM at TP's compute: more examples than TP's 4, stopping at the first step past TP's FLOPs
+    assert equal["examples"] > 4 and flops["tp"] <= flops["xattn-equal"] < flops["tp"] + flops["xattn"] / 4 * 2
 
     def refuse(*a, **k):
         raise AssertionError("a finished cell was run again")
@@ -238,3 +257,58 @@ def test_two_process_torchrun_train_replicas_identical(synthetic_ds, text_lm_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["replica_sha256"]) == 2 and len(set(summary["replica_sha256"])) == 1
+
+
+@pytest.mark.slow
+def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(synthetic_ds, text_lm_dir, tmp_path):
+    """Issue 13's checks on a trained User-LLM (open gates, not only at zero): the gates open and the log says
+    so; evaluation runs in eval mode; train and test prompts are the same tokens and the history window ends
+    right before the target; the no-grad (absorbed) constrained scores equal the training forward's
+    teacher-forced log-probabilities of answer + eos; and swapping two users' contexts changes the scores."""
+    from userllm.tasks.train import load_run
+
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1, item_words=["category"])
+    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="favorite_genre", llm=llm, encoder="random",
+                      max_history=5, train_examples=32, batch_size=4, lr=1e-2, checkpoint_every=4, encoder_dropout=0.0)  # fmt: skip
+    summary = train(cfg)
+    last = summary["gates"][-1]
+    assert [g["step"] for g in summary["gates"]] == [4, 8]
+    assert all(abs(b["attn_gate"]) > 0.01 and b["attn_norm"] > 0 for k, b in last.items() if k != "step")
+    _, model, data = load_run(tmp_path / "run")
+    assert not model.training and not model.encoder.training
+    train_ex, test_ex = data.examples("train"), data.examples("test")
+    assert {e.prompt for e in train_ex} == {e.prompt for e in test_ex} and len({e.prompt for e in test_ex}) == 1
+    for e in test_ex[:3]:
+        assert e.end - e.start == min(5, e.end)
+        window = data.user_batch([e])["item"][0]
+        assert window.tolist() == data.tl.item[data.tl.offsets[e.user_idx] + e.start : data.tl.offsets[e.user_idx] + e.end].tolist()
+    a, b = test_ex[0], next(e for e in test_ex if e.user_idx != test_ex[0].user_idx)
+    ids, mask, _ = data.batch([a, b], with_answers=False)
+    trie = TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
+
+    def scores(examples):
+        users = data.user_batch(examples)
+        with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+            return [dict(row) for row in constrained_beam_search(model, embeds, m, trie, beams=3)]
+
+    own, swapped = scores([a, b]), scores([b, a])
+    assert own != swapped  # each row's answer scores depend on whose context it reads
+    # the no-grad scores are the training forward's log-probabilities of answer + eos
+    index, s = next(iter(own[0].items()))
+    seq = data.answer_tokens(data.answer_vocabulary()[index + 2])
+    full = torch.cat([ids[:1], torch.tensor([seq])], 1)
+    fmask = torch.cat([mask[:1], torch.ones(1, len(seq), dtype=torch.long)], 1)
+    logp = model(data.user_batch([a]), full, fmask).logits.log_softmax(-1)[0, -len(seq) - 1 : -1]
+    assert logp.gather(1, torch.tensor(seq)[:, None]).sum().item() == pytest.approx(s, abs=1e-4)
+    # users side by side, as `userllm answer` shows them: constrained answers from each one's latest history
+    from userllm.tasks.evaluate import ranked_for_users
+
+    ids = synthetic_ds.sequences.get_column("user_id").to_list()[:2]
+    shown = ranked_for_users(tmp_path / "run", ids, top=3)
+    genres = set(synthetic_ds.vocab["category"][2:])
+    assert [r["user_id"] for r in shown] == ids
+    assert all(len(r["answers"]) == 3 and {a for a, _ in r["answers"]} <= genres for r in shown)
+    assert all(1 >= r["answers"][0][1] >= r["answers"][1][1] > 0 and r["events"] == 5 for r in shown)
+    assert shown[0]["answers"] != shown[1]["answers"]
+    with pytest.raises(InputError, match="not in dataset"):
+        ranked_for_users(tmp_path / "run", ["nobody"])

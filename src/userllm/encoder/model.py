@@ -224,6 +224,15 @@ class UserEncoder(nn.Module):
         finally:
             self.train(was_training)
 
+    def set_dropout(self, p: float) -> None:
+        """Use dropout ``p`` everywhere (embeddings, attention, MLP outputs), e.g. lower while stage 2 trains."""
+        self.cfg = self.cfg.model_copy(update={"dropout": p})
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
+
     def item_logits(self, h: Tensor, items: Tensor | None = None) -> Tensor:
         """Scores of the next item: (..., d) -> (..., V), or against ``items`` (k,) only -> (..., k)."""
         weight = self.embed.item.weight if items is None else self.embed.item.weight[items]

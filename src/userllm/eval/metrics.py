@@ -12,10 +12,15 @@ Generated answers: a ranked list of answers (e.g. titles from a constrained beam
 the target's position in the list (:func:`list_ranks`; absent = never ranked), so the same formulas apply;
 ``accuracy = mean 1[prediction == truth]``; ROUGE-1/2/Lsum are rouge-score's F-measures
 (:func:`rouge_scores`), in 0..1, averaged over examples.
+
+Uncertainty (:func:`estimate`): a metric is the mean of per-example values x_1..x_N (one test example per
+user), reported with its 95% percentile-bootstrap interval: the 2.5th and 97.5th percentiles of the mean
+over ``resamples`` seeded resamples of the N users with replacement.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,14 +66,36 @@ def accuracy(predictions: list, truths: list) -> float:
     return sum(p == t for p, t in zip(predictions, truths)) / max(1, len(truths))
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (rouge-score, Porter stemming); Lsum splits
-    sentences on newlines."""
+def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures of each example (rouge-score, Porter stemming); Lsum
+    splits sentences on newlines."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeLsum"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeLsum": 0.0}
+    out: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeLsum": []}
     for p, r in zip(predictions, references):
         for name, score in scorer.score(r, p).items():
-            totals[name] += score.fmeasure
-    return {name: v / max(1, len(references)) for name, v in totals.items()}
+            out[name].append(score.fmeasure)
+    return out
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-Lsum F-measures (:func:`rouge_per_example`)."""
+    return {name: sum(v) / max(1, len(v)) for name, v in rouge_per_example(predictions, references).items()}
+
+
+def bootstrap_interval(values, *, seed: int = 0, resamples: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampled with replacement, seeded)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def estimate(values, *, seed: int = 0) -> dict[str, float]:
+    """``{"value": mean, "low", "high"}``: the mean of per-example ``values`` and its 95% bootstrap interval."""
+    low, high = bootstrap_interval(values, seed=seed)
+    return {"value": float(np.mean(values)) if len(values) else float("nan"), "low": low, "high": high}

@@ -1,12 +1,12 @@
 """``UserContextCache``: serve users from cached user-side state (beyond the paper).
 
-The user's side of a User-LLM request (encoder -> projector -> Perceiver -> cross-attention keys/values)
+The user's side of a User-LLM request (encoder -> projector (+ item words) -> Perceiver -> cross-attention keys/values)
 does not depend on the question asked. The cache keeps, per user, the events it was computed from, the
 encoder's outputs and its key/value state, the context the LLM reads and every cross-attention block's
 keys/values (:class:`~userllm.llm.model.UserContext`). A request for the same events is a hit and skips
 all user-side work; a request whose events extend the cached ones appends only the new events with the
 encoder's incremental update (cost linear in the history), recomputing only what depends on all events
-(the Perceiver latents and their keys/values); anything else is recomputed. Timelines longer than the
+(the Perceiver latents, the encoder's candidates, and their keys/values); anything else is recomputed. Timelines longer than the
 encoder's ``max_len`` keep their last ``max_len`` events, recomputed when the window slides.
 
 On disk (``directory``): ``index.json`` (per user: shard, event count, checksum, model fingerprint) and
@@ -47,8 +47,9 @@ EVENT_KEYS = ("item", "rating", "time_gap")
 def model_fingerprint(model: UserLLM) -> str:
     """sha256 of every weight on the user side: encoder, projector, Perceiver, cross-attention blocks."""
     side = nn.ModuleDict({"encoder": model.encoder, "projector": model.projector, "xattn": model.xattn})
-    if model.perceiver is not None:
-        side["perceiver"] = model.perceiver
+    for name in ("perceiver", "item_words", "candidates"):
+        if getattr(model, name) is not None:
+            side[name] = getattr(model, name)
     return state_hash(side)
 
 
@@ -112,8 +113,8 @@ class UserContextCache:
             self.model.train(was)
         events = {k: torch.cat([entry[k], new[k]], 1) for k in EVENT_KEYS}
         h = torch.cat([entry["h"], h_new], 1)
-        if self.model.perceiver is None:  # per-event context: project and key only the new events
-            ctx_new = self.model.projector(h_new)
+        if self.model.perceiver is None and self.model.candidates is None:  # per-event context: only the new events
+            ctx_new = self.model.event_context(h_new, new["item"])
             out = {**events, "h": h, "ctx": torch.cat([entry["ctx"], ctx_new], 1),
                    "mask": torch.cat([entry["mask"], new["item"] > 0], 1)}  # fmt: skip
             for key, block in self.model.xattn.items():
@@ -124,7 +125,7 @@ class UserContextCache:
         return self._finish(events, h, state)
 
     def _finish(self, events: dict[str, Tensor], h: Tensor, state: EncoderState) -> dict[str, Tensor]:
-        ctx, mask = self.model.context_from_embeddings(h, events["item"] > 0)
+        ctx, mask = self.model.context_from_embeddings(h, events["item"] > 0, events["item"])
         context = self.model.user_state(ctx=ctx, mask=mask)
         out = {**events, "h": h, "ctx": context.ctx, "mask": context.mask}
         for key, (k, v) in context.kv.items():

@@ -7,6 +7,11 @@
 - :class:`GatedCrossAttentionBlock` (Flamingo): the LLM's hidden states (b, t, d) attend to the user
   context (b, n, d); the attention and feed-forward outputs pass through ``tanh`` gates initialised to
   zero, so a freshly inserted block is the identity and the LLM starts exactly as it was.
+- :class:`ItemWords` (beyond the paper): each event's item in the LLM's own language, the frozen mean of the
+  backbone's input embeddings of its title's tokens (and of its categories' names), mapped into the context
+  beside the projected user embeddings, so cross-attention can point at the tokens it has to write.
+- :class:`EncoderCandidates` (beyond the paper): the encoder's top-k next items as extra context entries in the
+  LLM's words, so the LLM can write what the encoder predicts.
 - :class:`AbsorbedContext`: a fixed context folded into a block's query and output projections, so that
   serving a user costs each query token less (exact; see :meth:`MaskedCrossAttention.absorb`).
 
@@ -37,6 +42,74 @@ class Projector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def mean_token_embeddings(tokenizer, embedding: nn.Embedding, texts: list[str]) -> Tensor:
+    """(len(texts), d): the mean of ``embedding``'s rows for each text's tokens (zeros for an empty text)."""
+    weight = embedding.weight.detach().float()
+    out = torch.zeros(len(texts), weight.shape[1])
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+        if ids:
+            out[i] = weight[ids].mean(0)
+    return out
+
+
+class ItemWords(nn.Module):
+    """Item features in the LLM's own language: items (b, n) -> (b, n, d), added to the projected events.
+
+    ``tables`` maps a feature name (``title``, ``category``) to a frozen (V, d) table, row i for item index i
+    (e.g. :func:`mean_token_embeddings` of every title). Each feature has a learned linear map, initialised to
+    the identity: at the start an event's context entry holds its words as the LLM embeds them. The tables are
+    buffers (saved with the model; never trained).
+
+    Example::
+
+        words = ItemWords({"title": mean_token_embeddings(tok, llm.get_input_embeddings(), titles)})
+        ctx = projector(h) + words(batch["item"])                        # (b, n, d)
+    """
+
+    def __init__(self, tables: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.names = sorted(tables)
+        self.maps = nn.ModuleDict()
+        for name in self.names:
+            d = tables[name].shape[1]
+            self.register_buffer(f"table_{name}", tables[name].float(), persistent=True)
+            self.maps[name] = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.maps[name].weight)
+
+    def forward(self, items: Tensor) -> Tensor:
+        return sum(self.maps[name](getattr(self, f"table_{name}")[items]) for name in self.names)
+
+
+class EncoderCandidates(nn.Module):
+    """The user encoder's own next-item guesses, in the LLM's words (beyond the paper): the ``k`` items it
+    scores highest after the last event, each one context entry (b, k, d) = its title's words (a frozen
+    (V, d) table, e.g. :func:`mean_token_embeddings` of every title) through a linear map initialised to the
+    identity, plus a learned embedding of its rank. Cross-attention can then copy a candidate's title tokens.
+
+    Example::
+
+        cand = EncoderCandidates(title_table, k=10)
+        entries = cand(encoder.item_logits(h_last))                     # (b, 10, d)
+    """
+
+    def __init__(self, title_table: Tensor, k: int) -> None:
+        super().__init__()
+        d = title_table.shape[1]
+        self.k = k
+        self.register_buffer("table_title", title_table.float(), persistent=True)
+        self.map = nn.Linear(d, d, bias=False)
+        nn.init.eye_(self.map.weight)
+        self.rank = nn.Parameter(torch.zeros(k, d))
+
+    def forward(self, item_scores: Tensor) -> Tensor:
+        """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen) -> (b, k, d)."""
+        scores = item_scores.detach().clone()
+        scores[:, :2] = float("-inf")
+        top = scores.topk(self.k, dim=1).indices
+        return self.map(self.table_title[top]) + self.rank
 
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a module factory, as in flamingo-pytorch)
@@ -123,22 +196,35 @@ class MaskedCrossAttention(nn.Module):
 class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's gated xattn-dense block: x + tanh(a) * xattn(x, ctx), then + tanh(f) * ffw(x).
 
-    Both gates start at 0, so the block starts as the identity.
+    Both gates start at ``gate_init`` (0 by default, as in Flamingo), so the block starts as the identity.
     """
 
-    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4) -> None:
+    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0) -> None:
         super().__init__()
         self.attn = MaskedCrossAttention(dim=dim, heads=heads)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
         self.ff = FeedForward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), gate_init))
 
     def forward(
         self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: ContextKV | AbsorbedContext | None = None
     ) -> Tensor:
         """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
-        x = x + self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
-        return x + self.ff(x) * self.ff_gate.tanh().to(x.dtype)
+        a = self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
+        f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype)
+        if self.training:  # how much each branch moves the hidden states, for the training log
+            with torch.no_grad():
+                size = x.norm(dim=-1).mean().clamp(min=1e-12)
+                self.contribution = {"attn": a.norm(dim=-1).mean() / size, "ff": f.norm(dim=-1).mean() / size}
+        return x + a + f
+
+    def gate_report(self) -> dict[str, float]:
+        """tanh of both gates and, from the last training forward, each gated branch's output norm relative to
+        the hidden states' (mean over tokens)."""
+        out = {"attn_gate": self.attn_gate.tanh().item(), "ff_gate": self.ff_gate.tanh().item()}
+        for branch, value in getattr(self, "contribution", {}).items():
+            out[f"{branch}_norm"] = float(value)
+        return out
 
 
 class PerceiverAttention(nn.Module):

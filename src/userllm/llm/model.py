@@ -37,7 +37,8 @@ from userllm.encoder.model import UserEncoder
 from userllm.errors import InputError
 from userllm.io import write_dir_atomically
 from userllm.llm.backbone import decoder_layers
-from userllm.llm.connectors import AbsorbedContext, ContextKV, GatedCrossAttentionBlock, PerceiverResampler, Projector
+from userllm.llm.connectors import (AbsorbedContext, ContextKV, EncoderCandidates, GatedCrossAttentionBlock, ItemWords,
+                                    PerceiverResampler, Projector)
 from userllm.llm.decoding import generate_tokens, positions
 
 
@@ -156,12 +157,20 @@ class UserLLM(ConditionedLM):
 
     method = "userllm"
 
-    def __init__(self, cfg: UserLLMConfig, *, encoder: UserEncoder, llm: nn.Module) -> None:
+    def __init__(self, cfg: UserLLMConfig, *, encoder: UserEncoder, llm: nn.Module,
+                 item_words: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+        """``item_words``: for ``cfg.item_words`` (and ``title`` for ``cfg.candidates``), each feature's frozen (V, d)
+        table (:class:`ItemWords`, :class:`EncoderCandidates`)."""
         super().__init__()
         self.cfg, self.encoder, self.llm = cfg, encoder, llm
         d = llm.config.hidden_size
         heads = llm.config.num_attention_heads
         self.projector = Projector(d_in=encoder.cfg.d_model, d_out=d)
+        missing = set(self.word_tables_needed(cfg)) - set(item_words or {})
+        if missing:
+            raise InputError(f"item_words {sorted(missing)} need their tables (item_words=...; see tasks.train.build)")
+        self.item_words = ItemWords({k: item_words[k] for k in cfg.item_words}) if cfg.item_words else None
+        self.candidates = EncoderCandidates(item_words["title"], cfg.candidates) if cfg.candidates else None
         self.perceiver = (
             PerceiverResampler(dim=d, num_latents=cfg.perceiver_latents, depth=cfg.perceiver_depth, heads=heads)
             if cfg.perceiver_latents else None
@@ -175,7 +184,8 @@ class UserLLM(ConditionedLM):
             if bad:
                 raise InputError(f"cross_attention_layers {bad} are outside 0..{len(layers) - 1}")
             for i in where:
-                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult)
+                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult,
+                                                              gate_init=cfg.gate_init)  # fmt: skip
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
 
@@ -188,15 +198,21 @@ class UserLLM(ConditionedLM):
             module.requires_grad_(True)
         self.encoder.requires_grad_(self.cfg.strategy != "proj")
         self.llm = apply_llm_strategy(self.llm, self.cfg)
-        self.trained_prefixes = ("projector.", "perceiver.", "xattn.") + (("encoder.",) if self.cfg.strategy != "proj" else ())
+        self.trained_prefixes = ("projector.", "item_words.", "candidates.", "perceiver.", "xattn.") + (
+            ("encoder.",) if self.cfg.strategy != "proj" else ())  # fmt: skip
 
     def connectors(self) -> list[nn.Module]:
-        return [m for m in (self.projector, self.perceiver, self.xattn) if m is not None]
+        return [m for m in (self.projector, self.item_words, self.candidates, self.perceiver, self.xattn) if m is not None]
+
+    @staticmethod
+    def word_tables_needed(cfg: UserLLMConfig) -> list[str]:
+        """The item-word tables a config needs (``item_words``, and ``title`` for ``candidates``)."""
+        return sorted(set(cfg.item_words) | ({"title"} if cfg.candidates else set()))
 
     def groups(self) -> dict[str, list[nn.Module]]:
         return {
             "encoder": [self.encoder],
-            "projector+perceiver": [m for m in (self.projector, self.perceiver) if m is not None],
+            "projector+perceiver": [m for m in (self.projector, self.item_words, self.candidates, self.perceiver) if m is not None],
             "cross-attention blocks": [self.xattn],
             "llm": [self.llm],
         }
@@ -205,11 +221,22 @@ class UserLLM(ConditionedLM):
     def user_context(self, user_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Encoder -> projector (-> Perceiver): context (b, n or m, d) and its mask (b, n or m)."""
         h, mask = self.encoder(user_batch)
-        return self.context_from_embeddings(h, mask)
+        return self.context_from_embeddings(h, mask, user_batch["item"])
 
-    def context_from_embeddings(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Projector (-> Perceiver) over encoder outputs h (b, n, d_enc): context (b, n or m, d), mask."""
+    def event_context(self, h: Tensor, items: Tensor) -> Tensor:
+        """Per-event context (b, n, d): the projected encoder outputs h (b, n, d_enc), plus the items' words
+        (:class:`ItemWords`) when configured."""
         ctx = self.projector(h)
+        return ctx if self.item_words is None else ctx + self.item_words(items).to(ctx.dtype)
+
+    def context_from_embeddings(self, h: Tensor, mask: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`event_context` (+ the encoder's candidates) (-> Perceiver) over encoder outputs h (b, n, d_enc)
+        of events ``items`` (b, n): context (b, n (+ k) or m, d), mask."""
+        ctx = self.event_context(h, items)
+        if self.candidates is not None:
+            last = h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]  # after the last event
+            ctx = torch.cat([ctx, self.candidates(self.encoder.item_logits(last)).to(ctx.dtype)], 1)
+            mask = torch.cat([mask, mask.any(1, keepdim=True).expand(-1, self.candidates.k)], 1)
         if self.perceiver is not None:
             ctx = self.perceiver(ctx, mask)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
@@ -321,7 +348,10 @@ class UserLLM(ConditionedLM):
             enc_cfg = EncoderConfig.from_saved(config["encoder"])
             encoder = UserEncoder(enc_cfg, item_categories=state["encoder.embed.item_categories"],
                                   item_text=state["encoder.embed.item_text"])  # fmt: skip
-        model = cls(cfg, encoder=encoder, llm=llm)
+        words = {name: state[f"item_words.table_{name}"] for name in cfg.item_words}
+        if cfg.candidates:  # one title table serves both when both are on, and is saved once
+            words["title"] = state.get("candidates.table_title", state.get("item_words.table_title"))
+        model = cls(cfg, encoder=encoder, llm=llm, item_words=words)
         model.load_trained(path, state)
         return model
 

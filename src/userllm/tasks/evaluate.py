@@ -11,7 +11,12 @@ favorite_genre   accuracy of the top answer of a beam search constrained to the 
 review           ROUGE-1/2/Lsum F-measures of greedy generation against the user's review
 ===============  =========================================================================================
 
-``metrics.json`` holds the metrics, ``llm_input_tokens`` (mean tokens the LLM reads per request, soft-prompt
+Every metric is the mean over the test users (one example each) with its 95% bootstrap interval, seeded
+(:func:`~userllm.eval.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
+``metrics.json`` holds reference rows on the same users (``references``): the label prior and, for
+next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read).
+``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it).
+``metrics.json`` also holds ``llm_input_tokens`` (mean tokens the LLM reads per request, soft-prompt
 embeddings included), a breakdown by history length, examples of predictions and the resolved config.
 ``--general`` adds the backbone's perplexity on a small general English text (shipped with userllm)
 before and after fine-tuning.
@@ -29,17 +34,20 @@ import numpy as np
 import torch
 
 from userllm.config import dump_config
+from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.eval.metrics import accuracy, list_ranks, recall_at, rouge_scores
-from userllm.io import write_json
+from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
+from userllm.io import write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
 from userllm.progress import progress_bar
+from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
 from userllm.tasks.train import load_run
 
 HISTORY_BUCKETS = (10, 25, 50, 100, 200)  # upper edges of the history-length buckets; the last is open
 GENERAL_TEXT = "general_english.txt"
+RECORDS = "records.jsonl"  # one line per scored test example: user_id, history_len, truth, ranked, greedy
 
 
 def eval_users(run_dir: Path, num_users: int, n: int, seed: int) -> list[int]:
@@ -100,19 +108,27 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     return records
 
 
-def score(task: str, records: list[dict], catalogue: set[str], beams: int) -> dict[str, float]:
+def per_example(task: str, records: list[dict], catalogue: set[str], beams: int) -> dict[str, list[float]]:
+    """Each metric of the task, per record (see the module table); records without a greedy answer (reference
+    rows) have no exact_match / valid_title."""
     if task == "review":
-        return rouge_scores([r["greedy"] for r in records], [r["truth"] for r in records])
+        return rouge_per_example([r["greedy"] for r in records], [r["truth"] for r in records])
     ranks = list_ranks([r["ranked"] for r in records], [r["truth"] for r in records])
     if task == "favorite_genre":
-        return {"accuracy": recall_at(ranks, 1)}
-    out = {f"recall@{k}": recall_at(ranks, k) for k in (1, 5, 10) if k <= beams}
-    out["exact_match"] = accuracy([r["greedy"] for r in records], [r["truth"] for r in records])
-    out["valid_title"] = sum(r["greedy"] in catalogue for r in records) / max(1, len(records))
+        return {"accuracy": (ranks < 1).float().tolist()}
+    out = {f"recall@{k}": (ranks < k).float().tolist() for k in (1, 5, 10) if k <= beams}
+    if all(r.get("greedy") is not None for r in records):
+        out["exact_match"] = [float(r["greedy"] == r["truth"]) for r in records]
+        out["valid_title"] = [float(r["greedy"] in catalogue) for r in records]
     return out
 
 
-def label_prior(data: TaskData, users: list[int] | None, beams: int) -> dict[str, float]:
+def score(task: str, records: list[dict], catalogue: set[str], beams: int, seed: int = 0) -> dict[str, dict]:
+    """``{metric: {"value", "low", "high"}}``: mean over the records and 95% bootstrap interval (seeded)."""
+    return {name: estimate(v, seed=seed) for name, v in per_example(task, records, catalogue, beams).items()}
+
+
+def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int = 0) -> dict[str, dict]:
     """The task's metrics for answers that ignore the user, on the test examples of ``users`` (None: all):
     the train split's most frequent answers, most frequent first (next_item: popularity, the ``beams`` most
     frequent target titles; favorite_genre: always the most frequent genre), scored by :func:`score`.
@@ -121,7 +137,41 @@ def label_prior(data: TaskData, users: list[int] | None, beams: int) -> dict[str
         raise InputError("review has no label prior: every answer is free text")
     ranked = [answer for answer, _ in Counter(data.answers("train")).most_common(beams)]
     records = [{"ranked": ranked, "greedy": ranked[0], "truth": truth} for truth in data.answers("test", users)]
-    return score(data.task, records, set(data.ds.item_titles[2:]), beams)
+    return score(data.task, records, set(data.ds.item_titles[2:]), beams, seed)
+
+
+@torch.no_grad()
+def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0,
+                  batch_size: int = 256) -> dict[str, dict]:  # fmt: skip
+    """next_item as the stage-1 encoder answers it: the titles of its ``beams`` highest-scoring items after
+    the example's history window (specials excluded, history items allowed, as for the LLM), scored by
+    :func:`score` on the same examples."""
+    encoder.eval()
+    records = []
+    for c in range(0, len(examples), batch_size):
+        batch = examples[c : c + batch_size]
+        h, mask = encoder(data.user_batch(batch))
+        last = h[torch.arange(len(batch)), mask.sum(1) - 1]  # the output after the last event: the next item
+        scores = encoder.item_logits(last)
+        scores[:, :2] = float("-inf")
+        top = scores.topk(beams, dim=1).indices.tolist()
+        records += [{"ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer} for row, ex in zip(top, batch)]
+    return score("next_item", records, set(), beams, seed)
+
+
+def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:
+    """The reference rows of a run's table on the same test users: ``label prior`` (not for review) and, for
+    next_item, ``encoder alone`` (the stage-1 encoder of a User-LLM run, or of ``encoder`` given to TP)."""
+    from userllm.encoder.train import load_encoder
+
+    out = {}
+    if data.task != "review":
+        out["label prior"] = label_prior(data, users, cfg.beams if data.task == "next_item" else 1, seed)
+    if data.task == "next_item" and cfg.encoder not in (None, "random"):
+        encoder = load_encoder(Path(cfg.encoder))
+        if encoder.cfg.max_len >= data.max_history:
+            out["encoder alone"] = encoder_alone(encoder, data, examples, cfg.beams, seed)
+    return out
 
 
 @torch.no_grad()
@@ -165,31 +215,78 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     buckets = {}
     for name in sorted({history_bucket(r["history_len"]) for r in records}, key=lambda b: int(b.strip(">").split("-")[0])):
         part = [r for r in records if history_bucket(r["history_len"]) == name]
-        buckets[name] = {"examples": len(part), **score(cfg.task, part, catalogue, beams)}
+        buckets[name] = {"examples": len(part), **score(cfg.task, part, catalogue, beams, seed)}
     metrics = {
         "task": cfg.task, "method": cfg.method, "examples": len(records),
         "users": {"subset": users, "seed": seed} if users else "all",
-        "metrics": score(cfg.task, records, catalogue, beams),
+        "metrics": score(cfg.task, records, catalogue, beams, seed),
+        "references": references(cfg, data, examples, subset, seed),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
         "by_history_length": buckets, "predictions": records[:10], "config": dump_config(cfg),
     }  # fmt: skip
     if general:
         metrics["general"] = general_retention(cfg, model, device)
+    write_text_atomically(run_dir / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json(out, metrics)
     return metrics
+
+
+def rescore(run_dir: Path, user_ids: set[str], seed: int = 0) -> dict[str, dict]:
+    """A scored run's metrics on some of its test users only (from ``records.jsonl``), e.g. the users another
+    run was scored on, so that both are compared on the same users."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    lines = (Path(run_dir) / RECORDS).read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["user_id"] in user_ids]
+    if len({r["user_id"] for r in records}) != len(user_ids):
+        raise InputError(f"{run_dir}: scored {len(records)} of the {len(user_ids)} users asked for")
+    beams = cfg["beams"] if cfg["task"] == "next_item" else 1
+    catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
+    return score(cfg["task"], records, catalogue, beams, seed)
+
+
+def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskExample:
+    """A request about one user of the run's dataset: ``instruction`` over their last ``max_history`` events."""
+    ids = data.ds.sequences.get_column("user_id").to_list()
+    if user_id not in ids:
+        raise InputError(f"user {user_id!r} is not in dataset {cfg.dataset} (user ids look like {ids[0]!r})")
+    u = ids.index(user_id)
+    end = int(data.tl.lengths[u])
+    return data.request(u, max(0, end - cfg.max_history), end, instruction, user_id)
+
+
+@torch.no_grad()
+def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> list[dict]:
+    """The run's task answered for each user from their latest history, as evaluation answers it: the ``top``
+    answers of the constrained beam search (titles or categories) with their probabilities, beside the user's
+    most recent titles and most frequent categories (what the answer should reflect)."""
+    cfg, model, data = load_run(run_dir)
+    if data.task == "review":
+        raise InputError(f"{run_dir}: a review run writes free text; use `userllm generate` for it")
+    text = prompts.instruction(data.task, data.words)
+    examples = [latest_request(cfg, data, u, text) for u in user_ids]
+    vocab = data.answer_vocabulary()
+    trie = TokenTrie([data.tokens(v) for v in vocab[2:]], eos_token_id=data.tokenizer.eos_token_id)
+    ids, mask, _ = data.batch(examples, with_answers=False)
+    users = data.user_batch(examples) if cfg.method == "userllm" else None
+    with model.conditioned(users, ids, mask) as (embeds, prefix_mask):
+        found = constrained_beam_search(model, embeds, prefix_mask, trie, beams=min(top, len(vocab) - 2))
+    out = []
+    for ex, row in zip(examples, found):
+        rows = data.tl.offsets[ex.user_idx] + np.arange(ex.start, ex.end)
+        items = data.tl.item[rows]
+        cats = Counter(data.categories[c] for i in items for c in data.ds.item_categories[i] if c > 1)
+        out.append({"user_id": ex.user_id, "events": ex.history_len,
+                    "recent": [data.ds.item_titles[i] for i in items[-3:][::-1]],
+                    "top_categories": [c for c, _ in cats.most_common(3)],
+                    "answers": [(vocab[i + 2], math.exp(s)) for i, s in row]})  # fmt: skip
+    return out
 
 
 @torch.no_grad()
 def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_tokens: int = 48) -> str:
     """A personalized answer of a trained run for one user of its dataset (history: their last events)."""
     cfg, model, data = load_run(run_dir)
-    ids = data.ds.sequences.get_column("user_id").to_list()
-    if user_id not in ids:
-        raise InputError(f"user {user_id!r} is not in dataset {cfg.dataset} (user ids look like {ids[0]!r})")
-    u = ids.index(user_id)
-    end = int(data.tl.lengths[u])
-    start = max(0, end - cfg.max_history)
-    example = data.request(u, start, end, instruction, user_id)
+    example = latest_request(cfg, data, user_id, instruction)
     ids_t, mask, _ = data.batch([example], with_answers=False)
     users = data.user_batch([example]) if cfg.method == "userllm" else None
     eos = data.tokenizer.eos_token_id

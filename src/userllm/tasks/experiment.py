@@ -6,15 +6,20 @@ The spec (see ``experiments/movielens100k.yaml``)::
     prepare: {source: movielens-100k, out: outputs/ml-100k}     # PrepareConfig; skipped if the dataset exists
     pretrain: {out: runs/movielens100k/encoder, epochs: 20}     # PretrainConfig; skipped if finished
     tasks: [next_item, favorite_genre]
-    evaluate: {users: 40, seed: 0, general: false}
+    evaluate: {users: 40, seed: 0, general: false}             # users: omit to score every test user
     defaults: {train_examples: 128, batch_size: 4}              # TrainConfig fields of every cell
     cells:
       - {name: xattn-h50, set: {method: userllm, llm.mode: cross_attention, max_history: 50}}
+      - {name: tp-h50, set: {method: textprompt, llm.strategy: lora}, tasks: [favorite_genre]}   # some tasks only
+      - {name: xattn-equal, set: {method: userllm}, match_flops: tp-h50}   # TP's training FLOPs, not its examples
+      - {name: tp-slow, set: {method: textprompt}, evaluate: {users: 200}}   # a seeded subset for this cell; the
+                                        # other cells are re-scored on its users in a table of their own
 
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
 trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
 encoder unless they set ``encoder: random``. Each task's table ends with the label prior at every history
-length of its cells (the train split's most frequent answers on the same test users), the floor to beat.
+length of its cells (the train split's most frequent answers on the same test users), the floor to beat, and
+for next_item the stage-1 encoder alone; every metric carries its 95% bootstrap interval over users.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, load_config, read_yaml_mapping
 from userllm.data.dataset import FILES
-from userllm.errors import ConfigError
+from userllm.errors import ConfigError, InputError
 from userllm.io import write_json, write_text_atomically
 from userllm.progress import console
 
@@ -45,13 +50,25 @@ def load_spec(path: Path) -> dict[str, Any]:
     names = [c.get("name") for c in spec["cells"]]
     if None in names or len(set(names)) != len(names):
         raise ConfigError(f"{path}: every cell needs a unique 'name' (got {names})")
+    for cell in spec["cells"]:
+        extra = set(cell) - {"name", "set", "tasks", "match_flops", "evaluate"}
+        if extra:
+            raise ConfigError(f"{path}: cell {cell['name']}: unknown keys {sorted(extra)}; expected name, set, tasks, "
+                              "match_flops, evaluate")  # fmt: skip
     return spec
 
 
 def cell_config(spec: dict, cell: dict, task: str, dataset: Path, encoder: Path | None, overrides: dict) -> TrainConfig:
-    """A cell's TrainConfig: defaults, then the cell's ``set`` (dotted keys), then command-line overrides."""
+    """A cell's TrainConfig: defaults, then the cell's ``set`` (dotted keys), then command-line overrides.
+    ``match_flops: OTHER`` trains on the FLOPs that cell OTHER (finished, same task) trained on."""
     sets = {"dataset": str(dataset), "task": task, "out": str(Path(spec["out"]) / task / cell["name"])}
     sets |= {**flatten(spec.get("defaults") or {}), **(cell.get("set") or {}), **overrides}
+    if cell.get("match_flops"):
+        other = Path(spec["out"]) / task / cell["match_flops"] / "summary.json"
+        if not other.exists():
+            raise ConfigError(f"cell {cell['name']}: match_flops {cell['match_flops']!r} has not finished training "
+                              f"({other} is missing); list that cell first")  # fmt: skip
+        sets["train_flops"] = json.loads(other.read_text())["train_flops"]
     if sets.get("method", "userllm") == "userllm" and sets.get("encoder") is None:
         if encoder is None:
             raise ConfigError(f"cell {cell['name']}: userllm needs a pretrained encoder ('pretrain' in the spec) or encoder: random")
@@ -69,8 +86,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_experiment(path: Path, *, only: str | None = None, overrides: dict | None = None) -> Path:
-    """Run every (task, cell) of the spec that is not finished; returns the path of ``results.md``."""
+def run_experiment(path: Path, *, only: list[str] | None = None, task: str | None = None,
+                   overrides: dict | None = None) -> Path:  # fmt: skip
+    """Run every (task, cell) of the spec that is not finished (only the cells named ``only`` and the tasks
+    ``task``, when given); returns the path of ``results.md``, which shows every finished cell."""
     from userllm.data.prepare import prepare_dataset
     from userllm.encoder.train import pretrain
     from userllm.tasks.evaluate import evaluate
@@ -91,26 +110,34 @@ def run_experiment(path: Path, *, only: str | None = None, overrides: dict | Non
         if not (summary.exists() and json.loads(summary.read_text()).get("finished")):
             resume = (encoder / "checkpoint" / "train_state.pt").exists()
             pretrain(pre.model_copy(update={"resume": resume, "force": not resume}))
+    names = {c["name"] for c in spec["cells"]}
+    unknown = sorted(set(only or []) - names) + ([task] if task and task not in spec["tasks"] else [])
+    if unknown:
+        raise ConfigError(f"{path}: no cell or task named {unknown}; cells: {sorted(names)}, tasks: {spec['tasks']}")
     ev = spec.get("evaluate") or {}
-    for task in spec["tasks"]:
+    for task_name in spec["tasks"]:
         for cell in spec["cells"]:
-            if only and only not in cell["name"]:
+            if (only and cell["name"] not in only) or (task and task_name != task) or task_name not in cell.get("tasks", [task_name]):
                 continue
-            cfg = cell_config(spec, cell, task, prep.out, encoder, overrides)
+            cfg = cell_config(spec, cell, task_name, prep.out, encoder, overrides)
             run = Path(cfg.out)
             if (run / "metrics.json").exists():
-                console.print(f"[dim]skip {task}/{cell['name']}: finished[/dim]")
+                console.print(f"[dim]skip {task_name}/{cell['name']}: finished[/dim]")
                 continue
-            console.rule(f"{task} / {cell['name']}")
+            console.rule(f"{task_name} / {cell['name']}")
             if not (run / "model" / "userllm.safetensors").exists():
                 resume = (run / "checkpoint" / "train_state.pt").exists()
                 train(cfg.model_copy(update={"resume": resume, "force": not resume}))
-            evaluate(run, users=ev.get("users"), seed=ev.get("seed", 0), general=ev.get("general", False), force=True)
+            cell_ev = {**ev, **(cell.get("evaluate") or {})}
+            evaluate(run, users=cell_ev.get("users"), seed=cell_ev.get("seed", 0), general=cell_ev.get("general", False),
+                     force=True)  # fmt: skip
     return write_results(spec)
 
 
 def collect(spec: dict) -> list[dict]:
-    """One row per finished (task, cell): its settings, metrics, LLM input tokens and training time."""
+    """One cell per finished (task, cell) as ``results.json`` holds it: dataset, task, cell, method, mode,
+    history, train_examples, train_flops, train_seconds, users, commit and ``metrics`` ({name: {"value",
+    "low", "high"}}), with the settings the tables show."""
     rows = []
     for task in spec["tasks"]:
         for cell in spec["cells"]:
@@ -124,70 +151,106 @@ def collect(spec: dict) -> list[dict]:
             xattn = c["method"] == "userllm" and c["llm"]["mode"] == "cross_attention"
             layers = c["llm"]["cross_attention_layers"]
             rows.append({
-                "task": task, "cell": cell["name"], "method": c["method"],
-                "mode": c["llm"]["mode"] if c["method"] == "userllm" else "text",
+                "dataset": Path(c["dataset"]).name, "task": task, "cell": cell["name"], "method": c["method"],
+                "mode": c["llm"]["mode"] if c["method"] == "userllm" else "text", "history": c["max_history"],
+                "train_examples": summary["examples"], "train_flops": summary.get("train_flops"),
+                "train_seconds": summary["train_seconds"], "users": m["examples"], "commit": summary.get("commit"),
+                "metrics": m["metrics"],
                 "strategy": c["llm"]["strategy"], "perceiver": c["llm"]["perceiver_latents"] if c["method"] == "userllm" else 0,
+                "item_words": ",".join(c["llm"].get("item_words") or []) if c["method"] == "userllm" else "",
                 "xattn_layers": (f"{layers}" if layers else f"every {c['llm']['cross_attention_every']}") if xattn else "-",
-                "encoder": encoder, "history": c["max_history"], "metrics": m["metrics"], "examples": m["examples"],
-                "llm_input_tokens": m["llm_input_tokens"], "train_seconds": summary["train_seconds"],
-                "general": m.get("general"),
+                "encoder": encoder, "llm_input_tokens": m["llm_input_tokens"], "general": m.get("general"),
+                "references": m.get("references") or {}, "run": str(run),
+                "subset": bool((cell.get("evaluate") or {}).get("users")),  # scored on users of its own
             })  # fmt: skip
     return rows
 
 
-def label_priors(spec: dict, rows: list[dict]) -> list[dict]:
-    """One row per (task, history length) of the finished cells: the label prior
-    (:func:`~userllm.tasks.evaluate.label_prior`) on the same test users as the cells."""
-    from userllm.data.dataset import PreparedDataset
-    from userllm.llm.backbone import load_tokenizer
-    from userllm.tasks.data import TaskData
-    from userllm.tasks.evaluate import eval_users, label_prior
+def reference_rows(rows: list[dict]) -> list[dict]:
+    """One row per (task, history length, reference) of the finished cells, from their metrics.json: the label
+    prior and, for next_item, the stage-1 encoder alone (from a cell with the pretrained encoder), on the same
+    test users as the cells."""
+    out = []
+    for task, history in sorted({(r["task"], r["history"]) for r in rows}):
+        cells = [r for r in rows if (r["task"], r["history"]) == (task, history)]
+        for name, short in (("label prior", "prior"), ("encoder alone", "encoder")):
+            cell = next((r for r in cells if name in r["references"] and r["encoder"] == "pretrained"), None)
+            cell = cell or next((r for r in cells if name in r["references"] and name == "label prior"), None)
+            if cell is None:
+                continue
+            out.append({
+                "dataset": cell["dataset"], "task": task, "cell": f"{short}-h{history}", "method": name, "mode": "-",
+                "history": history, "train_examples": 0, "train_flops": 0, "train_seconds": 0.0, "users": cell["users"],
+                "commit": cell["commit"], "metrics": cell["references"][name], "strategy": "-", "perceiver": 0,
+                "item_words": "", "xattn_layers": "-", "encoder": "-", "llm_input_tokens": 0.0, "general": None,
+                "references": {}, "run": cell["run"], "subset": cell["subset"],
+            })  # fmt: skip
+    return out
 
-    ev, priors, tokenizers = spec.get("evaluate") or {}, [], {}
-    for task, history in sorted({(r["task"], r["history"]) for r in rows if r["task"] != "review"}):
-        cell = next(r for r in rows if (r["task"], r["history"]) == (task, history))
-        run = Path(spec["out"]) / task / cell["cell"]
-        cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
-        if cfg.llm.backbone not in tokenizers:
-            tokenizers[cfg.llm.backbone] = load_tokenizer(cfg.llm.backbone)
-        data = TaskData(PreparedDataset(cfg.dataset), tokenizers[cfg.llm.backbone], task=task, method=cfg.method,
-                        max_history=history)  # fmt: skip
-        users = eval_users(run, data.tl.num_users, ev["users"], ev.get("seed", 0)) if ev.get("users") else None
-        priors.append({
-            "task": task, "cell": f"prior-h{history}", "method": "label prior", "mode": "-", "xattn_layers": "-",
-            "strategy": "-", "perceiver": 0, "encoder": "-", "history": history, "examples": cell["examples"],
-            "metrics": label_prior(data, users, cfg.beams if task == "next_item" else 1),
-            "llm_input_tokens": 0.0, "train_seconds": 0.0, "general": None,
-        })  # fmt: skip
-    return priors
+
+def same_users_rows(rows: list[dict], cell: dict, seed: int) -> list[dict]:
+    """The table of a cell scored on a subset of users (e.g. TP, too slow for all): that cell, every cell of
+    its task and history scored on all users re-scored on the same users (from records.jsonl), and the
+    references it was scored with."""
+    from userllm.tasks.evaluate import RECORDS, rescore
+
+    users = {json.loads(line)["user_id"] for line in (Path(cell["run"]) / RECORDS).read_text().splitlines()}
+    out = [cell]
+    for r in rows:
+        if (r["task"], r["history"]) == (cell["task"], cell["history"]) and not r["subset"] and r["method"] in ("userllm", "textprompt"):
+            try:
+                out.append({**r, "metrics": rescore(Path(r["run"]), users, seed), "users": len(users)})
+            except InputError as e:  # scored on other users (e.g. the spec's own subset): not comparable
+                console.print(f"[yellow]{r['cell']} is left out of the table of {cell['cell']}'s users: {e}[/yellow]")
+    for name, metrics in cell["references"].items():
+        out.append({**cell, "cell": f"{name} (same users)", "method": name, "metrics": metrics, "mode": "-",
+                    "train_examples": 0, "train_flops": 0, "strategy": "-", "perceiver": 0, "item_words": "",
+                    "xattn_layers": "-", "encoder": "-", "general": None})  # fmt: skip
+    return out
+
+
+RESULT_KEYS = ("dataset", "task", "cell", "method", "mode", "history", "train_examples", "train_flops", "train_seconds",
+               "users", "commit", "metrics")  # fmt: skip
+
+
+def interval(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
 def write_results(spec: dict) -> Path:
-    """``results.json``, ``results.md`` (a table per task, label priors last) and ``results.png`` from the
-    finished cells."""
+    """``results.json`` (a list of cells, :data:`RESULT_KEYS`), ``results.md`` (rendered from it: a table per
+    task, reference rows last) and ``results.png`` from the finished cells."""
     out = Path(spec["out"])
     rows = collect(spec)
-    rows += label_priors(spec, rows)
-    write_json(out / "results.json", rows)
+    rows += reference_rows(rows)
+    write_json(out / "results.json", [{k: r[k] for k in RESULT_KEYS} for r in rows])
     lines = []
-    for task in spec["tasks"]:
-        part = [r for r in rows if r["task"] == task]
+    tables = [(task, f"### {task}", [r for r in rows if r["task"] == task]) for task in spec["tasks"]]
+    seed = (spec.get("evaluate") or {}).get("seed", 0)
+    for cell in [r for r in rows if r["subset"] and r["method"] in ("userllm", "textprompt")]:
+        same = same_users_rows(rows, cell, seed)
+        tables.append((cell["task"], f"### {cell['task']}: on the {cell['users']} test users {cell['cell']} was scored on", same))
+    for task, title, part in tables:
         if not part:
             continue
-        names = list(part[0]["metrics"])
-        lines += [f"### {task}", "",
-                  "| cell | method | mode | xattn layers | strategy | perceiver | encoder | history | " + " | ".join(names)
-                  + " | LLM input tokens | train s | ppl after/before |",
-                  "|" + "---|" * (len(names) + 11)]  # fmt: skip
+        names = list(next(r for r in part if r["method"] not in ("label prior", "encoder alone"))["metrics"])
+        lines += [title, "",
+                  "| cell | method | mode | xattn layers | strategy | perceiver | item words | encoder | history | users | "
+                  + " | ".join(names) + " | train examples | train PFLOPs | train s | LLM input tokens | ppl after/before |",
+                  "|" + "---|" * (len(names) + 15)]  # fmt: skip
         for r in part:
             ppl = f"{r['general']['ratio']:.3f}" if r["general"] else "-"
-            cost = "- | -" if r["method"] == "label prior" else f"{r['llm_input_tokens']:.0f} | {r['train_seconds']:.0f}"
+            ref = r["method"] in ("label prior", "encoder alone")
+            flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
+            cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
-                         f"{r['encoder']} | {r['history']} | " + " | ".join(f"{r['metrics'][n]:.3f}" for n in names)
+                         f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
+                         + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
                          + f" | {cost} | {ppl} |")  # fmt: skip
-        lines += ["", f"{part[0]['examples']} test examples per cell. Label prior: the train split's most frequent "
-                  "answers, whoever the user (next_item: the most popular titles; favorite_genre: the most frequent "
-                  "genre).", ""]  # fmt: skip
+        lines += ["", "Each metric with its 95% bootstrap interval over the test users scored. "
+                  "Label prior: the train split's most frequent answers, whoever the user (next_item: the most popular "
+                  "titles; favorite_genre: the most frequent genre). Encoder alone: the stage-1 encoder's own top items "
+                  "as titles. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
     write_text_atomically(out / "results.md", "\n".join(lines))
     if rows:
         plot(rows, spec["tasks"], out / "results.png")
@@ -195,38 +258,50 @@ def write_results(spec: dict) -> Path:
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
-    """Per task: main metric vs history length (one line per method/mode, default settings; the label prior
-    dashed), and main metric vs mean LLM input tokens (every cell; the label priors dotted)."""
+    """Per task, with 95% intervals as error bars: the main metric vs history length (one line per
+    method/mode at its most common settings; references dashed) and vs training compute (every cell, one
+    marker each in the legend; references as shaded bands)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.5 * len(tasks)), squeeze=False)
     for ax_row, task in zip(axes, tasks):
         metric = MAIN_METRIC[task]
-        part = [r for r in rows if r["task"] == task and r["method"] != "label prior"]
-        priors = sorted((r["history"], r["metrics"][metric]) for r in rows if r["task"] == task and r["method"] == "label prior")
-        for label in sorted({r["mode"] for r in part}):
-            same = [r for r in part if r["mode"] == label and not r["perceiver"] and r["encoder"] != "random"]
-            usual = Counter((r["strategy"], r["xattn_layers"]) for r in same).most_common(1)[0][0] if same else None
-            line = sorted((r["history"], r["metrics"][metric]) for r in same if (r["strategy"], r["xattn_layers"]) == usual)
+        part = [r for r in rows if r["task"] == task and r["method"] in ("userllm", "textprompt")]
+        refs = [r for r in rows if r["task"] == task and r["method"] not in ("userllm", "textprompt")]
+
+        def bars(ax, points, **kw):
+            x = [p[0] for p in points]
+            m = [p[1]["value"] for p in points]
+            err = [[p[1]["value"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["value"] for p in points]]
+            ax.errorbar(x, m, yerr=err, capsize=3, **kw)
+
+        for label in sorted({(r["method"], r["mode"]) for r in part}):
+            same = [r for r in part if (r["method"], r["mode"]) == label and not r["perceiver"] and r["encoder"] != "random"]
+            key = lambda r: (r["strategy"], r["xattn_layers"], r["item_words"], r["train_examples"])  # noqa: E731
+            usual = Counter(key(r) for r in same).most_common(1)[0][0] if same else None
+            line = sorted((r["history"], r["metrics"][metric]) for r in same if key(r) == usual)
             if line:
-                ax_row[0].plot(*zip(*line), marker="o", label=label)
-        if priors:
-            ax_row[0].plot(*zip(*priors), "k--", marker=".", label="label prior")
-            for i, (_, value) in enumerate(priors):
-                ax_row[1].axhline(value, color="k", ls=":", lw=0.8, label="label prior" if i == 0 else None)
+                bars(ax_row[0], line, marker="o", label=f"{label[0]} {label[1]}")
+        for name in sorted({r["method"] for r in refs}):
+            line = sorted((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"])
+            if line:
+                bars(ax_row[0], line, ls="--", marker=".", label=name)
+                for i, (_, m) in enumerate(line):
+                    ax_row[1].axhspan(m["low"], m["high"], alpha=0.15, color="k" if name == "label prior" else "tab:purple",
+                                      label=name if i == 0 else None)  # fmt: skip
         ax_row[0].set(xlabel="history length (events)", ylabel=metric, title=f"{task}: quality vs history length")
-        ax_row[0].legend()
-        for r in part:
-            ax_row[1].scatter(r["llm_input_tokens"], r["metrics"][metric])
-            ax_row[1].annotate(r["cell"], (r["llm_input_tokens"], r["metrics"][metric]), fontsize=7)
-        if priors:
-            ax_row[1].legend(fontsize=8)
-        ax_row[1].set(xscale="log", xlabel="LLM input tokens per request", ylabel=metric,
-                      title=f"{task}: quality vs LLM input tokens")  # fmt: skip
+        ax_row[0].legend(fontsize=8)
+        markers = "osD^v<>ph*"
+        for i, r in enumerate(p for p in part if p["train_flops"]):
+            bars(ax_row[1], [(r["train_flops"], r["metrics"][metric])], marker=markers[i % len(markers)], ls="none",
+                 color="tab:orange" if r["method"] == "textprompt" else f"C{i % 10}", label=f"{r['cell']} ({r['method']})")  # fmt: skip
+        ax_row[1].set(xscale="log", xlabel="training compute (FLOPs, analytic)", ylabel=metric,
+                      title=f"{task}: quality vs training compute")  # fmt: skip
+        ax_row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -36,8 +36,10 @@ from userllm.encoder.data import Timelines
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
 from userllm.errors import ConfigError, InputError
-from userllm.io import start_run, write_dir_atomically, write_json
+from userllm.io import source_commit, start_run, write_dir_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
+from userllm.llm.connectors import mean_token_embeddings
+from userllm.llm.flops import training_flops
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
 from userllm.progress import console, progress_bar
 from userllm.tasks.data import IGNORE, TaskData
@@ -62,6 +64,22 @@ def task_encoder(cfg: TrainConfig, ds: PreparedDataset) -> UserEncoder:
     return encoder
 
 
+def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str]) -> dict[str, torch.Tensor]:
+    """For :class:`~userllm.llm.connectors.ItemWords`: per item index (V, d), the mean input embedding of its
+    title's tokens (``title``) and the mean over its categories of their names' (``category``); zeros for the
+    padding and unknown items."""
+    embed, tok = backbone.model.get_input_embeddings(), backbone.tokenizer
+    tables = {}
+    if "title" in names:
+        tables["title"] = mean_token_embeddings(tok, embed, ["", "", *ds.item_titles[2:]])
+    if "category" in names:
+        per_category = mean_token_embeddings(tok, embed, ["", "", *ds.vocab["category"][2:]])
+        rows = [[c for c in cats if c > 1] for cats in ds.item_categories]
+        tables["category"] = torch.stack([per_category[r].mean(0) if r else per_category[0] for r in rows])
+        tables["category"][:2] = 0.0
+    return tables
+
+
 def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = None) -> tuple[ConditionedLM, TaskData]:
     """The untrained model of a run (connectors seeded by ``cfg.seed``) and its task data."""
     encoder = task_encoder(cfg, ds) if cfg.method == "userllm" else None  # checked before the slow backbone load
@@ -71,7 +89,10 @@ def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = Non
         model: ConditionedLM = TextPromptLM(cfg.llm, llm=backbone.model)
         tl = Timelines.from_dataset(ds)
     else:
-        model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model)
+        if cfg.encoder_dropout is not None:
+            encoder.set_dropout(cfg.encoder_dropout)
+        words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm))
+        model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
         tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
     data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
     return model, data
@@ -123,19 +144,19 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
     examples = data.examples("train")
-    steps = math.ceil(cfg.train_examples / cfg.batch_size)
+    steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, examples, cfg)
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
+    state = {"step": 0, "tokens": 0, "flops": 0, "seconds": 0.0, "losses": [], "gates": []}
     ckpt = out / "checkpoint"
     if cfg.resume:
         model.load_trained(ckpt, load_file(ckpt / "userllm.safetensors", device=device))
         saved = torch.load(ckpt / "train_state.pt", weights_only=False)
         opt.load_state_dict(saved.pop("optimizer"))
         sched.load_state_dict(saved.pop("scheduler"))
-        state = saved
+        state = {"flops": 0, "gates": [], **saved}  # checkpoints written before these were logged
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     model.train()
     with progress_bar("tokens") as progress:
@@ -151,6 +172,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
+            state["flops"] += example_flops(model, part_lengths(data, batch, cfg), world)
             for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
@@ -168,15 +190,18 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             state["losses"].append(round(loss_value, 5))
             progress.update(task, advance=tokens, description=f"step {step + 1}/{steps} loss {loss_value:.3f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == last:
+                if isinstance(model, UserLLM) and model.xattn:
+                    state["gates"].append({"step": step + 1, **{k: b.gate_report() for k, b in model.xattn.items()}})
                 if rank == 0:
                     write_dir_atomically(ckpt, lambda tmp: _write_checkpoint(tmp, model, opt, sched, state),
                                          force=True, marker="userllm.json")  # fmt: skip
                 barrier(world)
     summary = {
         "steps": state["step"], "examples": state["step"] * cfg.batch_size, "tokens": state["tokens"],
-        "train_seconds": round(state["seconds"], 2), "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
+        "commit": source_commit(), "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2), "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
         "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
-        "losses": state["losses"], "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
+        "losses": state["losses"], "gates": state["gates"],
+        "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
     }  # fmt: skip
     if world > 1:
         hashes = [None] * world
@@ -186,6 +211,41 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         model.save(out / "model")
         write_json(out / "summary.json", summary)
     return summary
+
+
+def param_groups(model: ConditionedLM, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of the trainable parameters: the tanh gates at ``lr * gate_lr_scale``, the user encoder at
+    ``lr * encoder_lr_scale``, everything else at ``lr`` (the schedule scales all alike)."""
+    groups: dict[str, list] = {"gates": [], "encoder": [], "rest": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = "gates" if name.endswith("_gate") else "encoder" if name.startswith("encoder.") else "rest"
+            groups[kind].append(p)
+    scale = {"gates": cfg.gate_lr_scale, "encoder": cfg.encoder_lr_scale, "rest": 1.0}
+    return [{"params": ps, "lr": cfg.lr * scale[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def part_lengths(data: TaskData, batch: list, cfg: TrainConfig) -> list[tuple[int, int]]:
+    """(events, tokens) of each training example: its history window and its prompt + answer tokens."""
+    return [(ex.history_len if cfg.method == "userllm" else 0, len(data.tokens(ex.prompt)) + len(data.answer_tokens(ex.answer)))
+            for ex in batch]  # fmt: skip
+
+
+def example_flops(model: ConditionedLM, lengths: list[tuple[int, int]], world: int) -> int:
+    """Analytic training FLOPs of a process's examples (:func:`~userllm.llm.flops.training_flops`), times the
+    processes (each takes an equal share); 0 for backbones the formula does not cover."""
+    return world * sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in lengths)
+
+
+def flops_steps(model: ConditionedLM, data: TaskData, examples: list, cfg: TrainConfig) -> int:
+    """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs reach ``cfg.train_flops``."""
+    per_example = np.array([training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, examples, cfg)])
+    if per_example.max() == 0:
+        raise ConfigError(f"train_flops needs the analytic FLOP formula, which does not cover backbone {cfg.llm.backbone}")
+    passes = math.ceil(cfg.train_flops / per_example.sum())  # each pass over the examples costs the same
+    order = example_order(len(examples), passes * len(examples), cfg.seed)
+    done = np.cumsum(per_example[order]) >= cfg.train_flops
+    return math.ceil((int(done.argmax()) + 1) / cfg.batch_size)
 
 
 def _write_checkpoint(tmp: Path, model: ConditionedLM, opt, sched, state: dict) -> None:
