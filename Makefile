@@ -32,12 +32,12 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 1
-	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 20 --force
+	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 10 --force
 	$(VENV)/bin/userllm evaluate-encoder $(OUT)/encoder
 	rm -rf $(OUT)/demo
 	$(VENV)/bin/userllm experiment experiments/demo.yaml
 	cat $(OUT)/demo/results.md
-	$(VENV)/bin/userllm generate $(OUT)/demo/next_item/userllm-xattn --user 1 "Which movie will this user watch next?"
+	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm-xattn --user 1 --user 117 --top 3
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

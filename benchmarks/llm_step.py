@@ -51,7 +51,7 @@ def main() -> None:
     print("| strategy | encoder | projector+perceiver | cross-attention blocks | llm | total trainable |")
     print("|---|---|---|---|---|---|")
     for strategy in ("full", "lora", "enc", "proj"):
-        model = UserLLM(UserLLMConfig(strategy=strategy), encoder=encoder(), llm=load_backbone().model)
+        model = UserLLM(UserLLMConfig(strategy=strategy, item_words=[]), encoder=encoder(), llm=load_backbone().model)
         g = model.parameter_groups()
         cells = [f"{t:,} / {n:,}" for t, n in g.values()]
         print(f"| {strategy} | " + " | ".join(cells) + f" | {sum(t for t, _ in g.values()):,} |")
@@ -60,7 +60,7 @@ def main() -> None:
     print("| mode | step (s) | LLM input tokens |")
     print("|---|---|---|")
     for name, kw in MODES.items():
-        model = UserLLM(UserLLMConfig(strategy="enc", **kw), encoder=encoder(), llm=load_backbone().model).train()
+        model = UserLLM(UserLLMConfig(strategy="enc", item_words=[], **kw), encoder=encoder(), llm=load_backbone().model).train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         times = []
         for i in range(args.steps + 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -39,9 +40,24 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.0f} {unit}/s", style="progress.data.speed")
 
 
+def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: float) -> None:
+    """Where stderr is not a terminal (a log file), rich draws nothing until the end: print each unfinished
+    task's state as one line every ``every_s`` seconds instead."""
+    while not stop.wait(every_s):
+        for task in progress.tasks:
+            if task.finished:
+                continue
+            total = f"/{task.total:,.0f}" if task.total else ""
+            speed = task.speed or 0.0
+            left = f", ~{task.time_remaining:.0f} s left" if task.time_remaining else ""
+            console.print(f"{task.description}: {task.completed:,.0f}{total}, {speed:,.1f} {task.fields.get('unit', unit)}/s, "
+                          f"{task.elapsed or 0:.0f} s{left}", highlight=False, soft_wrap=True)  # fmt: skip
+
+
 @contextmanager
-def progress_bar(unit: str = "rows", *, transient: bool = False) -> Iterator[Progress]:
-    """A rich ``Progress`` with description, bar, count, rate in ``unit``/s, elapsed and remaining time.
+def progress_bar(unit: str = "rows", *, transient: bool = False, log_every_s: float = 60.0) -> Iterator[Progress]:
+    """A rich ``Progress`` with description, bar, count, rate in ``unit``/s, elapsed and remaining time;
+    when stderr is not a terminal, a plain line per task every ``log_every_s`` seconds instead.
 
     Example::
 
@@ -59,4 +75,10 @@ def progress_bar(unit: str = "rows", *, transient: bool = False) -> Iterator[Pro
         console=console,
         transient=transient,
     ) as progress:
-        yield progress
+        stop = threading.Event()
+        if not console.is_terminal:
+            threading.Thread(target=_log_lines, args=(progress, unit, stop, log_every_s), daemon=True).start()
+        try:
+            yield progress
+        finally:
+            stop.set()

@@ -18,7 +18,7 @@ def make(name: str):
     if METHODS[name] is None:
         return TextPromptLM(UserLLMConfig(strategy="full"), llm=tiny_llama())
     torch.manual_seed(0)
-    return UserLLM(UserLLMConfig(**{"strategy": "enc", "cross_attention_every": 2, **METHODS[name]}), encoder=tiny_encoder(),
+    return UserLLM(UserLLMConfig(**{"strategy": "enc", "cross_attention_every": 2, "item_words": [], **METHODS[name]}), encoder=tiny_encoder(),
                    llm=tiny_llama()).eval()  # fmt: skip
 
 
@@ -42,7 +42,7 @@ def test_flop_counter_matches_analytic_formula(name, n):
         assert expected[k] == counted[k], (k, expected[k], counted[k])  # exact (the issue asks for 5%)
 
 
-@pytest.mark.parametrize("kw", [{}, {"item_words": ["title", "category"]}, {"perceiver_latents": 3},
+@pytest.mark.parametrize("kw", [{"item_words": []}, {"item_words": ["title", "category"]}, {"perceiver_latents": 3},
                                 {"candidates": 4, "perceiver_latents": 3}])
 def test_training_flops_are_three_counted_training_forwards(kw):
     """training_flops = 3 x the counted FLOPs of the training forward (keys/values, logits everywhere)."""

@@ -185,7 +185,8 @@ def test_save_load_round_trip_exact(tmp_path, strategy):
 def test_full_strategy_saves_tied_embeddings_once(tmp_path):
     """SmolLM2 ties its embeddings to the LM head: saved once, and both are restored exactly."""
     torch.manual_seed(1)
-    model = UserLLM(UserLLMConfig(strategy="full", cross_attention_every=2), encoder=tiny_encoder(), llm=tiny_llama(tie=True))
+    model = UserLLM(UserLLMConfig(strategy="full", cross_attention_every=2, item_words=[]), encoder=tiny_encoder(),
+                    llm=tiny_llama(tie=True))  # fmt: skip
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids, mask = prompts()
     users = random_batch(2, 5)

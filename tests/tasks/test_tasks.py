@@ -312,3 +312,17 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     assert shown[0]["answers"] != shown[1]["answers"]
     with pytest.raises(InputError, match="not in dataset"):
         ranked_for_users(tmp_path / "run", ["nobody"])
+
+
+def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, tmp_path):
+    """Why 64 examples answered one genre for everyone: at the shared learning rate the zero-initialised gates
+    move ~lr per Adam step and stay near 0 while the blocks' own weights move at full speed; the default
+    gate_lr_scale (20) opens them ~20x as far in the same steps."""
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
+                  train_examples=32, batch_size=4, warmup_steps=0, checkpoint_every=8)  # fmt: skip
+    opened = {}
+    for scale in (1.0, TrainConfig().gate_lr_scale):
+        gates = train(TrainConfig(out=tmp_path / f"g{scale}", gate_lr_scale=scale, **common))["gates"][-1]
+        opened[scale] = max(abs(b["attn_gate"]) for k, b in gates.items() if k != "step")
+    assert TrainConfig().gate_lr_scale == 20 and opened[1.0] < 0.01 < 0.05 < opened[20.0]

@@ -157,7 +157,8 @@ def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset
         return TextPromptLM(UserLLMConfig(strategy="full"), llm=llm).eval()  # the plain backbone
     encoder = build_encoder(ds, encoder_cfg, seed)
     torch.manual_seed(seed)
-    model = UserLLM(UserLLMConfig(strategy="enc", **METHODS[name]), encoder=encoder, llm=llm).eval()
+    # the architectures as measured in benchmarks/README.md: no item words (they add 2 n d^2 FLOPs per feature)
+    model = UserLLM(UserLLMConfig(strategy="enc", item_words=[], **METHODS[name]), encoder=encoder, llm=llm).eval()
     with torch.no_grad():
         for block in model.xattn.values():
             block.attn_gate.fill_(0.5), block.ff_gate.fill_(0.5)

@@ -15,7 +15,8 @@ in cross-attention mode its keys/values are computed once per call and reused at
 
 Example::
 
-    model = UserLLM(UserLLMConfig(mode="cross_attention", strategy="enc"), encoder=enc, llm=backbone.model)
+    model = UserLLM(UserLLMConfig(mode="cross_attention", strategy="enc", item_words=[]), encoder=enc, llm=backbone.model)
+    # the recipe's category words need their tables: item_words=userllm.tasks.train.item_word_tables(ds, backbone, ["category"])
     loss = model(user_batch, input_ids, attention_mask, labels).loss
     tokens = model.generate(user_batch, input_ids, attention_mask, max_new_tokens=16)
 """

@@ -25,7 +25,6 @@ for next_item the stage-1 encoder alone; every metric carries its 95% bootstrap 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +96,10 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
 
     spec = load_spec(path)
     overrides = overrides or {}
+    names = {c["name"] for c in spec["cells"]}
+    unknown = sorted(set(only or []) - names) + ([task] if task and task not in spec["tasks"] else [])
+    if unknown:
+        raise ConfigError(f"{path}: no cell or task named {unknown}; cells: {sorted(names)}, tasks: {spec['tasks']}")
     out = Path(spec["out"])
     prep = load_config(PrepareConfig, None, flatten(spec.get("prepare") or {}))
     if not all((prep.out / f).exists() for f in FILES):
@@ -110,10 +113,6 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
         if not (summary.exists() and json.loads(summary.read_text()).get("finished")):
             resume = (encoder / "checkpoint" / "train_state.pt").exists()
             pretrain(pre.model_copy(update={"resume": resume, "force": not resume}))
-    names = {c["name"] for c in spec["cells"]}
-    unknown = sorted(set(only or []) - names) + ([task] if task and task not in spec["tasks"] else [])
-    if unknown:
-        raise ConfigError(f"{path}: no cell or task named {unknown}; cells: {sorted(names)}, tasks: {spec['tasks']}")
     ev = spec.get("evaluate") or {}
     for task_name in spec["tasks"]:
         for cell in spec["cells"]:
@@ -189,15 +188,15 @@ def reference_rows(rows: list[dict]) -> list[dict]:
 
 
 def same_users_rows(rows: list[dict], cell: dict, seed: int) -> list[dict]:
-    """The table of a cell scored on a subset of users (e.g. TP, too slow for all): that cell, every cell of
-    its task and history scored on all users re-scored on the same users (from records.jsonl), and the
-    references it was scored with."""
+    """The table of a cell scored on a subset of users (e.g. TP, too slow for all): that cell, every other
+    cell of its task and history whose records cover those users re-scored on them (from records.jsonl),
+    and the references it was scored with."""
     from userllm.tasks.evaluate import RECORDS, rescore
 
     users = {json.loads(line)["user_id"] for line in (Path(cell["run"]) / RECORDS).read_text().splitlines()}
     out = [cell]
     for r in rows:
-        if (r["task"], r["history"]) == (cell["task"], cell["history"]) and not r["subset"] and r["method"] in ("userllm", "textprompt"):
+        if (r["task"], r["history"]) == (cell["task"], cell["history"]) and r is not cell and r["method"] in ("userllm", "textprompt"):
             try:
                 out.append({**r, "metrics": rescore(Path(r["run"]), users, seed), "users": len(users)})
             except InputError as e:  # scored on other users (e.g. the spec's own subset): not comparable
@@ -258,9 +257,9 @@ def write_results(spec: dict) -> Path:
 
 
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
-    """Per task, with 95% intervals as error bars: the main metric vs history length (one line per
-    method/mode at its most common settings; references dashed) and vs training compute (every cell, one
-    marker each in the legend; references as shaded bands)."""
+    """Per task, with 95% intervals as error bars: the main metric vs history length (per method and mode,
+    its best cell at each length; references dashed) and vs training compute (every cell, one marker each
+    in the legend; references as shaded bands)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,14 +279,14 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             ax.errorbar(x, m, yerr=err, capsize=3, **kw)
 
         for label in sorted({(r["method"], r["mode"]) for r in part}):
-            same = [r for r in part if (r["method"], r["mode"]) == label and not r["perceiver"] and r["encoder"] != "random"]
-            key = lambda r: (r["strategy"], r["xattn_layers"], r["item_words"], r["train_examples"])  # noqa: E731
-            usual = Counter(key(r) for r in same).most_common(1)[0][0] if same else None
-            line = sorted((r["history"], r["metrics"][metric]) for r in same if key(r) == usual)
-            if line:
-                bars(ax_row[0], line, marker="o", label=f"{label[0]} {label[1]}")
+            same = [r for r in part if (r["method"], r["mode"]) == label]
+            best = {h: max((r for r in same if r["history"] == h), key=lambda r: r["metrics"][metric]["value"])
+                    for h in {r["history"] for r in same}}  # fmt: skip
+            line = [(h, best[h]["metrics"][metric]) for h in sorted(best)]
+            bars(ax_row[0], line, marker="o", label=f"{label[0]} {label[1]} (best cell)")
         for name in sorted({r["method"] for r in refs}):
-            line = sorted((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"])
+            line = sorted(((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"]),
+                          key=lambda p: p[0])  # fmt: skip
             if line:
                 bars(ax_row[0], line, ls="--", marker=".", label=name)
                 for i, (_, m) in enumerate(line):

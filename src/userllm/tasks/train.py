@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         last = steps if steps_this_run is None else min(steps, state["step"] + steps_this_run)
         for step in range(state["step"], last):
             t0 = time.perf_counter()
-            batch = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank::world]]
+            whole = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            batch = whole[rank::world]
             micro = cfg.micro_batch_size or len(batch)
             parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
             tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
-            state["flops"] += example_flops(model, part_lengths(data, batch, cfg), world)
+            state["flops"] += sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, whole, cfg))
             for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
@@ -198,7 +199,8 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
                 barrier(world)
     summary = {
         "steps": state["step"], "examples": state["step"] * cfg.batch_size, "tokens": state["tokens"],
-        "commit": source_commit(), "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2), "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
+        "commit": source_commit(), "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2),
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
         "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
         "losses": state["losses"], "gates": state["gates"],
         "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
@@ -226,15 +228,10 @@ def param_groups(model: ConditionedLM, cfg: TrainConfig) -> list[dict]:
 
 
 def part_lengths(data: TaskData, batch: list, cfg: TrainConfig) -> list[tuple[int, int]]:
-    """(events, tokens) of each training example: its history window and its prompt + answer tokens."""
+    """(events, tokens) of each training example: its history window and its prompt + answer tokens, for
+    :func:`~userllm.llm.flops.training_flops` (0 for backbones its formula does not cover)."""
     return [(ex.history_len if cfg.method == "userllm" else 0, len(data.tokens(ex.prompt)) + len(data.answer_tokens(ex.answer)))
             for ex in batch]  # fmt: skip
-
-
-def example_flops(model: ConditionedLM, lengths: list[tuple[int, int]], world: int) -> int:
-    """Analytic training FLOPs of a process's examples (:func:`~userllm.llm.flops.training_flops`), times the
-    processes (each takes an equal share); 0 for backbones the formula does not cover."""
-    return world * sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in lengths)
 
 
 def flops_steps(model: ConditionedLM, data: TaskData, examples: list, cfg: TrainConfig) -> int:
