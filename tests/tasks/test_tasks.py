@@ -207,11 +207,12 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert "| tp | textprompt |" in same and "| xattn | userllm |" in same and "label prior (same users)" in same
     from userllm.tasks.evaluate import rescore
 
-    tp_users = {json.loads(line)["user_id"] for line in (tmp_path / "exp" / "favorite_genre" / "tp" / "records.jsonl").open()}
-    xattn = json.loads((tmp_path / "exp" / "favorite_genre" / "xattn" / "metrics.json").read_text())
-    assert rescore(tmp_path / "exp" / "favorite_genre" / "xattn", set(xattn_users := {
-        json.loads(line)["user_id"] for line in (tmp_path / "exp" / "favorite_genre" / "xattn" / "records.jsonl").open()})) == xattn["metrics"]
-    assert len(tp_users) == 3 < len(xattn_users)
+    from userllm.tasks.evaluate import scored_users
+
+    runs = tmp_path / "exp" / "favorite_genre"
+    xattn = json.loads((runs / "xattn" / "metrics.json").read_text())
+    assert rescore(runs / "xattn", scored_users(runs / "xattn")) == xattn["metrics"]  # all of its users: as scored
+    assert len(scored_users(runs / "tp")) == 3 < len(scored_users(runs / "xattn"))
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
     prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)

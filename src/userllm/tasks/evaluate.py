@@ -231,10 +231,17 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     return metrics
 
 
+def scored_users(run_dir: Path) -> set[str]:
+    """The user ids a scored run's ``records.jsonl`` holds."""
+    return {json.loads(line)["user_id"] for line in (Path(run_dir) / RECORDS).read_text().splitlines()}
+
+
 def rescore(run_dir: Path, user_ids: set[str], seed: int = 0) -> dict[str, dict]:
     """A scored run's metrics on some of its test users only (from ``records.jsonl``), e.g. the users another
     run was scored on, so that both are compared on the same users."""
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    if not (Path(run_dir) / RECORDS).exists():
+        raise InputError(f"{run_dir} has no {RECORDS} (scored before userllm kept them): score it again with --force")
     lines = (Path(run_dir) / RECORDS).read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["user_id"] in user_ids]
     if len({r["user_id"] for r in records}) != len(user_ids):

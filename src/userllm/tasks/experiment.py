@@ -191,9 +191,9 @@ def same_users_rows(rows: list[dict], cell: dict, seed: int) -> list[dict]:
     """The table of a cell scored on a subset of users (e.g. TP, too slow for all): that cell, every other
     cell of its task and history whose records cover those users re-scored on them (from records.jsonl),
     and the references it was scored with."""
-    from userllm.tasks.evaluate import RECORDS, rescore
+    from userllm.tasks.evaluate import rescore, scored_users
 
-    users = {json.loads(line)["user_id"] for line in (Path(cell["run"]) / RECORDS).read_text().splitlines()}
+    users = scored_users(Path(cell["run"]))
     out = [cell]
     for r in rows:
         if (r["task"], r["history"]) == (cell["task"], cell["history"]) and r is not cell and r["method"] in ("userllm", "textprompt"):
@@ -226,7 +226,14 @@ def write_results(spec: dict) -> Path:
     lines = []
     tables = [(task, f"### {task}", [r for r in rows if r["task"] == task]) for task in spec["tasks"]]
     seed = (spec.get("evaluate") or {}).get("seed", 0)
+    from userllm.tasks.evaluate import scored_users
+
+    tabled = set()  # (task, history, users) already shown: cells scored on the same users share a table
     for cell in [r for r in rows if r["subset"] and r["method"] in ("userllm", "textprompt")]:
+        key = (cell["task"], cell["history"], frozenset(scored_users(Path(cell["run"]))))
+        if key in tabled:
+            continue
+        tabled.add(key)
         same = same_users_rows(rows, cell, seed)
         tables.append((cell["task"], f"### {cell['task']}: on the {cell['users']} test users {cell['cell']} was scored on", same))
     for task, title, part in tables:
@@ -297,7 +304,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
         markers = "osD^v<>ph*"
         for i, r in enumerate(p for p in part if p["train_flops"]):
             bars(ax_row[1], [(r["train_flops"], r["metrics"][metric])], marker=markers[i % len(markers)], ls="none",
-                 color="tab:orange" if r["method"] == "textprompt" else f"C{i % 10}", label=f"{r['cell']} ({r['method']})")  # fmt: skip
+                 color="k" if r["method"] == "textprompt" else f"C{i % 10}", label=f"{r['cell']} ({r['method']})")  # fmt: skip
         ax_row[1].set(xscale="log", xlabel="training compute (FLOPs, analytic)", ylabel=metric,
                       title=f"{task}: quality vs training compute")  # fmt: skip
         ax_row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
