@@ -32,7 +32,7 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm inspect $(OUT)/ml-100k --users 1
-	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 10 --force
+	$(VENV)/bin/userllm pretrain $(OUT)/ml-100k --out $(OUT)/encoder --epochs 6 --force
 	$(VENV)/bin/userllm evaluate-encoder $(OUT)/encoder
 	rm -rf $(OUT)/demo
 	$(VENV)/bin/userllm experiment experiments/demo.yaml

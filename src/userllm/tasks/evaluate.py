@@ -161,7 +161,7 @@ def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: i
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:
     """The reference rows of a run's table on the same test users: ``label prior`` (not for review) and, for
-    next_item, ``encoder alone`` (the stage-1 encoder of a User-LLM run, or of ``encoder`` given to TP)."""
+    next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from)."""
     from userllm.encoder.train import load_encoder
 
     out = {}

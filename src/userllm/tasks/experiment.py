@@ -171,10 +171,11 @@ def reference_rows(rows: list[dict]) -> list[dict]:
     test users as the cells."""
     out = []
     for task, history in sorted({(r["task"], r["history"]) for r in rows}):
-        cells = [r for r in rows if (r["task"], r["history"]) == (task, history)]
+        # from a cell scored on the spec's users, with the pretrained encoder where there is one
+        cells = sorted((r for r in rows if (r["task"], r["history"]) == (task, history)),
+                       key=lambda r: (r["subset"], r["encoder"] != "pretrained"))  # fmt: skip
         for name, short in (("label prior", "prior"), ("encoder alone", "encoder")):
-            cell = next((r for r in cells if name in r["references"] and r["encoder"] == "pretrained"), None)
-            cell = cell or next((r for r in cells if name in r["references"] and name == "label prior"), None)
+            cell = next((r for r in cells if name in r["references"]), None)
             if cell is None:
                 continue
             out.append({

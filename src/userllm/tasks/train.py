@@ -149,14 +149,14 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, steps))
-    state = {"step": 0, "tokens": 0, "flops": 0, "seconds": 0.0, "losses": [], "gates": []}
+    state = {"step": 0, "tokens": 0, "flops": 0, "seconds": 0.0, "losses": [], "gates": [], "commit": source_commit()}
     ckpt = out / "checkpoint"
     if cfg.resume:
         model.load_trained(ckpt, load_file(ckpt / "userllm.safetensors", device=device))
         saved = torch.load(ckpt / "train_state.pt", weights_only=False)
         opt.load_state_dict(saved.pop("optimizer"))
         sched.load_state_dict(saved.pop("scheduler"))
-        state = {"flops": 0, "gates": [], **saved}  # checkpoints written before these were logged
+        state = {"flops": 0, "gates": [], "commit": None, **saved}  # checkpoints written before these were logged
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     model.train()
     with progress_bar("tokens") as progress:
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
                 barrier(world)
     summary = {
         "steps": state["step"], "examples": state["step"] * cfg.batch_size, "tokens": state["tokens"],
-        "commit": source_commit(), "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2),
+        "commit": state["commit"], "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2),
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
         "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
         "losses": state["losses"], "gates": state["gates"],
