@@ -205,7 +205,7 @@ class UserLLMConfig(_Config):
     item_words: list[Literal["title", "category"]] = Field(
         default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "
         "context entry: the frozen mean input embedding of its title's tokens / of its categories' names (beyond the "
-        "paper; favorite_genre 0.635 -> ... with categories, docs/results.md)",
+        "paper; favorite_genre with category words: docs/results.md)",
     )
     candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
                             "in its title's words plus a rank embedding (0 = off; beyond the paper)")  # fmt: skip
