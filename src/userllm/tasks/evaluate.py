@@ -71,6 +71,11 @@ def history_bucket(length: int) -> str:
     return f">{HISTORY_BUCKETS[-1]}"
 
 
+def answer_trie(data: TaskData) -> TokenTrie:
+    """The token trie of the task's answer vocabulary (titles or categories); answer i is vocabulary index i + 2."""
+    return TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
+
+
 @torch.no_grad()
 def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str) -> list[dict]:
     """One record per example: the prediction(s) of the task, the truth and the LLM's input length."""
@@ -79,7 +84,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     vocab = data.answer_vocabulary()
     trie = None
     if data.task != "review":
-        trie = TokenTrie([data.tokens(v) for v in vocab[2:]], eos_token_id=eos)  # answers: vocabulary index - 2
+        trie = answer_trie(data)
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
     with progress_bar("examples") as progress:
@@ -272,7 +277,7 @@ def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> lis
     text = prompts.instruction(data.task, data.words)
     examples = [latest_request(cfg, data, u, text) for u in user_ids]
     vocab = data.answer_vocabulary()
-    trie = TokenTrie([data.tokens(v) for v in vocab[2:]], eos_token_id=data.tokenizer.eos_token_id)
+    trie = answer_trie(data)
     ids, mask, _ = data.batch(examples, with_answers=False)
     users = data.user_batch(examples) if cfg.method == "userllm" else None
     with model.conditioned(users, ids, mask) as (embeds, prefix_mask):
