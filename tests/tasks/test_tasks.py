@@ -16,6 +16,7 @@ from userllm.llm.decoding import TokenTrie, constrained_beam_search
 from userllm.llm.model import TextPromptLM
 from userllm.tasks import prompts
 from userllm.tasks.data import IGNORE, TaskData
+from userllm.io import sha256
 from userllm.tasks.evaluate import evaluate, eval_users, generate_for_user
 from userllm.tasks.train import train
 
@@ -162,6 +163,31 @@ def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     assert train(TrainConfig(out=tmp_path / "b", resume=True, **common))["steps"] == 4
     a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_evaluation_resumes_from_its_partial_records(synthetic_ds, text_lm_dir, tmp_path):
+    """Records of an interrupted scoring of the same model are kept (not scored again); a cut last line is
+    scored again; partial records of an earlier training are discarded; a finished scoring leaves none."""
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
+                  train_examples=8, batch_size=4, lr=3e-3, eval_batch_size=2)  # fmt: skip
+    run = tmp_path / "run"
+    train(TrainConfig(out=run, **common))
+    evaluate(run, users=6, seed=1)
+    full = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert not (run / "records.partial.jsonl").exists()
+    header = json.dumps({"model": sha256(run / "summary.json")})
+    marked = {**full[0], "ranked": ["<kept from the partial file>"]}
+    cut = json.dumps(full[1])[:-5]
+    (run / "records.partial.jsonl").write_text("\n".join([header, json.dumps(marked), cut]))
+    evaluate(run, users=6, seed=1, force=True)
+    again = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert again[0] == marked and again[1:] == full[1:]
+    assert not (run / "records.partial.jsonl").exists()
+    stale = json.dumps({"model": "a model trained before"})
+    (run / "records.partial.jsonl").write_text("\n".join([stale, json.dumps(marked)]) + "\n")
+    evaluate(run, users=6, seed=1, force=True)
+    assert [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()] == full
 
 
 @pytest.mark.parametrize("method", ["textprompt", "userllm"])

@@ -15,7 +15,9 @@ Every metric is the mean over the test users (one example each) with its 95% boo
 (:func:`~userllm.eval.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
 ``metrics.json`` holds reference rows on the same users (``references``): the label prior and, for
 next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read).
-``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it).
+``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it); while
+scoring they are appended batch by batch to ``records.partial.jsonl``, so an interrupted scoring resumes
+where it stopped (rerun the same command; see :func:`load_partial`).
 ``metrics.json`` also holds ``llm_input_tokens`` (mean tokens the LLM reads per request, soft-prompt
 embeddings included), a breakdown by history length, examples of predictions and the resolved config.
 ``--general`` adds the backbone's perplexity on a small general English text (shipped with userllm)
@@ -37,7 +39,7 @@ from userllm.config import dump_config
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
 from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
-from userllm.io import write_json, write_text_atomically
+from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
 from userllm.progress import progress_bar
@@ -48,6 +50,7 @@ from userllm.tasks.train import load_run
 HISTORY_BUCKETS = (10, 25, 50, 100, 200)  # upper edges of the history-length buckets; the last is open
 GENERAL_TEXT = "general_english.txt"
 RECORDS = "records.jsonl"  # one line per scored test example: user_id, history_len, truth, ranked, greedy
+PARTIAL = "records.partial.jsonl"  # the records of an unfinished scoring, appended batch by batch (resumed)
 
 
 def eval_users(run_dir: Path, num_users: int, n: int, seed: int) -> list[int]:
@@ -76,9 +79,34 @@ def answer_trie(data: TaskData) -> TokenTrie:
     return TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
 
 
+def load_partial(run_dir: Path) -> tuple[Path, dict[str, dict]]:
+    """The partial records file of ``run_dir`` and the records it holds by user id: those of an interrupted
+    scoring of the same trained model (its first line names the model by the sha256 of ``summary.json``;
+    a file from an earlier training is discarded)."""
+    path, model_id = Path(run_dir) / PARTIAL, sha256(Path(run_dir) / "summary.json")
+    done: dict[str, dict] = {}
+    if path.exists():
+        lines = path.read_text().splitlines()
+        if lines and json.loads(lines[0]).get("model") == model_id:
+            for line in lines[1:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # the line a kill cut short: scored again
+                    continue
+                done[r["user_id"]] = r
+    if not done:
+        path.write_text(json.dumps({"model": model_id}) + "\n")
+    return path, done
+
+
 @torch.no_grad()
-def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str) -> list[dict]:
-    """One record per example: the prediction(s) of the task, the truth and the LLM's input length."""
+def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str, partial: Path | None = None,
+            done: dict[str, dict] | None = None) -> list[dict]:  # fmt: skip
+    """One record per example: the prediction(s) of the task, the truth and the LLM's input length. With
+    ``partial``, each batch's records are appended to that file as they are made, and the examples of users
+    in ``done`` (records read back from it, see :func:`load_partial`) are not scored again."""
+    done = done or {}
+    todo = [ex for ex in examples if ex.user_id not in done]
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     vocab = data.answer_vocabulary()
@@ -87,10 +115,11 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
         trie = answer_trie(data)
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
+    resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
-        task = progress.add_task(f"evaluating {data.task}", total=len(examples))
-        for c in range(0, len(examples), cfg.eval_batch_size):
-            batch = examples[c : c + cfg.eval_batch_size]
+        task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))
+        for c in range(0, len(todo), cfg.eval_batch_size):
+            batch = todo[c : c + cfg.eval_batch_size]
             ids, mask, _ = data.batch(batch, with_answers=False, device=device)
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
             context = model.user_state(users) if users is not None else None  # once for both decodings
@@ -105,12 +134,16 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                 new = model.generate(users, ids, mask, context=context, max_new_tokens=cfg.max_new_tokens,
                                      eos_token_id=eos, pad_token_id=pad)  # fmt: skip
                 greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip() for row in new.tolist()]
-            for i, ex in enumerate(batch):
-                records.append({"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer,
-                                "ranked": ranked[i], "greedy": greedy[i] if greedy else None,
-                                "llm_input_tokens": int(input_tokens[i])})  # fmt: skip
+            new = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
+                    "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
+                   for i, ex in enumerate(batch)]  # fmt: skip
+            if partial is not None:
+                with open(partial, "a") as f:
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+            records += new
             progress.advance(task, len(batch))
-    return records
+    by_user = {**done, **{r["user_id"]: r for r in records}}
+    return [by_user[ex.user_id] for ex in examples]
 
 
 def per_example(task: str, records: list[dict], catalogue: set[str], beams: int) -> dict[str, list[float]]:
@@ -214,7 +247,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
     examples = data.examples("test", subset)
-    records = predict(model, data, examples, cfg, device)
+    partial, done = load_partial(run_dir)  # an interrupted scoring of this model resumes
+    records = predict(model, data, examples, cfg, device, partial, done)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
     buckets = {}
@@ -233,6 +267,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         metrics["general"] = general_retention(cfg, model, device)
     write_text_atomically(run_dir / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json(out, metrics)
+    partial.unlink()
     return metrics
 
 
