@@ -1,9 +1,11 @@
-"""Shared fixtures. Every data fixture is written by the tests themselves (never copies of real datasets)."""
+"""Shared fixtures. Every data fixture is written by the tests themselves (never copies of real datasets);
+real public files are read in place from the team's shared data folder (``real_file``)."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,18 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode(encoding)
     path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+# real files as released (../shared/data beside the repository; USERLLM_SHARED_DATA to point elsewhere)
+SHARED_DATA = Path(os.environ.get("USERLLM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def real_file(relative: str) -> Path:
+    """A real data file from the shared data folder; the test is skipped (saying where it looked) without it."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"real data file {path} is not here (set USERLLM_SHARED_DATA to the shared data folder)")
     return path
 
 

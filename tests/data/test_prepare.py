@@ -91,7 +91,8 @@ def test_stable_sort_dedup_and_missing_metadata(tmp_path, cfg_for):
     ds = PreparedDataset(tmp_path / "out")
     assert ds.events.get_column("item_id").to_list() == ["10", "30", "20", "99"]
     item99 = ds.items.filter(pl.col("item_id") == "99").row(0, named=True)
-    assert item99["has_metadata"] is False and item99["category_idx"] == [1] and item99["title"] == "99"
+    assert item99["has_metadata"] is False and item99["category_idx"] == [1] and item99["title"] == "item 99 (no title)"
+    assert m["item_titles"]["source"] == {"metadata": 3, "no metadata record": 1}
 
 
 def test_k_core_and_threshold(tmp_path):

@@ -1,6 +1,8 @@
+import polars as pl
 import pytest
 
 from tests.conftest import jsonl, write
+from userllm.data.prepare import prepare_dataset
 from userllm.data.readers.amazon import read_amazon
 from userllm.data.readers.common import ReadContext
 from userllm.data.readers.google_local import read_google_local
@@ -92,3 +94,44 @@ def test_google_local(tmp_path):
     assert raw.items.row(0, named=True)["categories"] == ["Cafe", "Bakery"]
     with pytest.raises(InputError, match="no Google Local review file"):
         read_google_local([tmp_path / "meta-Vermont.json.gz"], ReadContext(SkipLog()))
+
+
+def test_amazon_metadata_html_repeated_ids_and_titles_that_are_only_markup(tmp_path, cfg_for):
+    rec = {"reviewerID": "A1", "asin": "B1", "overall": 4.0, "unixReviewTime": 1500000000, "reviewText": "ok"}
+    write(tmp_path / "Gift_Cards.json", jsonl([{**rec, "asin": a, "unixReviewTime": 1500000000 + k}
+                                               for k, a in enumerate(["B1", "B2", "B3", "B4"])]))  # fmt: skip
+    meta = [
+        {"asin": "B1", "title": "Chili&#39;s Grill &amp; Bar <b>Gift</b> Card", "category": ["Gift Cards",
+         "Entertainment &amp; Pop Culture", "</span></span>"], "description": ["<div>Fun &amp; food</div>", ""]},
+        {"asin": "B2", "title": '<span class="a-size-medium a-color-secondary"', "category": []},
+        {"asin": "B3", "title": "", "category": ["Gift Cards", "Restaurants"]},
+        {"asin": "B3", "title": "Double &amp;#39;escaped&amp;#39;", "category": ["Gift Cards", "Later"]},
+        {"asin": "B1", "title": "a later record of B1", "description": ["ignored"]},
+    ]  # fmt: skip
+    write(tmp_path / "meta_Gift_Cards.json", jsonl(meta))
+    raw, _ = read_amz(tmp_path)
+    items = {r["item_id"]: r for r in raw.items.iter_rows(named=True)}
+    assert items["B1"]["title"] == "Chili's Grill & Bar Gift Card" and items["B1"]["description"] == "Fun & food"
+    assert items["B1"]["categories"] == ["Entertainment & Pop Culture"]
+    assert items["B2"]["title"] is None and items["B2"]["title_note"] == "markup only"
+    assert items["B3"]["title"] == "Double 'escaped'" and items["B3"]["categories"] == ["Restaurants"]  # first non-empty wins
+    assert raw.merged_items == 2 and len(items) == 3
+
+    m = prepare_dataset(cfg_for("amazon", tmp_path, min_user_events=0))
+    assert m["item_titles"]["source"] == {"markup only": 1, "metadata": 2, "no metadata record": 1}
+    assert m["item_titles"]["metadata_records_merged"] == 2
+    titles = dict(pl.read_parquet(tmp_path / "out" / "items.parquet").select("item_id", "title").iter_rows())
+    assert titles["B2"] == "item B2 (no title)" and titles["B4"] == "item B4 (no title)"
+
+
+def test_truncated_gzip_in_google_local_keeps_complete_records(tmp_path):
+    recs = [{"user_id": f"u{k % 3}", "gmap_id": f"G{k % 7}", "rating": 4, "time": 1600000000000 + k * 1000,
+             "text": "x" * 40} for k in range(3000)]  # fmt: skip
+    path = write(tmp_path / "review-Vermont.json.gz", jsonl(recs))
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    skips = SkipLog()
+    raw = read_google_local([path], ReadContext(skips))
+    assert 0 < raw.events.height < 3000 and skips.counts == {"truncated_file": 1}
+    assert f"review-Vermont.json.gz:{raw.events.height + 1}:" in skips.examples["truncated_file"][0]
+    with pytest.raises(MalformedRowError, match=rf"review-Vermont\.json\.gz:{raw.events.height + 1}: truncated_file"):
+        read_google_local([path], ReadContext(SkipLog(strict=True)))

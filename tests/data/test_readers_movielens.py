@@ -80,3 +80,45 @@ def test_embedded_wheels_agree():
     assert a.events.equals(b.events)
     assert a.items.sort("item_id").equals(b.items.sort("item_id"))
     assert a.items.height == 1682
+
+
+def test_ml_latest_small_layout_quotes_no_genres_and_tags_beside(tmp_path):
+    """ml-latest-small as released: quoted titles with commas and doubled quotes, ``(no genres listed)``,
+    non-ASCII titles, and tags.csv / links.csv beside the ratings (not read: the manifest lists what was)."""
+    d = tmp_path / "ml-latest-small"
+    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n"
+                             "1,3,5.0,964982224\n")  # fmt: skip
+    write(d / "movies.csv", "movieId,title,genres\n"
+                            '1,"American President, The (1995)",Comedy|Drama|Romance\n'
+                            '2,"""Great Performances"" Cats (1998)",Musical\n'
+                            "3,Pokémon Heroes (2003),(no genres listed)\n")  # fmt: skip
+    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,1,\"funny, sweet\",1445714994\n")
+    write(d / "links.csv", "movieId,imdbId,tmdbId\n1,0112346,9087\n")
+    raw, skips = read(d)
+    assert skips.total == 0 and [f.name for f in raw.files] == ["ratings.csv", "movies.csv"]
+    items = {r["item_id"]: r for r in raw.items.iter_rows(named=True)}
+    assert items["1"]["title"] == "American President, The (1995)"
+    assert items["1"]["categories"] == ["Comedy", "Drama", "Romance"]
+    assert items["2"]["title"] == '"Great Performances" Cats (1998)' and items["2"]["categories"] == ["Musical"]
+    assert items["3"]["title"] == "Pokémon Heroes (2003)" and items["3"]["categories"] == []
+
+
+@pytest.mark.parametrize("layout,ratings,items", [
+    ("ml-25m", "ratings.csv.gz", "movies.csv"),  # ratings read columnar (read_lines)
+    ("ml-1m", "ratings.dat", "movies.dat.gz"),   # items read whole (read_small_text)
+])  # fmt: skip
+def test_truncated_gzip_movielens_files(tmp_path, layout, ratings, items):
+    d = tmp_path / layout
+    sep, header = (",", "userId,movieId,rating,timestamp\n") if layout == "ml-25m" else ("::", "")
+    rows = "".join(f"{u}{sep}{i}{sep}4{sep}{1000 + u * 100 + i}\n" for u in range(1, 40) for i in range(1, 60))
+    names = "".join(f"{i}{sep}Film {i} (1990){sep}Drama\n" for i in range(1, 3000))
+    write(d / ratings, header + rows)
+    write(d / items, ("movieId,title,genres\n" if layout == "ml-25m" else "") + names)
+    cut = d / (ratings if ratings.endswith(".gz") else items)
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+    raw, skips = read(d)
+    assert skips.counts == {"truncated_file": 1} and cut.name in skips.warnings[0]
+    kept = raw.events.height if cut.name.startswith("ratings") else raw.items.height
+    assert 0 < kept < (39 * 59 if cut.name.startswith("ratings") else 2999)
+    with pytest.raises(MalformedRowError, match=rf"{cut.name}:\d+: truncated_file"):
+        read(d, strict=True)

@@ -37,6 +37,10 @@ def summary(manifest: dict) -> Group:
                   f" (history window <= {split['max_history']})")  # fmt: skip
     for name, q in manifest["history_length"].items():
         facts.add_row(name.replace("_", " "), "  ".join(f"{k} {v:.4g}" for k, v in q.items()))
+    if "item_titles" in manifest:  # (datasets prepared before it was counted have none)
+        titles = manifest["item_titles"]
+        merged = f"; {titles['metadata_records_merged']:,} repeated metadata records merged" if titles["metadata_records_merged"] else ""
+        facts.add_row("item titles", ", ".join(f"{k} {v:,}" for k, v in titles["source"].items()) + merged)
     skipped = manifest["skipped"]
     facts.add_row("skipped rows", f"{skipped['total']:,}")
     for reason, info in skipped["by_reason"].items():

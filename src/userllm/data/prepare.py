@@ -10,7 +10,9 @@ Steps, in order (each filter's parameters and its before/after counts go to ``ma
 5. ``split_min_events``: users need 3 events for the leave-last-out split;
 6. order each user's events by timestamp with a *stable* sort: events with equal timestamps keep the
    order of the input file (415 of MovieLens-100K's 943 test items tie with the event before them);
-7. vocabularies (0 = padding, 1 = unknown) for items, rating buckets and categories;
+7. vocabularies (0 = padding, 1 = unknown) for items, rating buckets and categories; an item without a
+   usable title (no metadata record, an empty title, or one that was only HTML) is called
+   ``item <item_id> (no title)``, and ``manifest.json`` ``item_titles`` counts titles by source;
 8. leave-last-out split per user: test = last event, valid = second last, train = the rest (RecBole and
    SASRec's protocol), and labelled examples whose history is the ``max_history`` events before the target.
 
@@ -39,6 +41,7 @@ PAD, UNK = 0, 1
 SPECIAL = ["<pad>", "<unk>"]
 MIN_SPLIT_EVENTS = 3
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+FALLBACK_TITLE = "item {} (no title)"  # the title of an item whose metadata gives none (marked as such)
 LABEL_CHUNK = 100_000  # examples labelled per step (bounds memory of the exploded history windows)
 
 
@@ -201,7 +204,7 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
                 item_id=pl.col("item_id").cast(pl.Categorical),
             ).with_columns(u=pl.col("user_id").to_physical(), i=pl.col("item_id").to_physical())
         )
-        items_meta, layout, files = raw.items, raw.layout, raw.files
+        items_meta, layout, files, merged_items = raw.items, raw.layout, raw.files, raw.merged_items
         del raw  # frees the raw events early (peak memory on 20M rows)
         log.apply(
             "dedup", {"key": ["user_id", "item_id", "timestamp"], "keep": "first"},
@@ -239,11 +242,16 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
         items = (
             item_index.join(items_meta, on="item_id", how="left", maintain_order="left")
             .with_columns(
-                has_metadata=pl.col("title").is_not_null() | pl.col("categories").is_not_null(),
-                title=pl.coalesce("title", "item_id"),
+                has_metadata=pl.col("categories").is_not_null(),  # a metadata record (categories may be [])
+                title_source=pl.when(pl.col("title").is_not_null()).then(pl.lit("metadata"))
+                .when(pl.col("categories").is_null()).then(pl.lit("no metadata record"))
+                .otherwise(pl.coalesce("title_note", pl.lit("empty title"))),
+            )
+            .with_columns(
+                title=pl.coalesce("title", pl.format(FALLBACK_TITLE, "item_id")),
                 categories=pl.col("categories").fill_null(pl.lit([], dtype=pl.List(pl.String))),
             )
-        )
+        )  # fmt: skip
         item_freq = events.group_by("item_id").agg(n=pl.len()).with_columns(pl.col("item_id").cast(pl.String))
         cat_counts = items.join(item_freq, on="item_id").select("n", category=pl.col("categories")).explode("category")
         category_vocab = vocabulary(cat_counts.drop_nulls("category"), "category", weight="n")
@@ -299,6 +307,12 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
         },
         "history_length": {"timeline": quantiles(lengths), "test_history_window": quantiles(test_hist)},
         "skipped": skips.to_dict(),
+        "warnings": skips.warnings,
+        "item_titles": {
+            "source": dict(items.group_by("title_source").len().sort("title_source").iter_rows()),
+            "fallback": FALLBACK_TITLE.replace("{}", "<item_id>"),
+            "metadata_records_merged": merged_items,  # records that repeated an item id (first non-empty wins)
+        },
         "config": dump_config(cfg),
     }
 

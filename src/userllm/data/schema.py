@@ -20,7 +20,12 @@ items: one row per catalogue item
 ``title``             str          display title (MovieLens: with the year)
 ``categories``        list<str>    genres / categories, may be empty
 ``description``       str          nullable
+``title_note``        str          why ``title`` is null: ``markup only`` (the
+                                   source had only HTML) or ``empty title``
 ====================  ===========  ==============================================
+
+Texts are clean (``readers.common.clean_text``: no HTML entities or tags) and ids unique (repeated metadata
+records are merged by ``readers.common.items_frame``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ ITEM_SCHEMA: dict[str, pl.DataType] = {
     "title": pl.String(),
     "categories": pl.List(pl.String()),
     "description": pl.String(),
+    "title_note": pl.String(),
 }
 
 

@@ -17,19 +17,24 @@ class SkipLog:
 
     With ``strict=True`` the first malformed row raises :class:`MalformedRowError` instead.
     Reasons used by the readers: ``wrong field count``, ``non-numeric rating``, ``bad timestamp``,
-    ``invalid JSON``, ``missing required field``.
+    ``invalid JSON``, ``missing required field``, and ``truncated_file`` (a gzip stream that breaks before
+    its end: the complete lines before the break are kept, see ``readers.common.read_gzip``).
+    ``warnings`` are messages the command prints and the manifest keeps (e.g. an incomplete file).
     """
 
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.warnings: list[str] = []
 
-    def add(self, reason: str, file: Path | str, line: int, detail: str) -> None:
-        """Record one malformed row at ``file:line`` (1-based). ``detail`` says the field and what was expected."""
+    def add(self, reason: str, file: Path | str, line: int, detail: str,
+            lenient: str = "rerun without --strict to skip such rows") -> None:  # fmt: skip
+        """Record one malformed row at ``file:line`` (1-based). ``detail`` says the field and what was expected;
+        ``lenient`` what the default mode would do instead (said under ``strict``)."""
         where = f"{file}:{line}"
         if self.strict:
-            raise MalformedRowError(f"{where}: {reason}: {detail} (rerun without --strict to skip such rows)")
+            raise MalformedRowError(f"{where}: {reason}: {detail} ({lenient})")
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES:

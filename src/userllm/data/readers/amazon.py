@@ -86,14 +86,9 @@ def _flat_categories(value: object) -> list[str]:
     return out
 
 
-def _description(value: object) -> str | None:
-    if isinstance(value, list):
-        value = "\n".join(str(v) for v in value if v)
-    return str(value) if value else None
-
-
-def meta_to_item(record: dict, layout: str) -> tuple[str, str | None, list[str], str | None] | None:
-    """Normalize one metadata record; ``None`` when it has no item id."""
+def meta_to_item(record: dict, layout: str) -> tuple[str, object, list[str], object] | None:
+    """One metadata record as ``(item_id, title, categories, description)`` (cleaned by ``items_frame``);
+    ``None`` when it has no item id."""
     if layout == "2023":
         item_id = record.get("parent_asin")
         cats = _flat_categories(record.get("categories")) or [c for c in [record.get("main_category")] if c]
@@ -102,7 +97,7 @@ def meta_to_item(record: dict, layout: str) -> tuple[str, str | None, list[str],
         cats = _flat_categories(record.get("categories") or record.get("category"))
     if not item_id:
         return None
-    return str(item_id), record.get("title") or None, cats, _description(record.get("description"))
+    return str(item_id), record.get("title"), cats, record.get("description")
 
 
 def read_amazon(paths: list[Path], ctx: ReadContext) -> RawData:
@@ -128,4 +123,5 @@ def read_amazon(paths: list[Path], ctx: ReadContext) -> RawData:
                 ctx.skips.add("missing required field", path, lineno, "field 'asin'/'parent_asin': expected a value")
             else:
                 items.append(item)
-    return RawData(events=pl.concat(events), items=items_frame(items), layout=layout, files=reviews + metas)
+    items, merged = items_frame(items)
+    return RawData(events=pl.concat(events), items=items, layout=layout, files=reviews + metas, merged_items=merged)

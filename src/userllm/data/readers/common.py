@@ -1,10 +1,13 @@
-"""Shared reading machinery: file discovery, fast line splitting, typed parsing with skip accounting."""
+"""Shared reading machinery: file discovery, gzip streams that may break, fast line splitting, typed
+parsing with skip accounting, and the cleaning of item metadata (HTML entities and tags, repeated ids)."""
 
 from __future__ import annotations
 
 import gzip
-import io
+import html
 import json
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -27,6 +30,7 @@ class RawData:
     items: pl.DataFrame
     layout: str
     files: list[Path] = field(default_factory=list)
+    merged_items: int = 0  # metadata records merged into an earlier record of the same item id
 
     def __post_init__(self) -> None:
         self.events = conform_events(self.events)
@@ -70,35 +74,67 @@ def describe_found(files: list[Path]) -> str:
     return f"found: {shown or 'no files'}"
 
 
-def open_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> io.TextIOBase:
-    """Open a text file, transparently gunzipping ``*.gz``."""
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, errors=errors, newline="")
-    return open(path, encoding=encoding, errors=errors, newline="")
+GZIP_BREAKS = (EOFError, zlib.error, gzip.BadGzipFile)  # what a truncated or corrupt gzip stream raises
 
 
-def read_small_text(path: Path) -> str:
-    """Whole file as text: UTF-8 when valid, else latin-1 (the encoding of MovieLens' older files)."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+def gzip_break(path: Path, lines: int, err: Exception, skips: SkipLog) -> None:
+    """A gzip stream of ``path`` that broke after ``lines`` complete lines: one ``truncated_file`` skip at
+    the line where it breaks (fatal under ``--strict``) and a warning. A file that is not gzip at all is an
+    error."""
+    if lines == 0 and isinstance(err, gzip.BadGzipFile):
+        raise InputError(f"{path}: not a gzip file, although its name ends in .gz ({err})")
+    how = "ends before its end-of-stream marker" if isinstance(err, EOFError) else f"is corrupt ({err})"
+    skips.add("truncated_file", path, lines + 1,
+              f"the gzip stream {how} after line {lines:,} (an incomplete download?)",
+              lenient=f"rerun without --strict to keep the {lines:,} complete lines before the break")  # fmt: skip
+    skips.warnings.append(f"{path} is incomplete: its gzip stream {how} after line {lines:,}; "
+                          f"the {lines:,} complete lines before the break were read, the rest of the file is missing")  # fmt: skip
+
+
+def read_gzip(path: Path, skips: SkipLog) -> bytes:
+    """The decompressed bytes of a gzip file; a stream that breaks early (truncated download, corrupt
+    block) gives the complete lines before the break, recorded by :func:`gzip_break`."""
+    chunks = []
+    with gzip.open(path, "rb") as f:
+        try:
+            while block := f.read1(1 << 20):  # one block at a time: a break loses no decompressed bytes
+                chunks.append(block)
+        except GZIP_BREAKS as err:
+            data = b"".join(chunks)
+            data = data[: data.rfind(b"\n") + 1]
+            gzip_break(path, data.count(b"\n"), err, skips)
+            return data
+    return b"".join(chunks)
+
+
+def read_small_text(path: Path, skips: SkipLog) -> str:
+    """Whole file as text (gzip ok, see :func:`read_gzip`): UTF-8 when valid, else latin-1 (the encoding of
+    MovieLens' older files)."""
+    raw = read_gzip(path, skips) if path.suffix == ".gz" else path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
 
 
-def read_lines(path: Path) -> pl.DataFrame:
-    """All lines of a (possibly gzipped) text file as ``line`` (str) and 1-based ``lineno`` (int64).
+def read_lines(path: Path, skips: SkipLog) -> pl.DataFrame:
+    """All lines of a (possibly gzipped, see :func:`read_gzip`) text file as ``line`` (str) and 1-based
+    ``lineno`` (int64).
 
     Columnar and multi-threaded (pyarrow's CSV reader with a delimiter that does not occur), so a
     20M-line file takes seconds. Empty lines are kept (as ``""``) so line numbers stay exact.
     """
     parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False, ignore_empty_lines=False)
     convert = pacsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False)
+    source = pa.py_buffer(read_gzip(path, skips)) if path.suffix == ".gz" else path
+    if isinstance(source, pa.Buffer) and source.size == 0:
+        return pl.DataFrame({"line": [], "lineno": []}, schema={"line": pl.String, "lineno": pl.Int64})
     table = None
     for encoding in ("utf8", "latin-1"):
         read = pacsv.ReadOptions(column_names=["line"], encoding=encoding, block_size=64 << 20)
         try:
-            table = pacsv.read_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+            data = pa.BufferReader(source) if isinstance(source, pa.Buffer) else source
+            table = pacsv.read_csv(data, read_options=read, parse_options=parse, convert_options=convert)
             break
         except pa.ArrowInvalid as err:
             if "utf8" in str(err).lower():
@@ -191,24 +227,27 @@ def iter_records(
     advance = ctx.task(f"reading {path.name}", total=path.stat().st_size, unit="bytes")
     with open(path, "rb") as raw:
         stream = gzip.open(raw) if path.suffix == ".gz" else raw
-        last = 0
-        for lineno, bline in enumerate(stream, start=1):
-            if lineno % 4096 == 0:
-                pos = raw.tell()
-                advance(pos - last)
-                last = pos
-            line = bline.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                record = parse(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
-                ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object: {str(err)[:80]}")
-                continue
-            if not isinstance(record, dict):
-                ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object, got {type(record).__name__}")
-                continue
-            yield lineno, record
+        last, lineno = 0, 0
+        try:
+            for lineno, bline in enumerate(stream, start=1):
+                if lineno % 4096 == 0:
+                    pos = raw.tell()
+                    advance(pos - last)
+                    last = pos
+                line = bline.decode("utf-8", errors="replace").strip()
+                if not line:
+                    continue
+                try:
+                    record = parse(line)
+                except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+                    ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object: {str(err)[:80]}")
+                    continue
+                if not isinstance(record, dict):
+                    ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object, got {type(record).__name__}")
+                    continue
+                yield lineno, record
+        except GZIP_BREAKS as err:  # the line being read when the stream broke is incomplete: not yielded
+            gzip_break(path, lineno, err, ctx.skips)
         advance(path.stat().st_size - last)
 
 
@@ -248,7 +287,52 @@ def first_record_layout(
     return detect(first[1], path), [first, *records]
 
 
-def items_frame(rows: list[tuple[str, str | None, list[str], str | None]]) -> pl.DataFrame:
-    """An items table from ``(item_id, title, categories, description)`` tuples."""
-    schema = {"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String), "description": pl.String}
-    return pl.DataFrame(rows, schema=schema, orient="row")
+TAG = re.compile(r"<[A-Za-z/!][^>]*>|<[A-Za-z/!][^>]*$")  # an HTML tag, or one cut off at the end of the text
+SPACE = re.compile(r"\s+")
+
+
+def clean_text(value: object) -> str | None:
+    """Metadata text as a person would read it: HTML entities unescaped (``&amp;#39;`` too, escaped twice),
+    tags removed, whitespace collapsed; ``None`` when nothing is left.
+
+    >>> clean_text("Chili&#39;s Grill &amp; Bar <br>Gift Card"), clean_text('<span class="a-size-medium"')
+    ("Chili's Grill & Bar Gift Card", None)
+    """
+    if value is None:
+        return None
+    text = str(value)
+    for _ in range(2):
+        if "&" not in text:
+            break
+        text = html.unescape(text)
+    text = SPACE.sub(" ", TAG.sub(" ", text)).strip()
+    return text or None
+
+
+def items_frame(rows: Iterable[tuple[str, object, object, object]]) -> tuple[pl.DataFrame, int]:
+    """An items table (:data:`~userllm.data.schema.ITEM_SCHEMA`) from ``(item_id, title, categories,
+    description)`` metadata records, and the number of records merged into an earlier one of the same id.
+
+    Every text goes through :func:`clean_text`; a title empty after that is null, with ``title_note`` saying
+    why (``markup only``: the record had only HTML; ``empty title``: it had none); categories are cleaned,
+    de-duplicated, empty ones dropped; descriptions may be a list (joined by newlines). Records that repeat
+    an id are merged: the first non-empty value of each field wins.
+    """
+    merged: dict[str, list] = {}
+    repeats = 0
+    for item_id, title, categories, description in rows:
+        parts = description if isinstance(description, list) else [description]
+        description = "\n".join(d for d in map(clean_text, parts) if d) or None  # paragraphs stay lines
+        cats = list(dict.fromkeys(c for c in map(clean_text, categories or []) if c))
+        clean = clean_text(title)
+        note = None if clean else ("markup only" if title and str(title).strip() else "empty title")
+        row = [clean, cats, description, note]
+        if item_id in merged:
+            repeats += 1
+            old = merged[item_id]
+            merged[item_id] = [o if o else n for o, n in zip(old[:3], row[:3])] + [None if old[0] or row[0] else old[3]]
+        else:
+            merged[item_id] = row
+    schema = {"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String), "description": pl.String,
+              "title_note": pl.String}  # fmt: skip
+    return pl.DataFrame([[k, *v] for k, v in merged.items()], schema=schema, orient="row"), repeats

@@ -25,6 +25,7 @@ from userllm.data.readers.common import (
     RawData,
     ReadContext,
     describe_found,
+    items_frame,
     list_files,
     parse_typed,
     read_lines,
@@ -53,14 +54,14 @@ def _genres(values: list[str]) -> list[str]:
 
 def _read_ratings(path: Path, sep: str, ctx: ReadContext, *, header: bool) -> pl.DataFrame:
     advance = ctx.task(f"reading {path.name}", total=path.stat().st_size, unit="bytes")
-    fields = split_delimited(read_lines(path), sep, RATING_FIELDS, path, ctx.skips, skip_header=header)
+    fields = split_delimited(read_lines(path, ctx.skips), sep, RATING_FIELDS, path, ctx.skips, skip_header=header)
     advance(path.stat().st_size)
     return parse_typed(fields, path, ctx.skips)
 
 
 def _split_lines(path: Path, sep: str, fields: int, ctx: ReadContext):
     """Yield the fields of each non-empty line of a small text file; other field counts are skipped."""
-    for lineno, line in enumerate(read_small_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(read_small_text(path, ctx.skips).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split(sep)
@@ -70,30 +71,31 @@ def _split_lines(path: Path, sep: str, fields: int, ctx: ReadContext):
         yield parts
 
 
-def _items_100k(path: Path, ctx: ReadContext) -> pl.DataFrame:
-    rows = [
-        (p[0], p[1], _genres([g for g, f in zip(ML100K_GENRES, p[5:]) if f.strip() == "1"]))
+# each returns (item_id, title, genres, description) rows for ``items_frame``
+def _items_100k(path: Path, ctx: ReadContext) -> list[tuple]:
+    return [
+        (p[0], p[1], _genres([g for g, f in zip(ML100K_GENRES, p[5:]) if f.strip() == "1"]), None)
         for p in _split_lines(path, "|", 5 + len(ML100K_GENRES), ctx)
     ]
-    return pl.DataFrame(rows, schema=["item_id", "title", "categories"], orient="row")
 
 
-def _items_dat(path: Path, ctx: ReadContext) -> pl.DataFrame:
-    rows = [(p[0], p[1], _genres(p[2].strip().split("|"))) for p in _split_lines(path, "::", 3, ctx)]
-    return pl.DataFrame(rows, schema=["item_id", "title", "categories"], orient="row")
+def _items_dat(path: Path, ctx: ReadContext) -> list[tuple]:
+    return [(p[0], p[1], _genres(p[2].strip().split("|")), None) for p in _split_lines(path, "::", 3, ctx)]
 
 
-def _items_csv(path: Path, ctx: ReadContext) -> pl.DataFrame:
+def _items_csv(path: Path, ctx: ReadContext) -> list[tuple]:
+    """``movies.csv`` (``movieId,title,genres`` with a header): titles with commas or quotes are quoted CSV
+    fields (``"American President, The (1995)"``, ``"\"Great Performances\" Cats (1998)"``)."""
     rows = []
-    reader = csv.reader(io.StringIO(read_small_text(path)))
+    reader = csv.reader(io.StringIO(read_small_text(path, ctx.skips)))
     for lineno, parts in enumerate(reader, start=1):
         if lineno == 1 or not parts:
             continue
         if len(parts) != 3:
             ctx.skips.add("wrong field count", path, reader.line_num, f"expected 3 CSV fields, got {len(parts)}")
             continue
-        rows.append((parts[0], parts[1], _genres(parts[2].split("|"))))
-    return pl.DataFrame(rows, schema=["item_id", "title", "categories"], orient="row")
+        rows.append((parts[0], parts[1], _genres(parts[2].split("|")), None))
+    return rows
 
 
 def read_movielens(paths: list[Path], ctx: ReadContext) -> RawData:
@@ -113,14 +115,15 @@ def read_movielens(paths: list[Path], ctx: ReadContext) -> RawData:
     ratings, items = by_name[ratings_name], by_name[items_name]
     if layout == "ml-100k":
         events = _read_ratings(ratings, "\t", ctx, header=False)
-        item_table = _items_100k(items, ctx)
+        rows = _items_100k(items, ctx)
     elif layout == "ml-1m/ml-10m":
         events = _read_ratings(ratings, "::", ctx, header=False)
-        item_table = _items_dat(items, ctx)
+        rows = _items_dat(items, ctx)
     else:
         events = _read_ratings(ratings, ",", ctx, header=True)
-        item_table = _items_csv(items, ctx)
-    return RawData(events=events, items=item_table, layout=layout, files=[ratings, items])
+        rows = _items_csv(items, ctx)
+    item_table, merged = items_frame(rows)
+    return RawData(events=events, items=item_table, layout=layout, files=[ratings, items], merged_items=merged)
 
 
 # wheel -> (import name, file pattern inside the package, the two file keys: ratings, items)
@@ -195,4 +198,5 @@ def read_embedded_movielens_100k(paths: list[Path], ctx: ReadContext, wheel: str
             categories=pl.col("class:token_seq").str.split(" ").list.eval(pl.element().filter(pl.element() != "unknown")),
         )
     advance(events.height)
-    return RawData(events=events, items=items, layout=f"ml-100k ({found} wheel)", files=files)
+    items, merged = items_frame((*row, None) for row in items.iter_rows())
+    return RawData(events=events, items=items, layout=f"ml-100k ({found} wheel)", files=files, merged_items=merged)

@@ -64,7 +64,7 @@ def generate_synthetic(cfg: SyntheticConfig) -> RawData:
         base = f"The {ADJECTIVES[i % len(ADJECTIVES)]} {NOUNS[(i // len(ADJECTIVES)) % len(NOUNS)]}"
         part = i // (len(ADJECTIVES) * len(NOUNS))
         titles.append(f"{base}{f' {part + 1}' if part else ''} ({1950 + int(rng.integers(0, 71))})")
-    items = items_frame(
+    items, _ = items_frame(
         [
             (f"i{i:05d}", titles[i], [g_names[g] for g in item_genres[i]], f"A {g_names[primary[i]].lower()} film.")
             for i in range(n_items)
