@@ -1,6 +1,9 @@
 """The command line through its real entry point: clear messages, exit codes, never a traceback."""
 
 import json
+import zlib
+
+import pytest
 
 from tests.conftest import write
 
@@ -73,3 +76,25 @@ def test_yaml_config_with_flag_override(tmp_path, run_cli):
     write(tmp_path / "bad.yaml", "max_histroy: 3\n")
     code, _, stderr = run_cli("prepare", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "e")
     assert code == 2 and "max_histroy: Extra inputs are not permitted" in stderr
+
+
+@pytest.mark.parametrize("raised,code,message", [
+    (EOFError("Compressed file ended before the end-of-stream marker was reached"), 2, "an input ended before it was complete"),
+    (zlib.error("invalid stored block lengths"), 2, "a compressed input is corrupt (error: invalid stored block lengths)"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2, "not valid utf-8 text at byte 0"),
+    (KeyboardInterrupt(), 130, "interrupted: outputs are only ever renamed into place"),
+    (BrokenPipeError(32, "Broken pipe"), 1, "the output pipe was closed"),
+])  # fmt: skip
+def test_low_level_exceptions_are_messages_not_aborted(tmp_path, run_cli, monkeypatch, raised, code, message):
+    """What click/typer would print as a bare ``Aborted.`` (EOFError) or swallow (KeyboardInterrupt, a broken
+    pipe) is one message and its own exit code, from any command."""
+    import userllm.data.prepare
+
+    def fail(cfg):
+        raise raised
+
+    monkeypatch.setattr(userllm.data.prepare, "prepare_dataset", fail)
+    got, _, stderr = run_cli("prepare", "--source", "synthetic", "--out", tmp_path / "o")
+    said = " ".join(stderr.split())
+    assert got == code and message in said, said
+    assert "Aborted" not in said and "Traceback" not in stderr

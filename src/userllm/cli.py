@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
+import os
 import sys
+import zlib
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +24,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+
+
+class OutputClosed(UserError):
+    exit_code = 1
+
+
+CLOSED = "the output pipe was closed before userllm finished writing (e.g. by `| head`)"
+
+
+class StdoutConsole(Console):
+    """rich exits silently with status 1 on a broken pipe; ours says why (see :func:`main`)."""
+
+    def on_broken_pipe(self) -> None:
+        raise OutputClosed(CLOSED)
+
+
+out = StdoutConsole()
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file of config fields; flags override it")]
@@ -89,6 +109,8 @@ def prepare(
     )  # fmt: skip
     manifest = prepare_dataset(cfg)
     out.print(summary(manifest))
+    for warning in manifest["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     out.print(f"[green]prepared[/green] {cfg.out} in {manifest['elapsed_s']:.1f} s")
 
 
@@ -331,16 +353,59 @@ def bench_efficiency(
     out.print(f"wrote {out_dir}/efficiency.json, efficiency.md, efficiency.png")
 
 
+class Interrupted(UserError):
+    exit_code = 130
+
+
+def guarded(command: Callable) -> Callable:
+    """``command`` with the low-level exceptions that click/typer would turn into a bare ``Aborted.`` (or a
+    silent exit) made into one message each. Readers name the file and line themselves (e.g. a truncated gzip
+    file); this is the net for whatever escapes them."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                "interrupted: outputs are only ever renamed into place, so none is half-written; "
+                "`userllm train --resume` and a rerun of `userllm evaluate` continue where they stopped"
+            ) from None
+        except BrokenPipeError:
+            raise OutputClosed(CLOSED) from None
+        except EOFError as e:
+            raise UserError(f"an input ended before it was complete (EOFError: {e or 'end of file'})") from None
+        except (zlib.error, gzip.BadGzipFile) as e:
+            raise UserError(f"a compressed input is corrupt ({type(e).__name__}: {e})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"an input is not valid {e.encoding} text at byte {e.start:,} ({e.reason})") from None
+
+    return run
+
+
+for _typer in (app, bench_app):
+    for _info in _typer.registered_commands:
+        _info.callback = guarded(_info.callback)
+
+
 def main() -> None:
     """Console entry point: user errors become one message and a non-zero exit, never a traceback."""
     try:
-        app()
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # a reader that closed the pipe early shows up here, not as Python exits
+    except (OutputClosed, BrokenPipeError) as e:
+        e = e if isinstance(e, OutputClosed) else OutputClosed(CLOSED)
+        try:  # no second error when Python flushes the closed stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (e.g. captured)
+            pass
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except UserError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: no partial output was kept")
-        sys.exit(130)
     except OSError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)
