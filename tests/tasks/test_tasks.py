@@ -9,7 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from userllm.config import TrainConfig, UserLLMConfig
+from tests.conftest import write
+from userllm.config import PrepareConfig, TrainConfig, UserLLMConfig
+from userllm.data.dataset import PreparedDataset
+from userllm.data.prepare import prepare_dataset
 from userllm.errors import EmptyResultError, InputError, OutputExistsError
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
@@ -74,6 +77,26 @@ def test_review_examples_and_refusal_without_reviews(synthetic_ds, backbone, tmp
             data.examples("test")
     finally:
         del data.ds.__dict__["examples"]
+
+
+def test_review_reference_is_the_most_common_review(backbone, tmp_path):
+    """The review task's floor: the train split's most common review (as ROUGE compares it), scored against
+    every test review."""
+    from userllm.eval.metrics import rouge_per_example
+    from userllm.tasks.evaluate import label_prior
+
+    reviews = {"A": ["first", "great  gift card", "Great gift card!", "valid", "Slow delivery."],
+               "B": ["first", "Great gift card.", "meh", "valid", "Nice"]}  # train targets: positions 1-2
+    rows = [{"user_id": u, "item_id": f"i{k}", "timestamp": 100 * k, "rating": 5.0, "text": t}
+            for u, texts in reviews.items() for k, t in enumerate(texts)]  # fmt: skip
+    write(tmp_path / "Gift_Cards.json", "".join(json.dumps({"reviewerID": r["user_id"], "asin": r["item_id"],
+          "overall": r["rating"], "unixReviewTime": r["timestamp"], "reviewText": r["text"]}) + "\n" for r in rows))  # fmt: skip
+    prepare_dataset(PrepareConfig(source="amazon", paths=[tmp_path / "Gift_Cards.json"], out=tmp_path / "ds"))
+    data = task_data(PreparedDataset(tmp_path / "ds"), backbone, "review")
+    got = label_prior(data, None, 1)
+    want = rouge_per_example(["great gift card"] * 2, ["Nice", "Slow delivery."])  # the test reviews: last events
+    assert set(got) == {"rouge1", "rouge2", "rougeLsum"}
+    assert got["rouge1"]["value"] == pytest.approx(sum(want["rouge1"]) / 2)
 
 
 def test_textprompt_history_respects_max_history(synthetic_ds, backbone):
@@ -231,14 +254,19 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     # tp was scored on 3 users: its own table re-scores the other cells on those users from their records
     same = table.split("on the 3 test users tp was scored on")[1]
     assert "| tp | textprompt |" in same and "| xattn | userllm |" in same and "label prior (same users)" in same
-    from userllm.tasks.evaluate import rescore
-
-    from userllm.tasks.evaluate import scored_users
+    from userllm.tasks.evaluate import paired_difference, rescore, scored_users
 
     runs = tmp_path / "exp" / "favorite_genre"
     xattn = json.loads((runs / "xattn" / "metrics.json").read_text())
     assert rescore(runs / "xattn", scored_users(runs / "xattn")) == xattn["metrics"]  # all of its users: as scored
     assert len(scored_users(runs / "tp")) == 3 < len(scored_users(runs / "xattn"))
+    # the paired difference: over tp's 3 users, per user, equal to the difference of the re-scored means
+    users, diff = paired_difference(runs / "xattn", runs / "tp")
+    want = rescore(runs / "xattn", scored_users(runs / "tp"))["accuracy"]["value"] - json.loads(
+        (runs / "tp" / "metrics.json").read_text())["metrics"]["accuracy"]["value"]  # fmt: skip
+    assert users == 3 and diff["accuracy"]["value"] == pytest.approx(want)
+    assert diff["accuracy"]["low"] <= diff["accuracy"]["value"] <= diff["accuracy"]["high"]
+    assert "User-LLM minus TP, paired over the same users" in table and "| xattn | tp | 3 |" in table
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
     prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)

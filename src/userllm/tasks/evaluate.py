@@ -14,7 +14,8 @@ review           ROUGE-1/2/Lsum F-measures of greedy generation against the user
 Every metric is the mean over the test users (one example each) with its 95% bootstrap interval, seeded
 (:func:`~userllm.eval.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
 ``metrics.json`` holds reference rows on the same users (``references``): the label prior and, for
-next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read).
+next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read); for
+review, the most common review of the train split.
 ``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it); while
 scoring they are appended batch by batch to ``records.partial.jsonl``, so an interrupted scoring resumes
 where it stopped (rerun the same command; see :func:`load_partial`).
@@ -166,14 +167,20 @@ def score(task: str, records: list[dict], catalogue: set[str], beams: int, seed:
     return {name: estimate(v, seed=seed) for name, v in per_example(task, records, catalogue, beams).items()}
 
 
+def review_key(text: str) -> str:
+    """A review as ROUGE sees it: lowercased, whitespace collapsed, end punctuation dropped."""
+    return " ".join(text.lower().split()).strip(".!?,;: ")
+
+
 def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int = 0) -> dict[str, dict]:
     """The task's metrics for answers that ignore the user, on the test examples of ``users`` (None: all):
     the train split's most frequent answers, most frequent first (next_item: popularity, the ``beams`` most
-    frequent target titles; favorite_genre: always the most frequent genre), scored by :func:`score`.
-    What a model learns first."""
+    frequent target titles; favorite_genre: always the most frequent genre; review: the most common review,
+    compared as :func:`review_key` writes it), scored by :func:`score`. What a model learns first."""
+    answers = data.answers("train")
     if data.task == "review":
-        raise InputError("review has no label prior: every answer is free text")
-    ranked = [answer for answer, _ in Counter(data.answers("train")).most_common(beams)]
+        answers = [review_key(a) for a in answers]
+    ranked = [answer for answer, _ in Counter(answers).most_common(beams)]
     records = [{"ranked": ranked, "greedy": ranked[0], "truth": truth} for truth in data.answers("test", users)]
     return score(data.task, records, set(data.ds.item_titles[2:]), beams, seed)
 
@@ -198,13 +205,13 @@ def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: i
 
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:
-    """The reference rows of a run's table on the same test users: ``label prior`` (not for review) and, for
-    next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from)."""
+    """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
+    review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from)."""
     from userllm.encoder.train import load_encoder
 
     out = {}
-    if data.task != "review":
-        out["label prior"] = label_prior(data, users, cfg.beams if data.task == "next_item" else 1, seed)
+    out["most common review" if data.task == "review" else "label prior"] = label_prior(
+        data, users, cfg.beams if data.task == "next_item" else 1, seed)
     if data.task == "next_item" and cfg.encoder not in (None, "random"):
         encoder = load_encoder(Path(cfg.encoder))
         if encoder.cfg.max_len >= data.max_history:
@@ -280,15 +287,36 @@ def rescore(run_dir: Path, user_ids: set[str], seed: int = 0) -> dict[str, dict]
     """A scored run's metrics on some of its test users only (from ``records.jsonl``), e.g. the users another
     run was scored on, so that both are compared on the same users."""
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    if not (Path(run_dir) / RECORDS).exists():
-        raise InputError(f"{run_dir} has no {RECORDS} (scored before userllm kept them): score it again with --force")
-    lines = (Path(run_dir) / RECORDS).read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if r["user_id"] in user_ids]
+    records = read_records(run_dir, user_ids)
     if len({r["user_id"] for r in records}) != len(user_ids):
         raise InputError(f"{run_dir}: scored {len(records)} of the {len(user_ids)} users asked for")
     beams = cfg["beams"] if cfg["task"] == "next_item" else 1
     catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
     return score(cfg["task"], records, catalogue, beams, seed)
+
+
+def read_records(run_dir: Path, user_ids: set[str] | None = None) -> list[dict]:
+    """A scored run's ``records.jsonl`` (of ``user_ids`` only, when given)."""
+    path = Path(run_dir) / RECORDS
+    if not path.exists():
+        raise InputError(f"{run_dir} has no {RECORDS} (scored before userllm kept them): score it again with --force")
+    records = list(map(json.loads, path.read_text().splitlines()))
+    return records if user_ids is None else [r for r in records if r["user_id"] in user_ids]
+
+
+def paired_difference(run_a: Path, run_b: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
+    """Run A minus run B on the test users both were scored on: the number of users and, per metric, the mean
+    per-user difference with its 95% bootstrap interval (users resampled with both runs' answers together,
+    so the interval is that of the difference itself, narrower than two separate intervals suggest)."""
+    a, b = ({r["user_id"]: r for r in read_records(run)} for run in (run_a, run_b))
+    users = sorted(set(a) & set(b))
+    if not users:
+        raise InputError(f"{run_a} and {run_b} were scored on no common test user")
+    cfg = json.loads((Path(run_a) / "config.json").read_text())
+    beams = cfg["beams"] if cfg["task"] == "next_item" else 1
+    catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
+    va, vb = (per_example(cfg["task"], [recs[u] for u in users], catalogue, beams) for recs in (a, b))
+    return len(users), {m: estimate(np.subtract(va[m], vb[m]), seed=seed) for m in va if m in vb}
 
 
 def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskExample:

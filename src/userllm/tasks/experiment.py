@@ -36,6 +36,7 @@ from userllm.progress import console
 
 MAIN_METRIC = {"next_item": "recall@10", "favorite_genre": "accuracy", "review": "rougeLsum"}
 SPEC_KEYS = {"out", "prepare", "pretrain", "tasks", "evaluate", "defaults", "cells"}
+REFERENCES = {"label prior": "prior", "most common review": "common-review", "encoder alone": "encoder"}  # -> cell name
 
 
 def load_spec(path: Path) -> dict[str, Any]:
@@ -167,14 +168,14 @@ def collect(spec: dict) -> list[dict]:
 
 def reference_rows(rows: list[dict]) -> list[dict]:
     """One row per (task, history length, reference) of the finished cells, from their metrics.json: the label
-    prior and, for next_item, the stage-1 encoder alone (from a cell with the pretrained encoder), on the same
+    prior (review: the most common review) and, for next_item, the stage-1 encoder alone (from a cell with the pretrained encoder), on the same
     test users as the cells."""
     out = []
     for task, history in sorted({(r["task"], r["history"]) for r in rows}):
         # from a cell scored on the spec's users, with the pretrained encoder where there is one
         cells = sorted((r for r in rows if (r["task"], r["history"]) == (task, history)),
                        key=lambda r: (r["subset"], r["encoder"] != "pretrained"))  # fmt: skip
-        for name, short in (("label prior", "prior"), ("encoder alone", "encoder")):
+        for name, short in REFERENCES.items():
             cell = next((r for r in cells if name in r["references"]), None)
             if cell is None:
                 continue
@@ -209,6 +210,37 @@ def same_users_rows(rows: list[dict], cell: dict, seed: int) -> list[dict]:
     return out
 
 
+def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
+    """A markdown table of every User-LLM cell minus every TP cell of ``task`` (same history length), paired
+    over the test users both were scored on (:func:`~userllm.tasks.evaluate.paired_difference`): a difference
+    whose interval excludes 0 is one the users support."""
+    from userllm.tasks.evaluate import paired_difference
+
+    cells = [r for r in rows if r["task"] == task and r["method"] in ("userllm", "textprompt")]
+    pairs = [(a, b) for a in cells if a["method"] == "userllm" for b in cells
+             if b["method"] == "textprompt" and a["history"] == b["history"]]  # fmt: skip
+    if not pairs:
+        return []
+    out = []
+    for a, b in pairs:
+        try:
+            users, diff = paired_difference(Path(a["run"]), Path(b["run"]), seed)
+        except InputError as e:  # a run scored before records were kept
+            console.print(f"[yellow]{a['cell']} - {b['cell']} is left out of the paired differences: {e}[/yellow]")
+            continue
+        if not out:
+            out = [f"#### {task}: User-LLM minus TP, paired over the same users", "",
+                   "| User-LLM cell | TP cell | users | " + " | ".join(f"{m} difference" for m in diff) + " |",
+                   "|" + "---|" * (3 + len(diff))]  # fmt: skip
+        out.append(f"| {a['cell']} | {b['cell']} | {users} | " + " | ".join(signed(d) for d in diff.values()) + " |")
+    return out + ["", "Mean per-user difference with its 95% bootstrap interval (users resampled with both answers "
+                  "together); an interval that excludes 0 separates the two cells.", ""]
+
+
+def signed(m: dict) -> str:
+    return f"{m['value']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
+
+
 RESULT_KEYS = ("dataset", "task", "cell", "method", "mode", "history", "train_examples", "train_flops", "train_seconds",
                "users", "commit", "metrics")  # fmt: skip
 
@@ -240,14 +272,14 @@ def write_results(spec: dict) -> Path:
     for task, title, part in tables:
         if not part:
             continue
-        names = list(next(r for r in part if r["method"] not in ("label prior", "encoder alone"))["metrics"])
+        names = list(next(r for r in part if r["method"] not in REFERENCES)["metrics"])
         lines += [title, "",
                   "| cell | method | mode | xattn layers | strategy | perceiver | item words | encoder | history | users | "
                   + " | ".join(names) + " | train examples | train PFLOPs | train s | LLM input tokens | ppl after/before |",
                   "|" + "---|" * (len(names) + 15)]  # fmt: skip
         for r in part:
             ppl = f"{r['general']['ratio']:.3f}" if r["general"] else "-"
-            ref = r["method"] in ("label prior", "encoder alone")
+            ref = r["method"] in REFERENCES
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
@@ -256,8 +288,10 @@ def write_results(spec: dict) -> Path:
                          + f" | {cost} | {ppl} |")  # fmt: skip
         lines += ["", "Each metric with its 95% bootstrap interval over the test users scored. "
                   "Label prior: the train split's most frequent answers, whoever the user (next_item: the most popular "
-                  "titles; favorite_genre: the most frequent genre). Encoder alone: the stage-1 encoder's own top items "
-                  "as titles. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
+                  "titles; favorite_genre: the most frequent genre; review: the most common review). Encoder alone: the "
+                  "stage-1 encoder's own top items as titles. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
+        if title == f"### {task}":
+            lines += difference_lines(rows, task, seed)
     write_text_atomically(out / "results.md", "\n".join(lines))
     if rows:
         plot(rows, spec["tasks"], out / "results.png")
