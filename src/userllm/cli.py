@@ -314,6 +314,63 @@ def experiment(
     out.print(f"wrote {results}")
 
 
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="a `userllm train` run directory (User-LLM or TP)")],
+    db: Annotated[Optional[str], typer.Option(help="event store URL: sqlite:///PATH or postgresql+psycopg://... "
+                                                   "[default: sqlite file RUN/events.db]")] = None,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="USERLLM_API_KEY", help="require `Authorization: Bearer KEY` "
+                                                   "(env USERLLM_API_KEY)")] = None,
+    max_batch: Annotated[int, typer.Option(help="chat requests decoded together")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a batch waits for more requests")] = 5.0,
+    max_tokens: Annotated[int, typer.Option(help="the longest completion a request may ask for (and the default)")] = 256,
+    allow_unknown_users: Annotated[bool, typer.Option("--allow-unknown-users", help="answer users without events "
+                                                      "(or without `user`) unpersonalized instead of 404/400")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="also keep users' contexts on disk here")] = None,
+) -> None:
+    """Serve a trained run over HTTP: OpenAI's Chat Completions, personalized by `user`, over an event store."""
+    import uvicorn
+
+    from userllm.serve.app import ServeConfig, create_app
+    from userllm.serve.engine import Engine
+    from userllm.serve.store import EventStore, sqlite_url_beside
+
+    if port < 0 or port > 65535:
+        raise UserError(f"--port {port}: expected 0-65535")
+    store = EventStore(db or sqlite_url_beside(run))
+    engine = Engine(run, store, cache_dir=cache_dir)
+    cfg = ServeConfig(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_tokens=max_tokens,
+                      allow_unknown_users=allow_unknown_users)  # fmt: skip
+    err.print(f"serving {engine.name} ({engine.method}) on http://{host}:{port}/v1 with the event store {store.url}"
+              + ("" if api_key else " (no API key)"), highlight=False, soft_wrap=True)  # fmt: skip
+    uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level="warning")
+
+
+store_app = typer.Typer(help="The event store behind `userllm serve`.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("import")
+def store_import(
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    db: Annotated[str, typer.Option(help="event store URL: sqlite:///PATH or postgresql+psycopg://...")],
+) -> None:
+    """Load a prepared dataset's timelines into the event store (idempotent), so a run serves its users at once."""
+    from userllm.data.dataset import PreparedDataset
+    from userllm.progress import progress_bar
+    from userllm.serve.store import EventStore, import_dataset
+
+    ds = PreparedDataset(dataset)
+    store = EventStore(db)
+    with progress_bar("events") as progress:
+        task = progress.add_task(f"importing {dataset}", total=ds.events.height)
+        total = import_dataset(store, ds, progress=lambda n: progress.advance(task, n))
+    out.print(f"[green]imported[/green] {ds.events.height:,} events of {ds.sequences.height:,} users; "
+              f"the store holds {total:,} events of {store.users():,} users")
+
+
 bench_app = typer.Typer(help="Benchmarks that print their figures side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -383,7 +440,7 @@ def guarded(command: Callable) -> Callable:
     return run
 
 
-for _typer in (app, bench_app):
+for _typer in (app, bench_app, store_app):
     for _info in _typer.registered_commands:
         _info.callback = guarded(_info.callback)
 

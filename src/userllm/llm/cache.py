@@ -72,6 +72,7 @@ class UserContextCache:
         self.dirty: set[str] = set()
         self.index: dict[str, dict] = {}
         self.stats: Counter = Counter()  # hit, append, miss, stale, corrupt
+        self.forgotten = False  # entries dropped since the last flush (the index on disk still lists them)
         if self.dir is not None and (self.dir / "index.json").exists():
             self.index = json.loads((self.dir / "index.json").read_text())
 
@@ -92,6 +93,22 @@ class UserContextCache:
                 return self._store(user, self._append(entry, {k: v[:, n:] for k, v in events.items()}))
         self.stats["miss"] += 1
         return self._store(user, self._compute(events))
+
+    def cached(self, user: str) -> UserContext | None:
+        """The user's context as last computed, without checking their events (a caller that knows they
+        have not changed, e.g. by a store fingerprint); ``None`` when not in memory. Counts as a hit."""
+        entry = self.entries.get(user)
+        if entry is None:
+            return None
+        self.stats["hit"] += 1
+        return self._context(entry)
+
+    def forget(self, user: str) -> None:
+        """Drop the user's entry, from memory now and from the index on disk at the next :meth:`flush`."""
+        self.entries.pop(user, None)
+        self.dirty.discard(user)
+        if self.index.pop(user, None) is not None:
+            self.forgotten = True
 
     def _compute(self, events: dict[str, Tensor]) -> dict[str, Tensor]:
         state = EncoderState()
@@ -181,21 +198,23 @@ class UserContextCache:
 
     def flush(self) -> None:
         """Write the entries changed since the last flush to a new shard and the index, atomically."""
-        if self.dir is None or not self.dirty:
+        if self.dir is None or not (self.dirty or self.forgotten):
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        number = 1 + max((int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.safetensors")), default=-1)
-        shard = f"shard-{number:05d}.safetensors"
-        tensors = {}
-        for slot, user in enumerate(sorted(self.dirty)):
-            entry = self.entries[user]
-            tensors |= {f"{slot}/{name}": t.contiguous() for name, t in entry.items()}
-            self.index[user] = {"shard": shard, "slot": slot, "events": int(entry["item"].shape[1]),
-                                "checksum": checksum(entry), "fingerprint": self.fingerprint}  # fmt: skip
-        tmp = self.dir / f".{shard}.tmp"
-        save_file(tensors, tmp)
-        tmp.replace(self.dir / shard)
+        if self.dirty:
+            number = 1 + max((int(p.stem.split("-")[1]) for p in self.dir.glob("shard-*.safetensors")), default=-1)
+            shard = f"shard-{number:05d}.safetensors"
+            tensors = {}
+            for slot, user in enumerate(sorted(self.dirty)):
+                entry = self.entries[user]
+                tensors |= {f"{slot}/{name}": t.contiguous() for name, t in entry.items()}
+                self.index[user] = {"shard": shard, "slot": slot, "events": int(entry["item"].shape[1]),
+                                    "checksum": checksum(entry), "fingerprint": self.fingerprint}  # fmt: skip
+            tmp = self.dir / f".{shard}.tmp"
+            save_file(tensors, tmp)
+            tmp.replace(self.dir / shard)
         write_json(self.dir / "index.json", self.index)
+        self.forgotten = False
         used = {info["shard"] for info in self.index.values()}
         for path in self.dir.glob("shard-*.safetensors"):
             if path.name not in used:

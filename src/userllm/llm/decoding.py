@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -51,43 +52,63 @@ def _append(mask: Tensor) -> Tensor:
     return torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
 
 
-@torch.no_grad()
-def generate_tokens(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int = 32, do_sample: bool = False,
-                    temperature: float = 1.0, top_k: int = 0, eos_token_id: int | None = None, pad_token_id: int = 0,
-                    use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
-    """New tokens (b, <= max_new_tokens) after the prefix: greedy, or sampling with temperature / top-k.
+def sample_token(logits: Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """One token per row of ``logits`` (b, V): the argmax at ``temperature`` 0, else a draw from
+    softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0: all) and to the smallest
+    set whose probability reaches ``top_p`` (nucleus sampling; 1: all)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is full
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    After ``eos_token_id`` a row emits ``pad_token_id``; decoding stops when every row has ended.
-    ``use_cache=False`` recomputes the whole sequence at every step (slow; for checking the cache).
-    """
+
+@torch.no_grad()
+def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: int = 32,
+                eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True) -> Iterator[Tensor]:  # fmt: skip
+    """The new tokens (b,) after the prefix, one step at a time; ``choose(logits (b, V)) -> tokens (b,)``.
+    After ``eos_token_id`` a row emits ``pad_token_id``; it stops when every row has ended or after
+    ``max_new_tokens`` (a caller may stop earlier: e.g. a server streaming rows with their own limits)."""
     llm, embed = model.llm, model.llm.get_input_embeddings()
-    b = embeds.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
-    out_tokens, cache, step_embeds = [], None, embeds
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    cache, step_embeds = None, embeds
     for _ in range(max_new_tokens):
         if use_cache:
             logits, cache = llm_step(llm, step_embeds, mask, cache)
         else:
             logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
             logits = logits.logits[:, -1].float()
-        if do_sample:
-            logits = logits / max(temperature, 1e-6)
-            if top_k:
-                kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-        else:
-            token = logits.argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
-        out_tokens.append(token)
+        token = torch.where(done, torch.full_like(done, pad_token_id, dtype=torch.long), choose(logits))
+        yield token
         if eos_token_id is not None:
             done |= token == eos_token_id
+            if done.all():
+                return
         step_embeds = embed(token[:, None])
         embeds = torch.cat([embeds, step_embeds], 1)
         mask = _append(mask)
-        if eos_token_id is not None and done.all():
-            break
-    return torch.stack(out_tokens, 1)
+
+
+@torch.no_grad()
+def generate_tokens(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int = 32, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+                    pad_token_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """New tokens (b, <= max_new_tokens) after the prefix: greedy, or sampling with temperature / top-k /
+    top-p (:func:`sample_token`); see :func:`iter_tokens`. ``use_cache=False`` recomputes the whole sequence
+    at every step (slow; for checking the cache)."""
+    t = temperature if do_sample else 0.0
+    choose = lambda logits: sample_token(logits, temperature=t, top_p=top_p, top_k=top_k, generator=generator)  # noqa: E731
+    steps = iter_tokens(model, embeds, mask, choose, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, use_cache=use_cache)  # fmt: skip
+    return torch.stack(list(steps), 1)
 
 
 @dataclass

@@ -49,9 +49,19 @@ def instruction(task: str, words: dict[str, str], **fields: str) -> str:
 
 def render(tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str]) -> str:
     """The full prompt text: ``text`` after the TP history (when given), in the chat template if any."""
+    return render_chat(tokenizer, [{"role": "user", "content": text}], history_lines, words)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], history_lines: list[str] | None, words: dict[str, str]) -> str:
+    """A conversation (``[{"role", "content"}, ...]``, as the Chat Completions API sends it) as prompt text:
+    the TP history (when given) in front of the first user message, in the chat template if any (else the
+    messages' contents, one per line, and ``Answer:``)."""
+    messages = [dict(m) for m in messages]
     if history_lines is not None:
-        text = "\n".join([HISTORY_HEADER.format(**words), *history_lines, "", text])
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            messages.append(first := {"role": "user", "content": ""})
+        first["content"] = "\n".join([HISTORY_HEADER.format(**words), *history_lines, "", first["content"]])
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
-    return text + PLAIN_ANSWER
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + PLAIN_ANSWER

@@ -1,0 +1,1 @@
+"""``userllm serve``: an OpenAI-compatible personalized chat API over an event store."""

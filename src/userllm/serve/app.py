@@ -1,0 +1,362 @@
+"""The HTTP API of ``userllm serve``: OpenAI's Chat Completions schema, personalized by the request's
+``user``, over users' events in the store.
+
+===================================  ======================================================================
+endpoint                             what it does
+===================================  ======================================================================
+``POST /v1/users/{user_id}/events``  append ``{"events": [{"item_id", "rating", "timestamp", "text"?,
+                                     "event_id"?}, ...]}``; committed before the 200; returns the user's
+                                     event count. A repeated ``event_id`` adds nothing (retries)
+``GET /v1/users/{user_id}/events``   ``{"object": "list", "data": [...]}``, oldest first (``?limit=N``: newest N)
+``DELETE /v1/users/{user_id}``       the user's events and cached context are gone
+``POST /v1/chat/completions``        Chat Completions (``messages``, ``user``, ``max_tokens``, ``temperature``,
+                                     ``top_p``, ``stop``, ``seed``, ``stream``); ``usage`` adds ``user_events``
+``GET /v1/models``                   the served run
+``GET /healthz``                     liveness (no API key needed)
+``GET /metrics``                     Prometheus text (:mod:`userllm.serve.metrics`)
+===================================  ======================================================================
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the status that fits
+(400, 401, 404, 413, 422, 500); no traceback ever reaches a client. Chat requests are batched for the model
+(up to ``max_batch`` requests, waiting at most ``max_wait_ms`` for more), which runs on its own thread, so
+health checks and appends stay responsive while it decodes.
+
+Example::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.chat.completions.create(model="userllm-RUN", user="42",
+                                   messages=[{"role": "user", "content": "Which movie should I watch next?"}])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from userllm.serve.engine import Engine, Job
+
+USER_ID = re.compile(r"^[A-Za-z0-9._:@+\-]{1,128}$")
+
+
+@dataclass
+class ServeConfig:
+    """The server's settings (``userllm serve`` flags)."""
+
+    api_key: str | None = None
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    max_body_bytes: int = 1 << 20  # 1 MiB
+    max_events_per_request: int = 1000
+    max_tokens: int = 256  # the longest completion a request may ask for (and the default)
+    allow_unknown_users: bool = False  # answer a user without events (or no ``user``) unpersonalized
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               kind: str | None = None) -> dict:  # fmt: skip
+    kind = kind or ("server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ----------------------------------------------------------------------------- request schemas
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: str = Field(min_length=1, max_length=128)
+    rating: float | None = Field(None, allow_inf_nan=False)
+    timestamp: int = Field(ge=0, le=32503680000, description="seconds since the Unix epoch")
+    text: str | None = Field(None, max_length=20000)
+    event_id: str | None = Field(None, min_length=1, max_length=128)
+
+    @field_validator("item_id", "event_id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and (v != v.strip() or not v.isprintable()):
+            raise ValueError("ids are printable text without surrounding spaces")
+        return v
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(min_length=1)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    user: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+# ----------------------------------------------------------------------------- middleware
+class Guard:
+    """ASGI middleware: the API key (every path but /healthz) and the request body size limit."""
+
+    def __init__(self, app, cfg: ServeConfig) -> None:
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.cfg.api_key and scope["path"] != "/healthz":
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
+                body = error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = error_body(413, f"request body over {self.cfg.max_body_bytes:,} bytes", code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
+            return await JSONResponse(too_big, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.cfg.max_body_bytes:
+                raise APIError(413, too_big["error"]["message"], code="request_too_large")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+# ----------------------------------------------------------------------------- batching
+class Batcher:
+    """Collects chat jobs and hands them to the engine's thread in batches."""
+
+    def __init__(self, engine: Engine, cfg: ServeConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.cfg.max_wait_ms / 1000
+            while len(batch) < self.cfg.max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            await loop.run_in_executor(self.engine.executor, self.engine.run_batch, batch)
+
+
+def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI application serving ``engine`` (see module docstring)."""
+    cfg = cfg or ServeConfig()
+    metrics = engine.metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(engine, cfg)
+        app.state.batcher = batcher
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="userllm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, cfg=cfg)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.scope["route"].path if request.scope.get("route") else "other"
+        metrics.inc("userllm_requests_total", endpoint=endpoint, status=str(response.status_code))
+        metrics.observe("userllm_request_seconds", time.perf_counter() - start, endpoint=endpoint)
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code, e.kind), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(x) for x in first["loc"] if x != "body"]
+        param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
+        if first["type"] == "json_invalid":
+            return JSONResponse(error_body(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json"), 400)
+        return JSONResponse(error_body(422, f"{param or 'body'}: {first['msg']}", param, "invalid_value"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(_, e: Exception):
+        return JSONResponse(error_body(500, f"internal error ({type(e).__name__}); see the server's log"), 500)
+
+    def check_user(user_id: str) -> str:
+        if not USER_ID.match(user_id):
+            raise APIError(422, "user_id: 1-128 characters of letters, digits and ._:@+-", param="user_id", code="invalid_value")
+        return user_id
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "userllm",
+                                             "method": engine.method}]}  # fmt: skip
+
+    @app.post("/v1/users/{user_id}/events")
+    async def append(user_id: str, body: EventsIn):
+        check_user(user_id)
+        if len(body.events) > cfg.max_events_per_request:
+            raise APIError(413, f"at most {cfg.max_events_per_request:,} events per request, got {len(body.events):,}",
+                           param="events", code="request_too_large")  # fmt: skip
+        rows = [e.model_dump() for e in body.events]
+        problems = engine.vocab.problems(rows)
+        if problems:
+            raise APIError(422, problems[0][1], param=problems[0][0], code="invalid_value")
+        count = await run_in_threadpool(engine.store.append, user_id, rows)
+        metrics.inc("userllm_events_appended_total", len(rows))
+        engine.schedule_refresh(user_id)
+        return {"object": "user", "id": user_id, "events": count}
+
+    @app.get("/v1/users/{user_id}/events")
+    async def list_events(user_id: str, limit: int | None = None):
+        check_user(user_id)
+        if limit is not None and limit < 1:
+            raise APIError(422, "limit: expected a positive number", param="limit", code="invalid_value")
+        _, rows = await run_in_threadpool(engine.store.timeline, user_id, limit)
+        return {"object": "list", "data": rows}
+
+    @app.delete("/v1/users/{user_id}")
+    async def forget(user_id: str):
+        check_user(user_id)
+        deleted = await run_in_threadpool(engine.store.delete_user, user_id)
+        await asyncio.get_running_loop().run_in_executor(engine.executor, engine.forget, user_id)
+        return {"object": "user.deleted", "id": user_id, "deleted": True, "events": deleted}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        if body.model != engine.name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {engine.name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        if body.user is None:
+            if not cfg.allow_unknown_users:
+                raise APIError(400, "the request names no `user` whose events personalize the answer "
+                               "(start the server with --allow-unknown-users to answer without one)", param="user")  # fmt: skip
+        else:
+            check_user(body.user)
+            fp = await run_in_threadpool(engine.store.fingerprint, body.user)
+            if fp.count == 0 and not cfg.allow_unknown_users:
+                raise APIError(404, f"user {body.user!r} has no events in the store; append some with "
+                               f"POST /v1/users/{body.user}/events first", param="user", code="user_not_found")  # fmt: skip
+        max_tokens = body.max_completion_tokens or body.max_tokens or cfg.max_tokens
+        if max_tokens > cfg.max_tokens:
+            raise APIError(422, f"max_tokens: at most {cfg.max_tokens} on this server", param="max_tokens", code="invalid_value")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        job = Job(user=body.user, messages=[m.text() for m in body.messages], max_tokens=max_tokens,
+                  emit=lambda kind, payload: loop.call_soon_threadsafe(out.put_nowait, (kind, payload)),
+                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                  stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))  # fmt: skip
+        await request.app.state.batcher.queue.put(job)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            text = []
+            while True:
+                kind, payload = await out.get()
+                if kind == "delta":
+                    text.append(payload)
+                elif kind == "error":
+                    raise payload
+                else:
+                    break
+            message = {"role": "assistant", "content": "".join(text)}
+            return {"id": ident, "object": "chat.completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "message": message, "finish_reason": payload["finish_reason"],
+                                 "logprobs": None}], "usage": payload["usage"]}  # fmt: skip
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        start = time.perf_counter()
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}  # fmt: skip
+            if usage is not None:
+                data["usage"] = usage
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            first = True
+            while True:
+                kind, payload = await out.get()
+                if kind == "delta":
+                    if first:
+                        metrics.observe("userllm_time_to_first_token_seconds", time.perf_counter() - start)
+                        first = False
+                    yield chunk({"content": payload})
+                elif kind == "error":
+                    yield f"data: {json.dumps(error_body(500, f'internal error ({type(payload).__name__})'))}\n\n"
+                    break
+                else:
+                    yield chunk({}, payload["finish_reason"])
+                    if include_usage:
+                        yield chunk({}, usage=payload["usage"], choices=False)
+                    break
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,219 @@
+"""The model side of ``userllm serve``: a trained run answering batches of chat requests for users whose
+events are in the store.
+
+All model work runs on one worker thread (:attr:`Engine.executor`), off the server's event loop. A chat
+request reads its user's fingerprint from the store (count and newest event id); when it differs from the
+one the cached context was computed from, the user's newest events are read and the context is brought up
+to date (``UserContextCache``: an incremental update when events were appended, else a recompute), so no
+answer reads a context older than the store's committed events, whichever process appended them.
+Appends through this server also refresh the cached context right away (:meth:`Engine.schedule_refresh`).
+
+Each request of a batch keeps its own sampling (temperature, top_p, seed), token limit and stop strings;
+its tokens are handed to the request as they are decoded (streaming), through ``Job.emit``.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from userllm.llm.cache import UserContextCache
+from userllm.llm.decoding import iter_tokens, sample_token
+from userllm.llm.model import UserContext
+from userllm.serve.metrics import Metrics
+from userllm.serve.store import EventStore, Fingerprint
+from userllm.serve.timeline import RunVocabulary
+from userllm.tasks import prompts
+from userllm.tasks.train import load_run
+
+
+@dataclass
+class Job:
+    """One chat request as the engine decodes it. ``emit(kind, payload)`` receives ``("delta", text)`` as
+    tokens are decoded, then ``("done", {"finish_reason", "usage"})``, or ``("error", exception)``."""
+
+    user: str | None
+    messages: list[dict[str, str]]
+    max_tokens: int
+    emit: Callable[[str, object], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Row:
+    """A job while it decodes: its tokens, the text already emitted, and how it ended."""
+
+    job: Job
+    prompt_tokens: int
+    events: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    finish: str | None = None
+
+
+class Engine:
+    """A trained run (User-LLM or TP) over an event store. ``max_history``: the newest events a request
+    reads (the run's ``max_history``); ``cache_dir``: keep the users' contexts on disk as well."""
+
+    def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
+                 metrics: Metrics | None = None) -> None:  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.cfg, self.model, self.data = load_run(self.run_dir)
+        self.model.eval()
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.method = self.cfg.method
+        self.name = f"userllm-{self.run_dir.name}"
+        self.tokenizer = self.data.tokenizer
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        gaps = self.model.encoder.cfg.time_gap_buckets if self.method == "userllm" else 24
+        self.vocab = RunVocabulary(self.data.ds, gaps)
+        self.max_history = self.cfg.max_history
+        self.cache = UserContextCache(self.model, cache_dir) if self.method == "userllm" else None
+        self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
+        self.pending: set[str] = set()
+        self.lock = threading.Lock()  # pending refreshes
+
+    # ----------------------------------------------------------------- user side (model thread)
+    def context(self, user: str) -> tuple[UserContext | None, list[str] | None, int]:
+        """The user's context (User-LLM) or history lines (TP) from their committed events, and the number
+        of events it reflects. A user without events has neither (``None, None, 0``)."""
+        if self.cache is not None:
+            fp = self.store.fingerprint(user)
+            cached = self.cache.cached(user) if fp.count and self.fingerprints.get(user) == fp else None
+            if cached is not None:
+                self.metrics.inc("userllm_context_total", result="hit")
+                return cached, None, min(fp.count, self.max_history)
+        fp, rows = self.store.timeline(user, last=self.max_history)
+        if not rows:
+            return None, None, 0
+        if self.cache is None:
+            return None, self.vocab.history_lines(rows), len(rows)
+        before = dict(self.cache.stats)
+        ctx = self.cache.get(user, self.vocab.encoder_inputs(rows))
+        for result, n in self.cache.stats.items():
+            if n > before.get(result, 0):
+                self.metrics.inc("userllm_context_total", n - before.get(result, 0), result=result)
+        self.fingerprints[user] = fp
+        return ctx, None, len(rows)
+
+    def schedule_refresh(self, user: str) -> None:
+        """Bring the user's cached context up to date on the model thread (appends coalesce per user)."""
+        if self.cache is None:
+            return
+        with self.lock:
+            if user in self.pending:
+                return
+            self.pending.add(user)
+        self.executor.submit(self._refresh, user)
+
+    def _refresh(self, user: str) -> None:
+        with self.lock:
+            self.pending.discard(user)
+        self.context(user)
+
+    def forget(self, user: str) -> None:
+        """Drop the user's cached context (after their events were deleted)."""
+        self.fingerprints.pop(user, None)
+        if self.cache is not None:
+            self.cache.forget(user)
+
+    # ----------------------------------------------------------------- decoding (model thread)
+    def run_batch(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` together (users with a context, then any without, e.g. unpersonalized answers)."""
+        self.metrics.observe("userllm_batch_size", len(jobs))
+        prepared = []
+        for job in jobs:
+            try:
+                ctx, lines, events = self.context(job.user) if job.user is not None else (None, None, 0)
+                prepared.append((job, ctx, lines, events))
+            except Exception as e:  # noqa: BLE001 - the request gets the error, the server goes on
+                job.emit("error", e)
+        for group in ([p for p in prepared if p[1] is not None], [p for p in prepared if p[1] is None]):
+            if group:
+                try:
+                    self._decode(group)
+                except Exception as e:  # noqa: BLE001
+                    for job, *_ in group:
+                        job.emit("error", e)
+
+    @torch.no_grad()
+    def _decode(self, group: list[tuple]) -> None:
+        texts = [prompts.render_chat(self.tokenizer, job.messages, lines, self.data.words) for job, _, lines, _ in group]
+        seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, t - len(s):], mask[r, t - len(s):] = torch.tensor(s), 1
+        contexts = [c for _, c, _, _ in group]
+        context = UserContext.stack(contexts) if contexts[0] is not None else None
+        rows = [Row(job, len(s) + (c.ctx.shape[1] if c is not None and self.cfg.llm.mode == "soft_prompt" else 0), n,
+                    torch.Generator().manual_seed(job.seed) if job.seed is not None else None)
+                for (job, c, _, n), s in zip(group, seqs)]  # fmt: skip
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            return torch.stack([sample_token(logits[i : i + 1], temperature=r.job.temperature, top_p=r.job.top_p,
+                                             generator=r.generator)[0] for i, r in enumerate(rows)])  # fmt: skip
+
+        limit = max(r.job.max_tokens for r in rows)
+        if context is None and self.method == "userllm":  # no user: the backbone alone, no cross-attention
+            prefix = (self.model.llm.get_input_embeddings()(ids), mask)
+            steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=self.eos, pad_token_id=self.pad)
+            self._stream(rows, steps)
+        else:
+            with self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
+                steps = iter_tokens(self.model, embeds, prefix_mask, choose, max_new_tokens=limit,
+                                    eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
+                self._stream(rows, steps)
+
+    def _stream(self, rows: list[Row], steps) -> None:
+        for tokens in steps:
+            for row, token in zip(rows, tokens.tolist()):
+                if row.finish is not None:
+                    continue
+                if token == self.eos:
+                    row.finish = "stop"
+                else:
+                    row.tokens.append(token)
+                    text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in row.job.stop if s and s in text), default=-1)
+                    if cut >= 0:
+                        text, row.finish = text[:cut], "stop"
+                    elif len(row.tokens) >= row.job.max_tokens:
+                        row.finish = "length"
+                    if not text.endswith("\ufffd") or row.finish:  # hold back half a UTF-8 character
+                        if len(text) > len(row.sent) and text.startswith(row.sent):
+                            row.job.emit("delta", text[len(row.sent):])
+                        row.sent = text
+                if row.finish is not None:
+                    self._finish(row)
+            if all(r.finish is not None for r in rows):
+                return
+        for row in rows:
+            if row.finish is None:
+                row.finish = "length"
+                self._finish(row)
+
+    def _finish(self, row: Row) -> None:
+        n = len(row.tokens)
+        self.metrics.inc("userllm_generated_tokens_total", n)
+        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": n, "total_tokens": row.prompt_tokens + n,
+                 "user_events": row.events}  # fmt: skip
+        row.job.emit("done", {"finish_reason": row.finish, "usage": usage})
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        if self.cache is not None:
+            self.cache.flush()

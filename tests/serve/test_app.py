@@ -1,0 +1,137 @@
+"""``userllm serve`` through the official ``openai`` client (in-process, over the ASGI app) and plain HTTP:
+personalized and streamed answers, contexts that follow the store, errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from userllm.llm.cache import UserContextCache
+from userllm.serve.app import ServeConfig, create_app
+from userllm.serve.engine import Engine
+from userllm.serve.store import EventStore, import_dataset
+
+KEY = "test-key"
+
+
+@pytest.fixture
+def serve(tmp_path, synthetic_ds):
+    """``serve(run, **config)`` -> (engine, TestClient, openai client), the store holding the dataset's users."""
+    made = []
+
+    def make(run, **kw):
+        store = EventStore(f"sqlite:///{tmp_path / f'events-{len(made)}.db'}")
+        import_dataset(store, synthetic_ds)
+        engine = Engine(run, store)
+        http = TestClient(create_app(engine, ServeConfig(api_key=KEY, **kw)), headers={"Authorization": f"Bearer {KEY}"})
+        http.__enter__()
+        made.append(http)
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+        return engine, http, client
+
+    yield make
+    for http in made:
+        http.__exit__(None, None, None)
+
+
+def ask(client, engine, user, **kw):
+    return client.chat.completions.create(model=engine.name, user=user, temperature=0, max_tokens=6,
+                                          messages=[{"role": "user", "content": "Which item next?"}], **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["userllm", "textprompt"])
+def test_openai_client_personalized_and_streamed(serve, ul_run, tp_run, synthetic_ds, method):
+    engine, http, client = serve(ul_run if method == "userllm" else tp_run)
+    user = synthetic_ds.sequences.get_column("user_id")[0]
+    events = min(synthetic_ds.sequences.get_column("length")[0], engine.max_history)
+    answer = ask(client, engine, user)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.model == engine.name
+    assert answer.usage.completion_tokens <= 6 and answer.usage.model_extra["user_events"] == events
+    stream = ask(client, engine, user, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content  # greedy: the same answer, streamed
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    raw = http.post("/v1/chat/completions", json={"model": engine.name, "user": user, "stream": True, "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert raw.text.rstrip().endswith("data: [DONE]")
+    assert [m.id for m in client.models.list()] == [engine.name]
+
+
+def test_user_reaches_the_server_and_errors_are_openai_errors(serve, ul_run):
+    engine, http, client = serve(ul_run)
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, engine, "nobody-here")
+    assert e.value.code == "user_not_found" and "nobody-here" in e.value.message and e.value.param == "user"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", user="x", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "hi"}])  # no user
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0).models.list()
+    assert e.value.code == "invalid_api_key" and KEY not in e.value.message
+
+
+def test_contexts_follow_the_store(serve, ul_run, synthetic_ds):
+    """Two users' contexts differ; an appended event changes the context exactly as a fresh recompute from
+    the store would; DELETE forgets the user."""
+    engine, http, client = serve(ul_run)
+    a, b = synthetic_ds.sequences.get_column("user_id")[:2]
+    ctx_a, _, _ = engine.context(a)
+    ctx_b, _, _ = engine.context(b)
+    assert not torch.equal(ctx_a.ctx[:, : ctx_b.ctx.shape[1]], ctx_b.ctx[:, : ctx_a.ctx.shape[1]])
+    item = synthetic_ds.items.get_column("item_id")[3]
+    r = http.post(f"/v1/users/{a}/events", json={"events": [{"item_id": item, "rating": 5, "timestamp": 2_000_000_000}]})
+    assert r.status_code == 200 and r.json()["events"] == synthetic_ds.sequences.get_column("length")[0] + 1
+    answer = ask(client, engine, a)
+    assert answer.usage.model_extra["user_events"] == engine.max_history
+    cached = engine.context(a)[0]
+    _, rows = engine.store.timeline(a, last=engine.max_history)
+    fresh = UserContextCache(engine.model).get(a, engine.vocab.encoder_inputs(rows))
+    assert rows[-1]["item_id"] == item and torch.allclose(cached.ctx, fresh.ctx, atol=1e-5)
+    assert all(torch.allclose(cached.kv[k].k, fresh.kv[k].k, atol=1e-5) for k in fresh.kv)
+    listed = http.get(f"/v1/users/{a}/events", params={"limit": 2}).json()
+    assert listed["object"] == "list" and [e["item_id"] for e in listed["data"]][-1] == item
+    assert http.delete(f"/v1/users/{a}").json()["deleted"] is True
+    assert http.get(f"/v1/users/{a}/events").json()["data"] == [] and a not in engine.cache.entries
+    with pytest.raises(openai.NotFoundError):
+        ask(client, engine, a)
+
+
+def test_bad_requests_are_clear_4xx(serve, ul_run, synthetic_ds):
+    engine, http, _ = serve(ul_run, max_body_bytes=4096, max_events_per_request=5)
+    item = synthetic_ds.items.get_column("item_id")[0]
+    post = lambda body, **kw: http.post("/v1/users/u-new/events", json=body, **kw)  # noqa: E731
+    cases = [
+        (post({"events": [{"item_id": item, "timestamp": 1}, {"item_id": "no-such-item", "timestamp": 2}]}),
+         422, "events[1].item_id", "unknown item"),
+        (post({"events": [{"item_id": item, "rating": 50, "timestamp": 1}]}), 422, "events[0].rating", "outside"),
+        (post({"events": [{"item_id": item, "timestamp": "yesterday"}]}), 422, "events[0].timestamp", "integer"),
+        (post({"events": [{"item_id": item, "timestamp": 1}] * 6}), 413, "events", "at most 5 events"),
+        (post({"events": [{"item_id": item, "timestamp": 1, "text": "x" * 5000}]}), 413, None, "over 4,096 bytes"),
+        (http.post("/v1/users/u-new/events", content=b"{not json", headers={"content-type": "application/json"}),
+         400, None, "not valid JSON"),
+        (http.post("/v1/users/bad%20id!/events", json={"events": [{"item_id": item, "timestamp": 1}]}), 422, "user_id", "letters"),
+        (http.get("/v1/users/u-new/events", headers={"Authorization": "Bearer nope"}), 401, None, "API key"),
+    ]  # fmt: skip
+    for response, status, param, message in cases:
+        body = response.json()
+        assert response.status_code == status, body
+        assert set(body["error"]) == {"message", "type", "param", "code"} and message in body["error"]["message"], body
+        assert body["error"]["param"] == param and "Traceback" not in response.text
+    assert engine.store.fingerprint("u-new").count == 0  # nothing of a rejected request was stored
+    assert http.get("/healthz", headers={"Authorization": ""}).json()["status"] == "ok"  # no key needed
+    metrics = http.get("/metrics").text
+    assert 'userllm_requests_total{endpoint="/v1/users/{user_id}/events",status="422"} 4' in metrics  # item, rating, timestamp, user id
+
+
+def test_retried_event_ids_are_stored_once(serve, ul_run, synthetic_ds):
+    engine, http, _ = serve(ul_run)
+    item = synthetic_ds.items.get_column("item_id")[0]
+    body = {"events": [{"item_id": item, "timestamp": 5, "event_id": "once"}]}
+    assert [http.post("/v1/users/u9/events", json=body).json()["events"] for _ in range(3)] == [1, 1, 1]
