@@ -47,6 +47,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/encoder_quality.py
 	$(PY) benchmarks/llm_step.py
 	$(VENV)/bin/userllm bench efficiency --force
+	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
+	$(VENV)/bin/userllm bench serve --dataset $(OUT)/ml-100k --force
 
 bench-quick: $(VENV)/.installed
 	$(VENV)/bin/userllm bench efficiency --quick --force

@@ -410,6 +410,25 @@ def bench_efficiency(
     out.print(f"wrote {out_dir}/efficiency.json, efficiency.md, efficiency.png")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for serve.json / .md / .png")] = Path("runs/bench-serve"),
+    dataset: Annotated[Path, typer.Option(help="prepared dataset whose users are served")] = Path("outputs/ml-100k"),
+    backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
+    history: Annotated[int, typer.Option(help="events per user (users with fewer are not asked)")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="tokens of every answer")] = 16,
+    append_seconds: Annotated[float, typer.Option(help="length of the append phase")] = 10.0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """User-LLM vs TP served over HTTP to 1, 4 and 16 concurrent clients: requests/s, latency, TTFT, appends."""
+    from userllm.serve.bench import markdown, run_serve_bench
+
+    report = run_serve_bench(out_dir, dataset=dataset, backbone=backbone, history=history, max_tokens=max_tokens,
+                             append_seconds=append_seconds, force=force)  # fmt: skip
+    print(markdown(report))
+    out.print(f"wrote {out_dir}/serve.json, serve.md, serve.png")
+
+
 class Interrupted(UserError):
     exit_code = 130
 

@@ -136,3 +136,16 @@ def test_sigkill_during_appends_loses_no_acknowledged_event(tmp_path, ul_run, sy
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
+    """The benchmark's whole path on the tiny runs (two server processes, every phase); figures on the real
+    model come from `userllm bench serve`."""
+    from userllm.serve.bench import run_serve_bench
+
+    report = run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, history=6, levels=(1, 2), max_tokens=3,
+                             append_seconds=0.5, runs={"userllm": ul_run, "textprompt": tp_run})  # fmt: skip
+    assert {r["concurrency"] for r in report["methods"]["textprompt"]} == {1, 2}
+    assert all(r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows)
+    assert report["appends"]["events"] > 0 and report["bare_ratio"] > 0
+    assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()

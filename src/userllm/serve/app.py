@@ -10,7 +10,8 @@ endpoint                             what it does
 ``GET /v1/users/{user_id}/events``   ``{"object": "list", "data": [...]}``, oldest first (``?limit=N``: newest N)
 ``DELETE /v1/users/{user_id}``       the user's events and cached context are gone
 ``POST /v1/chat/completions``        Chat Completions (``messages``, ``user``, ``max_tokens``, ``temperature``,
-                                     ``top_p``, ``stop``, ``seed``, ``stream``); ``usage`` adds ``user_events``
+                                     ``top_p``, ``stop``, ``seed``, ``stream``; vLLM's ``ignore_eos``);
+                                     ``usage`` adds ``user_events``
 ``GET /v1/models``                   the served run
 ``GET /healthz``                     liveness (no API key needed)
 ``GET /metrics``                     Prometheus text (:mod:`userllm.serve.metrics`)
@@ -134,6 +135,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    ignore_eos: bool = Field(False, description="(vLLM's extension) decode max_tokens tokens whatever the model says: for benchmarks")
 
 
 # ----------------------------------------------------------------------------- middleware
@@ -308,7 +310,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         out: asyncio.Queue = asyncio.Queue()
         job = Job(user=body.user, messages=[m.text() for m in body.messages], max_tokens=max_tokens,
                   emit=lambda kind, payload: loop.call_soon_threadsafe(out.put_nowait, (kind, payload)),
-                  temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                  temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
                   stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))  # fmt: skip
         await request.app.state.batcher.queue.put(job)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

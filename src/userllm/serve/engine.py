@@ -45,6 +45,7 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -168,14 +169,15 @@ class Engine:
                                              generator=r.generator)[0] for i, r in enumerate(rows)])  # fmt: skip
 
         limit = max(r.job.max_tokens for r in rows)
+        eos = None if all(r.job.ignore_eos for r in rows) else self.eos
         if context is None and self.method == "userllm":  # no user: the backbone alone, no cross-attention
             prefix = (self.model.llm.get_input_embeddings()(ids), mask)
-            steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=self.eos, pad_token_id=self.pad)
+            steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad)
             self._stream(rows, steps)
         else:
             with self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
                 steps = iter_tokens(self.model, embeds, prefix_mask, choose, max_new_tokens=limit,
-                                    eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
+                                    eos_token_id=eos, pad_token_id=self.pad)  # fmt: skip
                 self._stream(rows, steps)
 
     def _stream(self, rows: list[Row], steps) -> None:
@@ -183,7 +185,7 @@ class Engine:
             for row, token in zip(rows, tokens.tolist()):
                 if row.finish is not None:
                     continue
-                if token == self.eos:
+                if token == self.eos and not row.job.ignore_eos:
                     row.finish = "stop"
                 else:
                     row.tokens.append(token)
