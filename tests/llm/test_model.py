@@ -305,3 +305,17 @@ def test_candidates_are_the_encoders_top_items_in_words():
         top = scores.topk(3).indices
         expected = model.candidates.table_title[top] + model.candidates.rank  # identity map at the start
         torch.testing.assert_close(ctx[row, 5:], expected)
+
+
+def test_sample_token_temperature_top_p_and_top_k():
+    from userllm.llm.decoding import sample_token
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(400, 1)
+    assert sample_token(logits, temperature=0).eq(0).all()  # greedy
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(logits, temperature=1.0, top_p=0.5, generator=g).eq(0).all()  # the nucleus holds only the top token
+    drawn = sample_token(logits, temperature=1.0, top_p=0.9, generator=g)
+    assert set(drawn.tolist()) == {0, 1, 2}  # 0.61 + 0.22 < 0.9: the third token completes the nucleus; never the fourth
+    assert set(sample_token(logits, temperature=1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    same = [sample_token(logits[:5], temperature=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(*same)  # seeded

@@ -149,3 +149,29 @@ def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
     assert all(r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows)
     assert report["appends"]["events"] > 0 and report["bare_ratio"] > 0
     assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()
+
+
+def test_health_checks_and_appends_answer_while_the_model_decodes(tmp_path, ul_run, synthetic_ds):
+    store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    engine = Engine(ul_run, store)
+    app = create_app(engine, ServeConfig(max_tokens=4000))
+    item = items(synthetic_ds, 1)[0]
+    store.append("busy", [{"item_id": item, "rating": 4, "timestamp": 1}])
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
+                long = asyncio.create_task(c.post("/v1/chat/completions", json={
+                    "model": engine.name, "user": "busy", "max_tokens": 3000, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "talk"}]}))  # fmt: skip
+                while not engine.metrics.counters.get("userllm_batch_size") and not engine.metrics.histograms.get("userllm_batch_size"):
+                    await asyncio.sleep(0.01)  # the decode has started on the model thread
+                health = await c.get("/healthz")
+                added = await c.post("/v1/users/other/events", json={"events": [{"item_id": item, "timestamp": 2}]})
+                answered_first = not long.done()
+                await long
+                return health.status_code, added.status_code, answered_first, long.result().json()
+
+    health, added, first, chat = asyncio.run(scenario())
+    assert health == 200 and added == 200 and first  # answered while the 3,000-token decode was running
+    assert chat["usage"]["completion_tokens"] == 3000 and chat["choices"][0]["finish_reason"] == "length"
