@@ -77,3 +77,15 @@ def test_bad_urls_are_messages(tmp_path):
         EventStore("nonsense://x")
     with pytest.raises(InputError, match="sqlite or postgresql"):
         EventStore("mysql+pymysql://u@h/db")
+
+
+def test_cli_store_import_and_serve_errors(tmp_path, synthetic_ds, run_cli):
+    db = f"sqlite:///{tmp_path / 'events.db'}"
+    for _ in range(2):  # idempotent
+        code, stdout, stderr = run_cli("store", "import", synthetic_ds.root, "--db", db)
+        assert code == 0, stderr
+        assert f"the store holds {synthetic_ds.events.height:,} events of {synthetic_ds.sequences.height:,} users" in " ".join(stdout.split())
+    code, _, stderr = run_cli("store", "import", synthetic_ds.root, "--db", "redis://localhost")
+    assert code == 2 and "runs on sqlite or postgresql" in " ".join(stderr.split())
+    code, _, stderr = run_cli("serve", tmp_path / "no-run", "--db", db)
+    assert code == 2 and "holds no trained model" in " ".join(stderr.split()) and "Traceback" not in stderr
