@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,6 +15,7 @@ from sqlalchemy import text
 
 from userllm.llm.cache import UserContextCache
 from userllm.serve.app import ServeConfig, create_app
+from userllm.serve.bench import free_port, start
 from userllm.serve.engine import Engine
 from userllm.serve.store import EventStore
 
@@ -75,31 +73,10 @@ def test_another_process_appending_to_postgresql_is_seen(postgres_url, ul_run, s
     mine.delete_user("shared-user")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run, db: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "userllm.cli", "serve", str(run), "--db", db, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    for _ in range(600):
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx2.TransportError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-    proc.kill()
-    raise AssertionError("the server did not start")
-
-
 def test_sigkill_during_appends_loses_no_acknowledged_event(tmp_path, ul_run, synthetic_ds):
     db = f"sqlite:///{tmp_path / 'events.db'}"
     port = free_port()
-    proc = start_server(ul_run, db, port)
+    proc = start(ul_run, db, port, max_batch=8)
     acked, item, stop = [], items(synthetic_ds, 1)[0], threading.Event()
 
     def append_forever():
@@ -129,7 +106,7 @@ def test_sigkill_during_appends_loses_no_acknowledged_event(tmp_path, ul_run, sy
     _, rows = store.timeline("crash-user")
     stored = {r["event_id"] for r in rows}
     assert set(acked) <= stored and len(stored) == len(rows)  # every acknowledged event, none twice
-    proc = start_server(ul_run, db, port)  # and the server comes back on the same store
+    proc = start(ul_run, db, port, max_batch=8)  # and the server comes back on the same store
     try:
         listed = httpx2.get(f"http://127.0.0.1:{port}/v1/users/crash-user/events").json()["data"]
         assert len(listed) == len(rows)
