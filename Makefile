@@ -37,7 +37,8 @@ demo: $(VENV)/.installed
 	rm -rf $(OUT)/demo
 	$(VENV)/bin/userllm experiment experiments/demo.yaml
 	cat $(OUT)/demo/results.md
-	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm-xattn --user 1 --user 117 --top 3
+	# three users chosen by their histories: their last 50 movies are 82% Drama (122), 98% Comedy (125), 96% Action (217)
+	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm-xattn --user 122 --user 125 --user 217 --top 3
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
