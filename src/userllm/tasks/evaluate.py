@@ -135,13 +135,13 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                 new = model.generate(users, ids, mask, context=context, max_new_tokens=cfg.max_new_tokens,
                                      eos_token_id=eos, pad_token_id=pad)  # fmt: skip
                 greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip() for row in new.tolist()]
-            new = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
-                    "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
-                   for i, ex in enumerate(batch)]  # fmt: skip
+            scored = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
+                       "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
+                      for i, ex in enumerate(batch)]  # fmt: skip
             if partial is not None:
                 with open(partial, "a") as f:
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-            records += new
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+            records += scored
             progress.advance(task, len(batch))
     by_user = {**done, **{r["user_id"]: r for r in records}}
     return [by_user[ex.user_id] for ex in examples]
