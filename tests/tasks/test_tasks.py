@@ -254,7 +254,7 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     # tp was scored on 3 users: its own table re-scores the other cells on those users from their records
     same = table.split("on the 3 test users tp was scored on")[1]
     assert "| tp | textprompt |" in same and "| xattn | userllm |" in same and "label prior (same users)" in same
-    from userllm.tasks.evaluate import paired_difference, rescore, scored_users
+    from userllm.tasks.evaluate import answer_summary, paired_difference, rescore, scored_users
 
     runs = tmp_path / "exp" / "favorite_genre"
     xattn = json.loads((runs / "xattn" / "metrics.json").read_text())
@@ -267,6 +267,10 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert users == 3 and diff["accuracy"]["value"] == pytest.approx(want)
     assert diff["accuracy"]["low"] <= diff["accuracy"]["value"] <= diff["accuracy"]["high"]
     assert "User-LLM minus TP, paired over the same users" in table and "| xattn | tp | 3 |" in table
+    tops = Counter(json.loads(line)["ranked"][0] for line in (runs / "tp" / "records.jsonl").read_text().splitlines())
+    top, n = tops.most_common(1)[0]
+    assert answer_summary(runs / "tp") == f"{len(tops)} distinct; top '{top}' {n / 3:.0%}"
+    assert f"| {answer_summary(runs / 'tp')} |" in same
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
     prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)

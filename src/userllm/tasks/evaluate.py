@@ -304,6 +304,21 @@ def read_records(run_dir: Path, user_ids: set[str] | None = None) -> list[dict]:
     return records if user_ids is None else [r for r in records if r["user_id"] in user_ids]
 
 
+def answer_summary(run_dir: Path, user_ids: set[str] | None = None) -> str:
+    """How varied a scored run's answers are (its top answer per user: the greedy text, else the first
+    ranked one): ``"N distinct; top 'X' P%"``. A model that writes one answer for everyone shows it here,
+    whatever its metrics; '-' without records."""
+    try:
+        records = read_records(run_dir, user_ids)
+    except InputError:
+        return "-"
+    answers = Counter(r["greedy"] if r.get("greedy") is not None else (r["ranked"] or [""])[0] for r in records)
+    if not answers:
+        return "-"
+    top, n = answers.most_common(1)[0]
+    return f"{len(answers)} distinct; top '{top[:40]}' {n / len(records):.0%}"
+
+
 def paired_difference(run_a: Path, run_b: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
     """Run A minus run B on the test users both were scored on: the number of users and, per metric, the mean
     per-user difference with its 95% bootstrap interval (users resampled with both runs' answers together,

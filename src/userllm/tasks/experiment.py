@@ -257,9 +257,9 @@ def write_results(spec: dict) -> Path:
     rows += reference_rows(rows)
     write_json(out / "results.json", [{k: r[k] for k in RESULT_KEYS} for r in rows])
     lines = []
-    tables = [(task, f"### {task}", [r for r in rows if r["task"] == task]) for task in spec["tasks"]]
+    tables = [(task, f"### {task}", [r for r in rows if r["task"] == task], None) for task in spec["tasks"]]
     seed = (spec.get("evaluate") or {}).get("seed", 0)
-    from userllm.tasks.evaluate import scored_users
+    from userllm.tasks.evaluate import answer_summary, scored_users
 
     tabled = set()  # (task, history, users) already shown: cells scored on the same users share a table
     for cell in [r for r in rows if r["subset"] and r["method"] in ("userllm", "textprompt")]:
@@ -268,20 +268,22 @@ def write_results(spec: dict) -> Path:
             continue
         tabled.add(key)
         same = same_users_rows(rows, cell, seed)
-        tables.append((cell["task"], f"### {cell['task']}: on the {cell['users']} test users {cell['cell']} was scored on", same))
-    for task, title, part in tables:
+        tables.append((cell["task"], f"### {cell['task']}: on the {cell['users']} test users {cell['cell']} was scored on", same,
+                       scored_users(Path(cell["run"]))))  # fmt: skip
+    for task, title, part, users in tables:
         if not part:
             continue
         names = list(next(r for r in part if r["method"] not in REFERENCES)["metrics"])
         lines += [title, "",
                   "| cell | method | mode | xattn layers | strategy | perceiver | item words | encoder | history | users | "
-                  + " | ".join(names) + " | train examples | train PFLOPs | train s | LLM input tokens | ppl after/before |",
-                  "|" + "---|" * (len(names) + 15)]  # fmt: skip
+                  + " | ".join(names) + " | answers | train examples | train PFLOPs | train s | LLM input tokens | ppl after/before |",
+                  "|" + "---|" * (len(names) + 16)]  # fmt: skip
         for r in part:
             ppl = f"{r['general']['ratio']:.3f}" if r["general"] else "-"
             ref = r["method"] in REFERENCES
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
+            cost = ("-" if ref else answer_summary(Path(r["run"]), users)) + " | " + cost
             lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
                          + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
@@ -289,7 +291,8 @@ def write_results(spec: dict) -> Path:
         lines += ["", "Each metric with its 95% bootstrap interval over the test users scored. "
                   "Label prior: the train split's most frequent answers, whoever the user (next_item: the most popular "
                   "titles; favorite_genre: the most frequent genre; review: the most common review). Encoder alone: the "
-                  "stage-1 encoder's own top items as titles. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
+                  "stage-1 encoder's own top items as titles. Answers: how many distinct top answers the cell gave "
+                  "and its most frequent one. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
         if title == f"### {task}":
             lines += difference_lines(rows, task, seed)
     write_text_atomically(out / "results.md", "\n".join(lines))
