@@ -329,6 +329,8 @@ def serve(
     allow_unknown_users: Annotated[bool, typer.Option("--allow-unknown-users", help="answer users without events "
                                                       "(or without `user`) unpersonalized instead of 404/400")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="also keep users' contexts on disk here")] = None,
+    refresh_interval: Annotated[float, typer.Option(help="seconds between two refreshes of one user's cached "
+                                                    "context while their events stream in")] = 1.0,
 ) -> None:
     """Serve a trained run over HTTP: OpenAI's Chat Completions, personalized by `user`, over an event store."""
     import uvicorn
@@ -340,7 +342,9 @@ def serve(
     if port < 0 or port > 65535:
         raise UserError(f"--port {port}: expected 0-65535")
     store = EventStore(db or sqlite_url_beside(run))
-    engine = Engine(run, store, cache_dir=cache_dir)
+    if refresh_interval < 0:
+        raise UserError(f"--refresh-interval {refresh_interval}: expected seconds >= 0")
+    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval)
     cfg = ServeConfig(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_tokens=max_tokens,
                       allow_unknown_users=allow_unknown_users)  # fmt: skip
     err.print(f"serving {engine.name} ({engine.method}) on http://{host}:{port}/v1 with the event store {store.url}"

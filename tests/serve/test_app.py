@@ -4,6 +4,7 @@ personalized and streamed answers, contexts that follow the store, errors in Ope
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -135,3 +136,18 @@ def test_retried_event_ids_are_stored_once(serve, ul_run, synthetic_ds):
     item = synthetic_ds.items.get_column("item_id")[0]
     body = {"events": [{"item_id": item, "timestamp": 5, "event_id": "once"}]}
     assert [http.post("/v1/users/u9/events", json=body).json()["events"] for _ in range(3)] == [1, 1, 1]
+
+
+def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, ul_run, synthetic_ds):
+    store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    engine = Engine(ul_run, store, refresh_interval=0.5)
+    item = synthetic_ds.items.get_column("item_id")[0]
+    for t in range(3):  # a burst: the first append refreshes at once, the next two together half a second later
+        store.append("streamer", [{"item_id": item, "rating": 4, "timestamp": t}])
+        engine.schedule_refresh("streamer")
+    for _ in range(200):
+        if engine.fingerprints.get("streamer") == store.fingerprint("streamer"):
+            break
+        time.sleep(0.05)
+    assert engine.fingerprints["streamer"].count == 3 and engine.cache.stats["miss"] + engine.cache.stats["append"] == 2
+    engine.close()

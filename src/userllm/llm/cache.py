@@ -110,24 +110,26 @@ class UserContextCache:
         if self.index.pop(user, None) is not None:
             self.forgotten = True
 
+    def _encode(self, events: dict[str, Tensor], state: EncoderState) -> Tensor:
+        """The encoder's outputs for ``events`` after ``state``, in eval mode (switched only when needed:
+        toggling a whole LLM's mode costs more than encoding a short timeline)."""
+        was = self.model.encoder.training
+        if was:
+            self.model.encoder.eval()
+        try:
+            return self.model.encoder(events, state)[0]
+        finally:
+            if was:
+                self.model.encoder.train()
+
     def _compute(self, events: dict[str, Tensor]) -> dict[str, Tensor]:
         state = EncoderState()
-        was = self.model.training
-        self.model.eval()
-        try:
-            h, _ = self.model.encoder(dict(events), state)
-        finally:
-            self.model.train(was)
+        h = self._encode(dict(events), state)
         return self._finish(dict(events), h, state)
 
     def _append(self, entry: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
         state = self._encoder_state(entry)
-        was = self.model.training
-        self.model.eval()
-        try:
-            h_new, _ = self.model.encoder(new, state)
-        finally:
-            self.model.train(was)
+        h_new = self._encode(new, state)
         events = {k: torch.cat([entry[k], new[k]], 1) for k in EVENT_KEYS}
         h = torch.cat([entry["h"], h_new], 1)
         if self.model.perceiver is None and self.model.candidates is None:  # per-event context: only the new events

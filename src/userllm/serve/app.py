@@ -18,7 +18,8 @@ endpoint                             what it does
 ===================================  ======================================================================
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the status that fits
-(400, 401, 404, 413, 422, 500); no traceback ever reaches a client. Chat requests are batched for the model
+(400, 401, 404, 413, 422, 500); no traceback ever reaches a client. Concurrent appends are committed
+together (one transaction per group, each acknowledged after its commit). Chat requests are batched for the model
 (up to ``max_batch`` requests, waiting at most ``max_wait_ms`` for more), which runs on its own thread, so
 health checks and appends stay responsive while it decodes.
 
@@ -191,6 +192,37 @@ class Batcher:
             await loop.run_in_executor(self.engine.executor, self.engine.run_batch, batch)
 
 
+class AppendWriter:
+    """Commits concurrent appends together: each request waits for the transaction that holds its events
+    (one commit, one fsync, for every append that arrived while the previous one was being written), and is
+    acknowledged only after that commit."""
+
+    def __init__(self, engine: Engine, max_group: int = 256) -> None:
+        self.engine, self.max_group = engine, max_group
+        self.queue: asyncio.Queue[tuple[str, list[dict], asyncio.Future]] = asyncio.Queue()
+
+    async def append(self, user_id: str, rows: list[dict]) -> int:
+        done = asyncio.get_running_loop().create_future()
+        await self.queue.put((user_id, rows, done))
+        return await done
+
+    async def run(self) -> None:
+        while True:
+            group = [await self.queue.get()]
+            while len(group) < self.max_group and not self.queue.empty():
+                group.append(self.queue.get_nowait())
+            try:
+                counts = await run_in_threadpool(self.engine.store.append_many, [(u, rows) for u, rows, _ in group])
+            except Exception as e:  # noqa: BLE001 - every request of the group gets the error, none is acknowledged
+                for *_, done in group:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for (_, _, done), count in zip(group, counts):
+                if not done.done():
+                    done.set_result(count)
+
+
 def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``engine`` (see module docstring)."""
     cfg = cfg or ServeConfig()
@@ -198,13 +230,13 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(engine, cfg)
-        app.state.batcher = batcher
-        task = asyncio.create_task(batcher.run())
+        app.state.batcher, app.state.writer = Batcher(engine, cfg), AppendWriter(engine)
+        tasks = [asyncio.create_task(app.state.batcher.run()), asyncio.create_task(app.state.writer.run())]
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             await run_in_threadpool(engine.close)
 
     app = FastAPI(title="userllm", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -259,7 +291,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
                                              "method": engine.method}]}  # fmt: skip
 
     @app.post("/v1/users/{user_id}/events")
-    async def append(user_id: str, body: EventsIn):
+    async def append(user_id: str, body: EventsIn, request: Request):
         check_user(user_id)
         if len(body.events) > cfg.max_events_per_request:
             raise APIError(413, f"at most {cfg.max_events_per_request:,} events per request, got {len(body.events):,}",
@@ -268,7 +300,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         problems = engine.vocab.problems(rows)
         if problems:
             raise APIError(422, problems[0][1], param=problems[0][0], code="invalid_value")
-        count = await run_in_threadpool(engine.store.append, user_id, rows)
+        count = await request.app.state.writer.append(user_id, rows)  # committed with any concurrent appends
         metrics.inc("userllm_events_appended_total", len(rows))
         engine.schedule_refresh(user_id)
         return {"object": "user", "id": user_id, "events": count}

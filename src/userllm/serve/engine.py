@@ -6,7 +6,8 @@ request reads its user's fingerprint from the store (count and newest event id);
 one the cached context was computed from, the user's newest events are read and the context is brought up
 to date (``UserContextCache``: an incremental update when events were appended, else a recompute), so no
 answer reads a context older than the store's committed events, whichever process appended them.
-Appends through this server also refresh the cached context right away (:meth:`Engine.schedule_refresh`).
+Appends through this server also refresh the cached context on the model thread (:meth:`Engine.schedule_refresh`:
+at once, at most once a ``refresh_interval`` per user while events stream in).
 
 Each request of a batch keeps its own sampling (temperature, top_p, seed), token limit and stop strings;
 its tokens are handed to the request as they are decoded (streaming), through ``Job.emit``.
@@ -15,6 +16,7 @@ its tokens are handed to the request as they are decoded (streaming), through ``
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +64,12 @@ class Row:
 
 
 class Engine:
-    """A trained run (User-LLM or TP) over an event store. ``max_history``: the newest events a request
-    reads (the run's ``max_history``); ``cache_dir``: keep the users' contexts on disk as well."""
+    """A trained run (User-LLM or TP) over an event store. A request reads the user's newest ``max_history``
+    events (the run's); ``cache_dir``: keep the users' contexts on disk as well; ``refresh_interval``: the
+    shortest time between two refreshes of one user's context after appends (:meth:`schedule_refresh`)."""
 
     def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+                 metrics: Metrics | None = None, refresh_interval: float = 1.0) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.data = load_run(self.run_dir)
         self.model.eval()
@@ -83,8 +86,10 @@ class Engine:
         self.cache = UserContextCache(self.model, cache_dir) if self.method == "userllm" else None
         self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
-        self.pending: set[str] = set()
-        self.lock = threading.Lock()  # pending refreshes
+        self.refresh_interval = refresh_interval
+        self.pending: set[str] = set()  # users with a refresh scheduled
+        self.refreshed: dict[str, float] = {}  # user -> when their last refresh started (monotonic)
+        self.lock = threading.Lock()  # pending, refreshed
 
     # ----------------------------------------------------------------- user side (model thread)
     def context(self, user: str) -> tuple[UserContext | None, list[str] | None, int]:
@@ -110,18 +115,33 @@ class Engine:
         return ctx, None, len(rows)
 
     def schedule_refresh(self, user: str) -> None:
-        """Bring the user's cached context up to date on the model thread (appends coalesce per user)."""
+        """Bring the user's cached context up to date on the model thread after an append: at once, or, for a
+        user refreshed less than ``refresh_interval`` seconds ago, that long after the last refresh (appends
+        in between coalesce into one refresh: a user streaming events costs one recompute per interval)."""
         if self.cache is None:
             return
         with self.lock:
             if user in self.pending:
                 return
             self.pending.add(user)
-        self.executor.submit(self._refresh, user)
+            delay = self.refreshed.get(user, -float("inf")) + self.refresh_interval - time.monotonic()
+        if delay <= 0:
+            self._submit_refresh(user)
+        else:
+            timer = threading.Timer(delay, self._submit_refresh, (user,))
+            timer.daemon = True
+            timer.start()
+
+    def _submit_refresh(self, user: str) -> None:
+        try:
+            self.executor.submit(self._refresh, user)
+        except RuntimeError:  # the server is shutting down: nothing left to refresh for
+            pass
 
     def _refresh(self, user: str) -> None:
         with self.lock:
             self.pending.discard(user)
+            self.refreshed[user] = time.monotonic()
         self.context(user)
 
     def forget(self, user: str) -> None:
