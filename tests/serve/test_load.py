@@ -124,7 +124,8 @@ def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
                              append_seconds=0.5, runs={"userllm": ul_run, "textprompt": tp_run})  # fmt: skip
     assert {r["concurrency"] for r in report["methods"]["textprompt"]} == {1, 2}
     assert all(r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows)
-    assert report["appends"]["events"] > 0 and report["bare_ratio"] > 0
+    assert [a["events_per_request"] for a in report["appends"]] == [1, 10] and report["appends"][1]["events"] % 10 == 0
+    assert all(a["events"] > 0 for a in report["appends"]) and report["bare_ratio"] > 0
     assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()
 
 

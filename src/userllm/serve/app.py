@@ -141,14 +141,30 @@ class ChatRequest(BaseModel):
 
 # ----------------------------------------------------------------------------- middleware
 class Guard:
-    """ASGI middleware: the API key (every path but /healthz) and the request body size limit."""
+    """ASGI middleware (pure ASGI: it runs for every request): the API key (every path but /healthz), the
+    request body size limit, and the request metrics (count and latency by endpoint and status)."""
 
-    def __init__(self, app, cfg: ServeConfig) -> None:
-        self.app, self.cfg = app, cfg
+    def __init__(self, app, cfg: ServeConfig, metrics) -> None:
+        self.app, self.cfg, self.metrics = app, cfg, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_status)
+        finally:
+            endpoint = scope["route"].path if scope.get("route") is not None else "other"
+            self.metrics.inc("userllm_requests_total", endpoint=endpoint, status=str(status[0]))
+            self.metrics.observe("userllm_request_seconds", time.perf_counter() - start, endpoint=endpoint)
+
+    async def _guarded(self, scope, receive, send):
         if self.cfg.api_key and scope["path"] != "/healthz":
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
@@ -240,16 +256,7 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
             await run_in_threadpool(engine.close)
 
     app = FastAPI(title="userllm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, cfg=cfg)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.scope["route"].path if request.scope.get("route") else "other"
-        metrics.inc("userllm_requests_total", endpoint=endpoint, status=str(response.status_code))
-        metrics.observe("userllm_request_seconds", time.perf_counter() - start, endpoint=endpoint)
-        return response
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
