@@ -13,6 +13,7 @@ import pytest
 import torch
 from sqlalchemy import text
 
+from userllm.errors import OutputExistsError
 from userllm.llm.cache import UserContextCache
 from userllm.serve.app import ServeConfig, create_app
 from userllm.serve.bench import free_port, start
@@ -127,6 +128,8 @@ def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
     assert [a["events_per_request"] for a in report["appends"]] == [1, 10] and report["appends"][1]["events"] % 10 == 0
     assert all(a["events"] > 0 for a in report["appends"]) and report["bare_ratio"] > 0
     assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()
+    with pytest.raises(OutputExistsError):  # measured results are not replaced without --force
+        run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, runs={"userllm": ul_run, "textprompt": tp_run})
 
 
 def test_health_checks_and_appends_answer_while_the_model_decodes(tmp_path, ul_run, synthetic_ds):

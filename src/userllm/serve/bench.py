@@ -27,7 +27,8 @@ import numpy as np
 
 from userllm.config import TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
-from userllm.io import check_output, write_json, write_text_atomically
+from userllm.errors import OutputExistsError
+from userllm.io import write_json, write_text_atomically
 from userllm.serve.store import EventStore, import_dataset
 
 QUESTION = "Which movie should I watch next? Answer with its title only."
@@ -152,7 +153,8 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
                     append_seconds: float = 10.0, runs: dict[str, Path] | None = None, force: bool = False) -> dict:  # fmt: skip
     """Run the benchmark (see module docstring); writes ``serve.json``, ``serve.md``, ``serve.png`` in ``out``.
     ``runs`` (``{"userllm": RUN, "textprompt": RUN}``): serve these instead of training two at ``history``."""
-    check_output(out / "serve.json", force)
+    if (out / "serve.json").exists() and not force:
+        raise OutputExistsError(f"{out / 'serve.json'} already exists; pass --force to measure again")
     out.mkdir(parents=True, exist_ok=True)
     ds = PreparedDataset(dataset)
     seq = ds.sequences.filter(ds.sequences.get_column("length") >= history)
