@@ -260,6 +260,9 @@ class TrainConfig(_RunConfig):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     checkpoint_every: int = Field(20, ge=1, description="steps between atomic checkpoints (and one at the end)")
     beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
+    shortlist: int = Field(0, ge=0, description="next_item: the beam search ranks only the stage-1 encoder's N "
+                           "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
+                           "same list, from `encoder`; 0: the whole catalogue). Scoring only")  # fmt: skip
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")

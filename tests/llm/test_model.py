@@ -98,6 +98,31 @@ def test_beam_search_over_an_absorbed_context_matches_keys_and_values():
         torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-5, atol=1e-5)
 
 
+def test_beam_search_with_a_trie_per_row_ranks_each_rows_own_sequences():
+    """One trie per row (each user's shortlist): each row answers only from its own trie, exactly as a search
+    of that row alone with its trie does; with beams >= its sequences, all of them, best first."""
+    from userllm.llm.decoding import TokenTrie, constrained_beam_search
+
+    model = build()
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8)
+    ids, mask = prompts(lengths=[6, 6])
+    users = random_batch(2, 5, lengths=[5, 3])
+    tries = [TokenTrie([[5, 6], [9]], eos_token_id=2), TokenTrie([[5, 7, 8], [10, 11], [12], [5, 6]], eos_token_id=2)]
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        both = constrained_beam_search(model, embeds, m, tries, beams=4)
+    assert sorted(i for i, _ in both[0]) == [0, 1] and sorted(i for i, _ in both[1]) == [0, 1, 2, 3]
+    for r in range(2):
+        one = {k: v[r : r + 1] for k, v in users.items()}
+        with torch.no_grad(), model.conditioned(one, ids[r : r + 1], mask[r : r + 1]) as (embeds, m):
+            alone = constrained_beam_search(model, embeds, m, tries[r], beams=4)[0]
+        assert [i for i, _ in alone] == [i for i, _ in both[r]]
+        torch.testing.assert_close(torch.tensor([s for _, s in alone]), torch.tensor([s for _, s in both[r]]))
+    with pytest.raises(ValueError, match="1 tries for 2 rows"):
+        constrained_beam_search(model, embeds.expand(2, -1, -1), m.expand(2, -1), tries[:1], beams=2)
+
+
 @pytest.mark.parametrize("arch", MAKERS)
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_equals_single_under_left_padding(arch, mode):

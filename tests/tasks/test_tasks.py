@@ -173,6 +173,36 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
     assert isinstance(answer, str)
 
 
+def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path):
+    """With ``shortlist`` N the LLM ranks only the titles of the stage-1 encoder's top N items per user:
+    with beams >= N it returns all of them (the encoder alone ranks the same list); without a pretrained
+    encoder a shortlist is refused by name."""
+    from userllm.config import EncoderConfig, PretrainConfig
+    from userllm.encoder.train import load_encoder, pretrain
+    from userllm.tasks.evaluate import encoder_top
+
+    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8)
+    pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(tmp_path / "enc"),
+                      max_history=5, train_examples=4, batch_size=4, beams=3, max_new_tokens=4, eval_batch_size=3)  # fmt: skip
+    train(cfg)
+    m = evaluate(tmp_path / "run", users=6, seed=1, shortlist=3)
+    assert m["config"]["shortlist"] == 3 and set(m["references"]) == {"label prior", "encoder alone"}
+    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm", max_history=5)
+    examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
+    top = encoder_top(load_encoder(tmp_path / "enc"), data, examples, 3)
+    records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()}
+    for ex, row in zip(examples, top):
+        assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
+    full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
+    assert full["config"]["shortlist"] == 0
+    random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})
+    train(random)
+    with pytest.raises(InputError, match="shortlist=3 ranks the stage-1 encoder's items"):
+        evaluate(tmp_path / "random", users=6, seed=1)
+
+
 def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     from safetensors.torch import load_file
 

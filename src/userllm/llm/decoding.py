@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -141,16 +141,22 @@ class TokenTrie:
 
 
 @torch.no_grad()
-def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie, *, beams: int,
-                            max_steps: int | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie | Sequence[TokenTrie], *,
+                            beams: int, max_steps: int | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
     """The ``beams`` most likely complete trie sequences for each prefix: per row ``[(index, log p), ...]``,
-    best first. Every answer is a sequence of the trie (e.g. a real catalogue title).
+    best first. Every answer is a sequence of the trie (e.g. a real catalogue title). ``trie`` is one trie
+    for every row, or one per row (e.g. each user's shortlist; the tries share ``eos_token_id``); with at
+    least as many beams as a row's sequences the search ranks all of them exactly.
 
     Scores are summed token log-probabilities (eos included). The prefix is run once per row; its KV cache
     (and the model's user context, via ``model.repeat_context``) is then repeated for the beams.
     """
     llm, embed = model.llm, model.llm.get_input_embeddings()
     b, device, k = embeds.shape[0], embeds.device, beams
+    tries = [trie] * b if isinstance(trie, TokenTrie) else list(trie)
+    if len(tries) != b:
+        raise ValueError(f"{len(tries)} tries for {b} rows")
+    eos = tries[0].eos_token_id
     logits, cache = llm_step(llm, embeds, mask, None)
     logp = logits.log_softmax(-1)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(b)]
@@ -162,18 +168,18 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
     cache.batch_repeat_interleave(k)
     model.repeat_context(k)
     mask = mask.repeat_interleave(k, 0)
-    limit = max_steps or 1 + max(len(s) for s in trie.sequences)
+    limit = max_steps or 1 + max(len(s) for t in tries for s in t.sequences)
     for _ in range(limit):
         allowed = torch.full_like(logp, float("-inf"))
         for r in range(b * k):
             if score[r] > float("-inf"):
-                allowed[r, trie.children(int(node[r]))] = 0.0
+                allowed[r, tries[r // k].children(int(node[r]))] = 0.0
         total = (score.to(device)[:, None] + logp + allowed).view(b, -1).cpu()  # (b, k*V)
         top = total.topk(min(2 * k, total.shape[1]), dim=1)
         new_node = torch.zeros(b * k, dtype=torch.long)
         new_score = torch.full((b * k,), float("-inf"))
         source = torch.arange(b * k)  # the beam each new beam continues (for the cache)
-        new_token = torch.full((b * k,), trie.eos_token_id, dtype=torch.long)
+        new_token = torch.full((b * k,), eos, dtype=torch.long)
         for i in range(b):
             filled = 0
             for s, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
@@ -181,11 +187,11 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
                     break
                 beam, token = divmod(flat, logp.shape[1])
                 parent = i * k + beam
-                if token == trie.eos_token_id:
-                    finished[i].append((s, trie.ends[int(node[parent])]))
+                if token == eos:
+                    finished[i].append((s, tries[i].ends[int(node[parent])]))
                     continue
                 r = i * k + filled
-                new_node[r] = trie.nodes[int(node[parent])][token]
+                new_node[r] = tries[i].nodes[int(node[parent])][token]
                 new_score[r], source[r], new_token[r] = s, parent, token
                 filled += 1
         node, score = new_node, new_score

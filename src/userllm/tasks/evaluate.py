@@ -4,7 +4,9 @@
 task             metrics (test split; all users, or a seeded subset of N users)
 ===============  =========================================================================================
 next_item        Recall@{1,5,10} of the titles from a beam search constrained to the catalogue's titles
-                 (token trie; beams = the largest K), a hit when the target's title is in the top K;
+                 (token trie; beams = the largest K), a hit when the target's title is in the top K; with
+                 ``shortlist`` N, constrained to the titles of the stage-1 encoder's top N items per user
+                 (the LLM reranks the encoder's shortlist; the encoder alone ranks the same list);
                  ``exact_match`` and ``valid_title``: unconstrained greedy generation equals the target's
                  title / equals some catalogue title
 favorite_genre   accuracy of the top answer of a beam search constrained to the category vocabulary
@@ -80,11 +82,24 @@ def answer_trie(data: TaskData) -> TokenTrie:
     return TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
 
 
-def load_partial(run_dir: Path) -> tuple[Path, dict[str, dict]]:
+def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
+                 shortlists: dict[str, list[int]] | None = None) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:  # fmt: skip
+    """What the constrained search may answer for a batch, and each row's answers in trie order: ``trie``
+    (the whole answer vocabulary) for every row, or per row a trie of the titles of the user's shortlist
+    (item indices, :func:`shortlists`)."""
+    vocab = data.answer_vocabulary()
+    if shortlists is None:
+        return trie, [vocab[2:]] * len(examples)
+    names = [[vocab[i] for i in shortlists[ex.user_id]] for ex in examples]
+    eos = data.tokenizer.eos_token_id
+    return [TokenTrie([data.tokens(t) for t in row], eos_token_id=eos) for row in names], names
+
+
+def load_partial(run_dir: Path, scoring: str = "") -> tuple[Path, dict[str, dict]]:
     """The partial records file of ``run_dir`` and the records it holds by user id: those of an interrupted
-    scoring of the same trained model (its first line names the model by the sha256 of ``summary.json``;
-    a file from an earlier training is discarded)."""
-    path, model_id = Path(run_dir) / PARTIAL, sha256(Path(run_dir) / "summary.json")
+    scoring of the same trained model (its first line names the model by the sha256 of ``summary.json``,
+    plus ``scoring`` (e.g. the shortlist); a file from an earlier training or another scoring is discarded)."""
+    path, model_id = Path(run_dir) / PARTIAL, sha256(Path(run_dir) / "summary.json") + scoring
     done: dict[str, dict] = {}
     if path.exists():
         lines = path.read_text().splitlines()
@@ -102,10 +117,11 @@ def load_partial(run_dir: Path) -> tuple[Path, dict[str, dict]]:
 
 @torch.no_grad()
 def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str, partial: Path | None = None,
-            done: dict[str, dict] | None = None) -> list[dict]:  # fmt: skip
+            done: dict[str, dict] | None = None, shortlist: dict[str, list[int]] | None = None) -> list[dict]:  # fmt: skip
     """One record per example: the prediction(s) of the task, the truth and the LLM's input length. With
     ``partial``, each batch's records are appended to that file as they are made, and the examples of users
-    in ``done`` (records read back from it, see :func:`load_partial`) are not scored again."""
+    in ``done`` (records read back from it, see :func:`load_partial`) are not scored again. With
+    ``shortlist`` ({user_id: item indices}) next_item ranks only each user's shortlisted titles."""
     done = done or {}
     todo = [ex for ex in examples if ex.user_id not in done]
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
@@ -128,8 +144,9 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             with model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
                 input_tokens = prefix_mask.sum(1).tolist()
                 if trie is not None:
-                    found = constrained_beam_search(model, embeds, prefix_mask, trie, beams=beams)
-                    ranked = [[vocab[i + 2] for i, _ in row] for row in found]
+                    tries, names = answer_space(data, trie, batch, shortlist)
+                    found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams)
+                    ranked = [[names[r][i] for i, _ in row] for r, row in enumerate(found)]
             greedy = []
             if data.task != "favorite_genre":
                 new = model.generate(users, ids, mask, context=context, max_new_tokens=cfg.max_new_tokens,
@@ -186,36 +203,62 @@ def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int =
 
 
 @torch.no_grad()
-def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0,
-                  batch_size: int = 256) -> dict[str, dict]:  # fmt: skip
-    """next_item as the stage-1 encoder answers it: the titles of its ``beams`` highest-scoring items after
-    the example's history window (specials excluded, history items allowed, as for the LLM), scored by
-    :func:`score` on the same examples."""
+def encoder_top(encoder, data: TaskData, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
+    """The stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
+    first (specials excluded, history items allowed, as for the LLM)."""
     encoder.eval()
-    records = []
+    top = []
     for c in range(0, len(examples), batch_size):
         batch = examples[c : c + batch_size]
         h, mask = encoder(data.user_batch(batch))
         last = h[torch.arange(len(batch)), mask.sum(1) - 1]  # the output after the last event: the next item
         scores = encoder.item_logits(last)
         scores[:, :2] = float("-inf")
-        top = scores.topk(beams, dim=1).indices.tolist()
-        records += [{"ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer} for row, ex in zip(top, batch)]
+        top += scores.topk(k, dim=1).indices.tolist()
+    return top
+
+
+def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
+    """next_item as the stage-1 encoder answers it: the titles of its ``beams`` highest-scoring items
+    (:func:`encoder_top`), scored by :func:`score` on the same examples."""
+    top = encoder_top(encoder, data, examples, beams)
+    records = [{"ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer} for row, ex in zip(top, examples)]
     return score("next_item", records, set(), beams, seed)
+
+
+def stage1_encoder(cfg, data: TaskData):
+    """The stage-1 encoder a run names (``cfg.encoder``), or None when it has none or it reads fewer events
+    than the run's history window."""
+    from userllm.encoder.train import load_encoder
+
+    if cfg.encoder in (None, "random"):
+        return None
+    encoder = load_encoder(Path(cfg.encoder))
+    return encoder if encoder.cfg.max_len >= data.max_history else None
+
+
+def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, list[int]] | None:
+    """next_item with ``cfg.shortlist`` N: each example's stage-1 shortlist, {user_id: its N item indices}
+    (:func:`encoder_top`); None otherwise."""
+    if data.task != "next_item" or not cfg.shortlist:
+        return None
+    encoder = stage1_encoder(cfg, data)
+    if encoder is None:
+        raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
+                         f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
+                         f"({data.max_history}) as `encoder`")  # fmt: skip
+    return {ex.user_id: row for ex, row in zip(examples, encoder_top(encoder, data, examples, cfg.shortlist))}
 
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:
     """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
     review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from)."""
-    from userllm.encoder.train import load_encoder
-
     out = {}
     out["most common review" if data.task == "review" else "label prior"] = label_prior(
         data, users, cfg.beams if data.task == "next_item" else 1, seed)
-    if data.task == "next_item" and cfg.encoder not in (None, "random"):
-        encoder = load_encoder(Path(cfg.encoder))
-        if encoder.cfg.max_len >= data.max_history:
-            out["encoder alone"] = encoder_alone(encoder, data, examples, cfg.beams, seed)
+    encoder = stage1_encoder(cfg, data) if data.task == "next_item" else None
+    if encoder is not None:
+        out["encoder alone"] = encoder_alone(encoder, data, examples, cfg.beams, seed)
     return out
 
 
@@ -243,19 +286,24 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 
 
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
-             force: bool = False, device: str | None = None) -> dict:  # fmt: skip
-    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``."""
+             force: bool = False, device: str | None = None, shortlist: int | None = None) -> dict:  # fmt: skip
+    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
+    overrides the run's ``shortlist`` (next_item)."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again")
     cfg, model, data = load_run(run_dir, device or "cpu")
+    if shortlist is not None:
+        cfg = cfg.model_copy(update={"shortlist": shortlist})
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
     examples = data.examples("test", subset)
-    partial, done = load_partial(run_dir)  # an interrupted scoring of this model resumes
-    records = predict(model, data, examples, cfg, device, partial, done)
+    listed = shortlists(cfg, data, examples)
+    # an interrupted scoring of this model (and shortlist) resumes
+    partial, done = load_partial(run_dir, f"+shortlist{cfg.shortlist}" if listed else "")
+    records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
     buckets = {}
@@ -355,20 +403,20 @@ def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> lis
     text = prompts.instruction(data.task, data.words)
     examples = [latest_request(cfg, data, u, text) for u in user_ids]
     vocab = data.answer_vocabulary()
-    trie = answer_trie(data)
+    tries, names = answer_space(data, answer_trie(data), examples, shortlists(cfg, data, examples))
     ids, mask, _ = data.batch(examples, with_answers=False)
     users = data.user_batch(examples) if cfg.method == "userllm" else None
     with model.conditioned(users, ids, mask) as (embeds, prefix_mask):
-        found = constrained_beam_search(model, embeds, prefix_mask, trie, beams=min(top, len(vocab) - 2))
+        found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=min(top, len(vocab) - 2))
     out = []
-    for ex, row in zip(examples, found):
+    for r, (ex, row) in enumerate(zip(examples, found)):
         rows = data.tl.offsets[ex.user_idx] + np.arange(ex.start, ex.end)
         items = data.tl.item[rows]
         cats = Counter(data.categories[c] for i in items for c in data.ds.item_categories[i] if c > 1)
         out.append({"user_id": ex.user_id, "events": ex.history_len,
                     "recent": [data.ds.item_titles[i] for i in items[-3:][::-1]],
                     "top_categories": [c for c, _ in cats.most_common(3)],
-                    "answers": [(vocab[i + 2], math.exp(s)) for i, s in row]})  # fmt: skip
+                    "answers": [(names[r][i], math.exp(s)) for i, s in row]})  # fmt: skip
     return out
 
 

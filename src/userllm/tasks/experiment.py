@@ -162,6 +162,7 @@ def collect(spec: dict) -> list[dict]:
                 "encoder": encoder, "llm_input_tokens": m["llm_input_tokens"], "general": m.get("general"),
                 "references": m.get("references") or {}, "run": str(run),
                 "subset": bool((cell.get("evaluate") or {}).get("users")),  # scored on users of its own
+                "shortlist": c.get("shortlist", 0) if task == "next_item" else 0,
             })  # fmt: skip
     return rows
 
@@ -284,7 +285,8 @@ def write_results(spec: dict) -> Path:
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             cost = ("-" if ref else answer_summary(Path(r["run"]), users)) + " | " + cost
-            lines.append(f"| {r['cell']} | {r['method']} | {r['mode']} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
+            mode = f"{r['mode']}, shortlist {r['shortlist']}" if r.get("shortlist") else r["mode"]
+            lines.append(f"| {r['cell']} | {r['method']} | {mode} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
                          + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
                          + f" | {cost} | {ppl} |")  # fmt: skip
@@ -292,7 +294,10 @@ def write_results(spec: dict) -> Path:
                   "Label prior: the train split's most frequent answers, whoever the user (next_item: the most popular "
                   "titles; favorite_genre: the most frequent genre; review: the most common review). Encoder alone: the "
                   "stage-1 encoder's own top items as titles. Answers: how many distinct top answers the cell gave "
-                  "and its most frequent one. Train FLOPs: analytic, 3 forwards per example.", ""]  # fmt: skip
+                  "and its most frequent one. Train FLOPs: analytic, 3 forwards per example."
+                  + (" Shortlist N: the LLM ranked only the titles of the stage-1 encoder's N highest-scoring items "
+                     "for each user (the encoder alone ranks the same list)." if any(r.get("shortlist") for r in part) else ""),
+                  ""]  # fmt: skip
         if title == f"### {task}":
             lines += difference_lines(rows, task, seed)
     write_text_atomically(out / "results.md", "\n".join(lines))
