@@ -138,6 +138,34 @@ def test_retried_event_ids_are_stored_once(serve, ul_run, synthetic_ds):
     assert [http.post("/v1/users/u9/events", json=body).json()["events"] for _ in range(3)] == [1, 1, 1]
 
 
+def test_delayed_refreshes_of_many_users_share_one_timer_thread(tmp_path, ul_run, synthetic_ds):
+    """Users appending within their refresh interval wait on one timer thread (not a thread each), and every
+    one of them is refreshed to their newest events."""
+    import threading
+
+    store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    engine = Engine(ul_run, store, refresh_interval=0.3)
+    item = synthetic_ds.items.get_column("item_id")[0]
+    users = [f"s{i}" for i in range(20)]
+
+    def wait_current():
+        for _ in range(400):
+            if all(engine.fingerprints.get(u) == store.fingerprint(u) for u in users):
+                return True
+            time.sleep(0.05)
+        return False
+
+    for t in range(2):  # the first appends refresh at once; the second ones, within the interval, later
+        before = threading.active_count()
+        for u in users:
+            store.append(u, [{"item_id": item, "rating": 4, "timestamp": t}])
+            engine.schedule_refresh(u)
+        assert threading.active_count() <= before + 1
+        assert wait_current()
+    assert all(engine.fingerprints[u].count == 2 for u in users)
+    engine.close()
+
+
 def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, ul_run, synthetic_ds):
     store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
     engine = Engine(ul_run, store, refresh_interval=0.5)

@@ -15,6 +15,7 @@ its tokens are handed to the request as they are decoded (streaming), through ``
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,17 +90,22 @@ class Engine:
         self.refresh_interval = refresh_interval
         self.pending: set[str] = set()  # users with a refresh scheduled
         self.refreshed: dict[str, float] = {}  # user -> when their last refresh started (monotonic)
-        self.lock = threading.Lock()  # pending, refreshed
+        self.due: list[tuple[float, str]] = []  # heap of delayed refreshes (when, user), run by one timer thread
+        self.lock = threading.Condition()  # pending, refreshed, due
+        self.timer: threading.Thread | None = None
+        self.closed = False
 
     # ----------------------------------------------------------------- user side (model thread)
-    def context(self, user: str) -> tuple[UserContext | None, list[str] | None, int]:
+    def context(self, user: str, *, refresh: bool = False) -> tuple[UserContext | None, list[str] | None, int]:
         """The user's context (User-LLM) or history lines (TP) from their committed events, and the number
-        of events it reflects. A user without events has neither (``None, None, 0``)."""
+        of events it reflects. A user without events has neither (``None, None, 0``). ``refresh``: called
+        after appends, not by a request (a context found current is not counted as a request's cache hit)."""
         if self.cache is not None:
             fp = self.store.fingerprint(user)
             cached = self.cache.cached(user) if fp.count and self.fingerprints.get(user) == fp else None
             if cached is not None:
-                self.metrics.inc("userllm_context_total", result="hit")
+                if not refresh:
+                    self.metrics.inc("userllm_context_total", result="hit")
                 return cached, None, min(fp.count, self.max_history)
         fp, rows = self.store.timeline(user, last=self.max_history)
         if not rows:
@@ -125,12 +131,24 @@ class Engine:
                 return
             self.pending.add(user)
             delay = self.refreshed.get(user, -float("inf")) + self.refresh_interval - time.monotonic()
-        if delay <= 0:
+            if delay > 0:  # later: one timer thread serves every delayed refresh (not a thread per user)
+                heapq.heappush(self.due, (time.monotonic() + delay, user))
+                if self.timer is None:
+                    self.timer = threading.Thread(target=self._timer, name="userllm-refresh-timer", daemon=True)
+                    self.timer.start()
+                self.lock.notify()
+                return
+        self._submit_refresh(user)
+
+    def _timer(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and (not self.due or self.due[0][0] > time.monotonic()):
+                    self.lock.wait(self.due[0][0] - time.monotonic() if self.due else None)
+                if self.closed:
+                    return
+                user = heapq.heappop(self.due)[1]
             self._submit_refresh(user)
-        else:
-            timer = threading.Timer(delay, self._submit_refresh, (user,))
-            timer.daemon = True
-            timer.start()
 
     def _submit_refresh(self, user: str) -> None:
         try:
@@ -142,7 +160,7 @@ class Engine:
         with self.lock:
             self.pending.discard(user)
             self.refreshed[user] = time.monotonic()
-        self.context(user)
+        self.context(user, refresh=True)
 
     def forget(self, user: str) -> None:
         """Drop the user's cached context (after their events were deleted)."""
@@ -236,6 +254,9 @@ class Engine:
         row.job.emit("done", {"finish_reason": row.finish, "usage": usage})
 
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
         self.executor.shutdown(wait=True)
         if self.cache is not None:
             self.cache.flush()
