@@ -106,13 +106,21 @@ class EventStore:
         except OperationalError as e:
             raise InputError(f"cannot open the event store {self.url}: {e.orig}") from None
 
-    def _insert(self):
-        """An INSERT of this dialect (both have ``on_conflict_do_nothing``)."""
+    def _add(self, conn, values: list[dict]) -> None:
+        """Insert event rows (with ``user_id``) on ``conn``; a row whose user already has its ``event_id`` is
+        skipped (an INSERT ... ON CONFLICT DO NOTHING of this dialect)."""
         if self.dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
         else:
             from sqlalchemy.dialects.postgresql import insert
-        return insert(events)
+        if values:
+            conn.execute(insert(events).on_conflict_do_nothing(index_elements=["user_id", "event_id"]), values)
+
+    def add_rows(self, values: list[dict]) -> None:
+        """Insert event rows (``user_id``, ``event_id``, ``item_id``, ``rating``, ``timestamp``, ``text``) in one
+        transaction, committed on return, skipping those already there (bulk loads: :func:`import_dataset`)."""
+        with self.engine.begin() as conn:
+            self._add(conn, values)
 
     def append(self, user_id: str, rows: list[dict]) -> int:
         """Add ``rows`` (``item_id``, ``rating``, ``timestamp``, optional ``text`` and ``event_id``) to the user's
@@ -128,8 +136,7 @@ class EventStore:
                    "timestamp": int(r["timestamp"]), "text": r.get("text")} for user, rows in appends for r in rows]  # fmt: skip
         users = sorted({user for user, _ in appends})
         with self.engine.begin() as conn:
-            if values:
-                conn.execute(self._insert().on_conflict_do_nothing(index_elements=["user_id", "event_id"]), values)
+            self._add(conn, values)
             query = select(events.c.user_id, func.count()).where(events.c.user_id.in_(users)).group_by(events.c.user_id)
             counts = dict(conn.execute(query).all())
         return [counts.get(user, 0) for user, _ in appends]
@@ -177,13 +184,10 @@ def import_dataset(store: EventStore, ds, *, chunk: int = 20_000, progress=None)
     ``prepared:<position in the user's timeline>``, and a second import adds nothing. ``progress(n)`` is
     called with the rows of each committed chunk. Returns the number of events in the store."""
     frame = ds.events.select("user_id", "item_id", "rating", "timestamp", "text", "pos")
-    insert = store._insert().on_conflict_do_nothing(index_elements=["user_id", "event_id"])
     for start in range(0, frame.height, chunk):
         part = frame.slice(start, chunk)
-        values = [{"user_id": u, "event_id": f"prepared:{pos}", "item_id": i, "rating": r, "timestamp": t, "text": x}
-                  for u, i, r, t, x, pos in part.iter_rows()]  # fmt: skip
-        with store.engine.begin() as conn:
-            conn.execute(insert, values)
+        store.add_rows([{"user_id": u, "event_id": f"prepared:{pos}", "item_id": i, "rating": r, "timestamp": t, "text": x}
+                        for u, i, r, t, x, pos in part.iter_rows()])  # fmt: skip
         if progress is not None:
             progress(part.height)
     with store.engine.connect() as conn:
