@@ -324,6 +324,21 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert experiment.run_experiment(path) == tmp_path / "exp" / "results.md"
 
 
+def test_a_shortlisting_tp_cell_gets_the_specs_encoder(tmp_path):
+    """TP trains without the encoder, but a TP cell with ``shortlist`` ranks its top items: the experiment
+    gives it the spec's pretrained encoder, and says so by name when the spec has none."""
+    from userllm.errors import ConfigError
+    from userllm.tasks.experiment import cell_config
+
+    spec = {"out": str(tmp_path / "exp"), "defaults": {"llm": {"strategy": "lora"}}}
+    tp = {"name": "tp", "set": {"method": "textprompt"}}
+    listed = {"name": "tp-short", "set": {"method": "textprompt", "shortlist": 20}}
+    assert cell_config(spec, tp, "next_item", tmp_path, tmp_path / "enc", {}).encoder is None
+    assert cell_config(spec, listed, "next_item", tmp_path, tmp_path / "enc", {}).encoder == str(tmp_path / "enc")
+    with pytest.raises(ConfigError, match="cell tp-short: a shortlist needs a pretrained encoder"):
+        cell_config(spec, listed, "next_item", tmp_path, None, {})
+
+
 def test_cli_train_errors_are_clear(synthetic_ds, run_cli, tmp_path):
     code, _, err = run_cli("train", synthetic_ds.root, "--out", tmp_path / "r", "--method", "userllm", "--backbone", "nope/none-such-model-x")
     assert code != 0 and "encoder" in err  # no --encoder given: named before any model is loaded

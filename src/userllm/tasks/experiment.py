@@ -17,7 +17,8 @@ The spec (see ``experiments/movielens100k.yaml``)::
 
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
 trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
-encoder unless they set ``encoder: random``. Each task's table ends with the label prior at every history
+encoder unless they set ``encoder: random``; a next_item cell of any method with ``shortlist: N`` ranks
+that encoder's top N items per user. Each task's table ends with the label prior at every history
 length of its cells (the train split's most frequent answers on the same test users), the floor to beat, and
 for next_item the stage-1 encoder alone; every metric carries its 95% bootstrap interval over users.
 """
@@ -69,9 +70,12 @@ def cell_config(spec: dict, cell: dict, task: str, dataset: Path, encoder: Path 
             raise ConfigError(f"cell {cell['name']}: match_flops {cell['match_flops']!r} has not finished training "
                               f"({other} is missing); list that cell first")  # fmt: skip
         sets["train_flops"] = json.loads(other.read_text())["train_flops"]
-    if sets.get("method", "userllm") == "userllm" and sets.get("encoder") is None:
+    # User-LLM reads the spec's encoder; a shortlist (any method) ranks its top items
+    if (sets.get("method", "userllm") == "userllm" or sets.get("shortlist")) and sets.get("encoder") is None:
         if encoder is None:
-            raise ConfigError(f"cell {cell['name']}: userllm needs a pretrained encoder ('pretrain' in the spec) or encoder: random")
+            need = "userllm" if sets.get("method", "userllm") == "userllm" else "a shortlist"
+            raise ConfigError(f"cell {cell['name']}: {need} needs a pretrained encoder ('pretrain' in the spec)"
+                              + (" or encoder: random" if need == "userllm" else ""))  # fmt: skip
         sets["encoder"] = str(encoder)
     return load_config(TrainConfig, None, sets)
 
