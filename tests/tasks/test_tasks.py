@@ -175,13 +175,15 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
 
 def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path):
     """With ``shortlist`` N the LLM ranks only the titles of the stage-1 encoder's top N items per user:
-    with beams >= N it returns all of them (the encoder alone ranks the same list); without a pretrained
-    encoder a shortlist is refused by name."""
+    with beams >= N it returns all of them (the encoder alone ranks the same list), for User-LLM and for TP
+    (whose timelines use the default time-gap buckets, not the encoder's 8); without a pretrained encoder a
+    shortlist is refused by name."""
     from userllm.config import EncoderConfig, PretrainConfig
+    from userllm.encoder.data import Timelines
     from userllm.encoder.train import load_encoder, pretrain
     from userllm.tasks.evaluate import encoder_top
 
-    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8)
+    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
     cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(tmp_path / "enc"),
@@ -189,12 +191,18 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     train(cfg)
     m = evaluate(tmp_path / "run", users=6, seed=1, shortlist=3)
     assert m["config"]["shortlist"] == 3 and set(m["references"]) == {"label prior", "encoder alone"}
-    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm", max_history=5)
+    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
+                    max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
     examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
     top = encoder_top(load_encoder(tmp_path / "enc"), data, examples, 3)
-    records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / "run" / "records.jsonl").read_text().splitlines()}
-    for ex, row in zip(examples, top):
-        assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
+    tp = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "tp", "method": "textprompt", "shortlist": 3,
+                        "llm": {**cfg.llm.model_dump(), "strategy": "lora"}})  # fmt: skip
+    train(tp)
+    evaluate(tmp_path / "tp", users=6, seed=1)
+    for run in ("run", "tp"):
+        records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()}
+        for ex, row in zip(examples, top):
+            assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
     full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
     assert full["config"]["shortlist"] == 0
     random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})

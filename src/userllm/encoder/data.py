@@ -37,6 +37,7 @@ class Timelines:
     time_gap: np.ndarray
     lengths: np.ndarray
     offsets: np.ndarray
+    num_gap_buckets: int = 24  # what ``time_gap`` was bucketed into (an encoder reads its own count)
 
     @classmethod
     def from_dataset(cls, ds: PreparedDataset, num_gap_buckets: int = 24) -> Timelines:
@@ -49,6 +50,7 @@ class Timelines:
             time_gap=time_gap_buckets(ev.get_column("timestamp").to_numpy(), pos == 0, num_gap_buckets),
             lengths=lengths,
             offsets=np.cumsum(lengths) - lengths,
+            num_gap_buckets=num_gap_buckets,
         )
 
     @property

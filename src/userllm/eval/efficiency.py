@@ -148,7 +148,8 @@ def bench_timelines(ds: PreparedDataset, users: int, length: int) -> Timelines:
     longest = np.argsort(-tl.lengths, kind="stable")[:users]
     idx = np.concatenate([tl.offsets[u] + np.arange(length) % tl.lengths[u] for u in longest])
     return Timelines(item=tl.item[idx], rating=tl.rating[idx], time_gap=tl.time_gap[idx],
-                     lengths=np.full(len(longest), length), offsets=np.arange(len(longest)) * length)  # fmt: skip
+                     lengths=np.full(len(longest), length), offsets=np.arange(len(longest)) * length,
+                     num_gap_buckets=tl.num_gap_buckets)  # fmt: skip
 
 
 def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset, seed: int) -> ConditionedLM:

@@ -40,6 +40,7 @@ import torch
 
 from userllm.config import dump_config
 from userllm.data.dataset import PreparedDataset
+from userllm.encoder.data import Timelines
 from userllm.errors import InputError, OutputExistsError
 from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
@@ -205,8 +206,12 @@ def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int =
 @torch.no_grad()
 def encoder_top(encoder, data: TaskData, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
     """The stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
-    first (specials excluded, history items allowed, as for the LLM)."""
+    first (specials excluded, history items allowed, as for the LLM). The events are read with the
+    encoder's own time-gap buckets (a TP run's timelines may have been built with others)."""
     encoder.eval()
+    if data.tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
+        data = TaskData(data.ds, data.tokenizer, task=data.task, method=data.method, max_history=data.max_history,
+                        timelines=Timelines.from_dataset(data.ds, encoder.cfg.time_gap_buckets))  # fmt: skip
     top = []
     for c in range(0, len(examples), batch_size):
         batch = examples[c : c + batch_size]
