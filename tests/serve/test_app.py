@@ -163,6 +163,13 @@ def test_delayed_refreshes_of_many_users_share_one_timer_thread(tmp_path, ul_run
         assert threading.active_count() <= before + 1
         assert wait_current()
     assert all(engine.fingerprints[u].count == 2 for u in users)
+    # a refresh is not a request: none of them counts as a request's cache hit, whatever it found
+    for u in users[:3]:
+        engine.schedule_refresh(u)  # nothing new: the refresh finds the context current
+    time.sleep(0.6)
+    assert engine.metrics.counters["userllm_context_total"].get('{result="hit"}', 0) == 0
+    engine.context(users[0])  # a request's read of a current context is a hit
+    assert engine.metrics.counters["userllm_context_total"]['{result="hit"}'] == 1
     engine.close()
 
 

@@ -127,6 +127,7 @@ def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
     assert all(r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows)
     assert [a["events_per_request"] for a in report["appends"]] == [1, 10] and report["appends"][1]["events"] % 10 == 0
     assert all(a["events"] > 0 for a in report["appends"]) and report["bare_ratio"] > 0
+    assert all(a["chats_after_with_current_context"] <= a["chats_after"] for a in report["appends"])  # requests' hits only
     assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()
     with pytest.raises(OutputExistsError):  # measured results are not replaced without --force
         run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, runs={"userllm": ul_run, "textprompt": tp_run})

@@ -115,7 +115,7 @@ class Engine:
         before = dict(self.cache.stats)
         ctx = self.cache.get(user, self.vocab.encoder_inputs(rows))
         for result, n in self.cache.stats.items():
-            if n > before.get(result, 0):
+            if n > before.get(result, 0) and not (refresh and result == "hit"):
                 self.metrics.inc("userllm_context_total", n - before.get(result, 0), result=result)
         self.fingerprints[user] = fp
         return ctx, None, len(rows)
