@@ -8,7 +8,10 @@ differ only in what the LLM reads (TP: the history written into the prompt; User
 the user's cached context). Per concurrency level: requests/s, p50/p99 latency and time to first token.
 User-LLM's cache is warm (one request per user first). Also: the bare backbone answering the same question
 (the User-LLM server without ``user``) at concurrency 1, and appends by 16 clients (single events, then
-10 per request) with the cached contexts kept current.
+10 per request; each client a minimal keep-alive HTTP/1.1 connection, :class:`KeepAlive`, so the load
+generator leaves the shared cores to the server) with the cached contexts kept current: every appended
+event is its user's newest, and one chat per client afterwards counts how many found their context
+already refreshed.
 
 Targets (issue 14): User-LLM >= 10X TP's requests/s; its p50 at concurrency 1 within 1.2X of the bare
 backbone; appends >= 1,000 events/s on SQLite.
