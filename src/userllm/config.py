@@ -208,7 +208,8 @@ class UserLLMConfig(_Config):
         "paper; favorite_genre with category words: docs/results.md)",
     )
     candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
-                            "in its title's words plus a rank embedding (0 = off; beyond the paper)")  # fmt: skip
+                            "in its title's words plus a rank embedding (TP: their titles listed in the prompt, from "
+                            "the stage-1 `encoder`; 0 = off; beyond the paper)")  # fmt: skip
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(

@@ -181,7 +181,8 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     from userllm.config import EncoderConfig, PretrainConfig
     from userllm.encoder.data import Timelines
     from userllm.encoder.train import load_encoder, pretrain
-    from userllm.tasks.evaluate import encoder_top
+    from userllm.errors import ConfigError
+    from userllm.tasks.train import load_run
 
     enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
@@ -194,11 +195,18 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
                     max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
     examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
-    top = encoder_top(load_encoder(tmp_path / "enc"), data, examples, 3)
+    top = data.encoder_top(load_encoder(tmp_path / "enc"), examples, 3)
     tp = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "tp", "method": "textprompt", "shortlist": 3,
-                        "llm": {**cfg.llm.model_dump(), "strategy": "lora"}})  # fmt: skip
+                        "llm": {**cfg.llm.model_dump(), "strategy": "lora", "candidates": 3}})  # fmt: skip
     train(tp)
     evaluate(tmp_path / "tp", users=6, seed=1)
+    # TP's prompt lists the same 3 titles, best first, between its history and the question
+    _, _, tp_data = load_run(tmp_path / "tp")
+    for ex, row in zip(tp_data.examples("test", [e.user_idx for e in examples]), top):
+        listed = "\n".join([prompts.CANDIDATES_HEADER.format(**tp_data.words), *(synthetic_ds.item_titles[i] for i in row)])
+        assert listed + "\n\n" + prompts.instruction("next_item", tp_data.words) in ex.prompt
+    with pytest.raises(ConfigError, match="a text prompt with candidates=3 lists a pretrained stage-1 encoder"):
+        train(TrainConfig(**{**tp.model_dump(), "out": tmp_path / "tp2", "encoder": None}))
     for run in ("run", "tp"):
         records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()}
         for ex, row in zip(examples, top):
@@ -343,7 +351,7 @@ def test_a_shortlisting_tp_cell_gets_the_specs_encoder(tmp_path):
     listed = {"name": "tp-short", "set": {"method": "textprompt", "shortlist": 20}}
     assert cell_config(spec, tp, "next_item", tmp_path, tmp_path / "enc", {}).encoder is None
     assert cell_config(spec, listed, "next_item", tmp_path, tmp_path / "enc", {}).encoder == str(tmp_path / "enc")
-    with pytest.raises(ConfigError, match="cell tp-short: a shortlist needs a pretrained encoder"):
+    with pytest.raises(ConfigError, match="cell tp-short: a shortlist or candidates needs a pretrained encoder"):
         cell_config(spec, listed, "next_item", tmp_path, None, {})
 
 

@@ -61,9 +61,13 @@ class TaskData:
     """
 
     def __init__(self, ds: PreparedDataset, tokenizer, *, task: str, method: str, max_history: int,
-                 timelines: Timelines | None = None) -> None:  # fmt: skip
+                 timelines: Timelines | None = None, candidates: int = 0, candidate_encoder=None) -> None:  # fmt: skip
         self.ds, self.tokenizer, self.task, self.method, self.max_history = ds, tokenizer, task, method, max_history
         self.tl = timelines or Timelines.from_dataset(ds)
+        # TP with candidates: the prompt also lists the titles of the stage-1 encoder's top k next items
+        self.candidates, self.candidate_encoder = candidates, candidate_encoder
+        if candidates and (method != "textprompt" or candidate_encoder is None):
+            raise InputError("prompt candidates are for the text prompt (TP), from a stage-1 encoder")
         self.words = prompts.domain_words(ds.manifest.get("source", ""))
         self.categories: list[str] = ds.vocab["category"]
         self.ratings: list[str] = ds.vocab["rating"]
@@ -110,12 +114,19 @@ class TaskData:
         """The split's examples (optionally of some users only), prompts rendered for this method."""
         out = []
         for row in self._frame(split, users).iter_rows(named=True):
-            u, start, end = row["user_idx"], row["history_start"], row["target_pos"]
             answer, label, text = self._answer(row)
-            lines = self.history_lines(u, start, end) if self.method == "textprompt" else None
-            prompt = prompts.render(self.tokenizer, text, lines, self.words)
-            out.append(TaskExample(u, row["user_id"], start, end, prompt, answer, label))
-        return out
+            out.append(TaskExample(row["user_idx"], row["user_id"], row["history_start"], row["target_pos"], text, answer, label))
+        return self._rendered(out)
+
+    def _rendered(self, examples: list[TaskExample]) -> list[TaskExample]:
+        """``examples`` whose ``prompt`` holds the bare instruction, with their prompts rendered for this method:
+        TP writes the history (and the encoder's candidates, when configured) in front of it."""
+        tops = self.encoder_top(self.candidate_encoder, examples, self.candidates) if self.candidates else None
+        for i, ex in enumerate(examples):
+            lines = self.history_lines(ex.user_idx, ex.start, ex.end) if self.method == "textprompt" else None
+            listed = [self.ds.item_titles[j] for j in tops[i]] if tops else None
+            ex.prompt = prompts.render(self.tokenizer, ex.prompt, lines, self.words, listed)
+        return examples
 
     def answers(self, split: str, users: list[int] | None = None) -> list[str]:
         """The answers of :meth:`examples`, without rendering any prompt."""
@@ -135,8 +146,7 @@ class TaskData:
     def request(self, user: int, start: int, end: int, text: str, user_id: str = "") -> TaskExample:
         """An unlabelled example: ``text`` (an instruction) about user ``user``'s events ``[start, end)``,
         rendered for this method (the history written out in front of it for TP)."""
-        lines = self.history_lines(user, start, end) if self.method == "textprompt" else None
-        return TaskExample(user, user_id, start, end, prompts.render(self.tokenizer, text, lines, self.words), "", -1)
+        return self._rendered([TaskExample(user, user_id, start, end, text, "", -1)])[0]
 
     def history_lines(self, user: int, start: int, end: int) -> list[str]:
         """TP serialization: one line per event of ``[start, end)``, oldest first."""
@@ -167,9 +177,29 @@ class TaskData:
             ids[r, t - len(s):], mask[r, t - len(s):], lab[r, t - len(l):] = torch.tensor(s), 1, torch.tensor(l)
         return ids.to(device), mask.to(device), (lab.to(device) if with_answers else None)
 
-    def user_batch(self, examples: list[TaskExample], device: str = "cpu") -> dict[str, Tensor]:
-        """The encoder's input for the examples' history windows (b, n)."""
+    def user_batch(self, examples: list[TaskExample], device: str = "cpu", timelines: Timelines | None = None) -> dict[str, Tensor]:
+        """The encoder's input for the examples' history windows (b, n) (from ``timelines``: default, this
+        data's)."""
         users = np.array([e.user_idx for e in examples])
         starts = np.array([e.start for e in examples])
         ends = np.array([e.end for e in examples])
-        return self.tl.collate(users, starts, ends, device=device)
+        return (timelines or self.tl).collate(users, starts, ends, device=device)
+
+    @torch.no_grad()
+    def encoder_top(self, encoder, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
+        """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
+        first (specials excluded, history items allowed, as for the LLM), its events read with the encoder's
+        own time-gap buckets (a TP run's timelines may have been built with others)."""
+        encoder.eval()
+        tl = self.tl
+        if tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
+            tl = Timelines.from_dataset(self.ds, encoder.cfg.time_gap_buckets)
+        top = []
+        for c in range(0, len(examples), batch_size):
+            batch = examples[c : c + batch_size]
+            h, mask = encoder(self.user_batch(batch, timelines=tl))
+            last = h[torch.arange(len(batch)), mask.sum(1) - 1]  # the output after the last event: the next item
+            scores = encoder.item_logits(last)
+            scores[:, :2] = float("-inf")
+            top += scores.topk(k, dim=1).indices.tolist()
+        return top

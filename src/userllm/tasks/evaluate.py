@@ -40,7 +40,6 @@ import torch
 
 from userllm.config import dump_config
 from userllm.data.dataset import PreparedDataset
-from userllm.encoder.data import Timelines
 from userllm.errors import InputError, OutputExistsError
 from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
@@ -203,30 +202,10 @@ def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int =
     return score(data.task, records, set(data.ds.item_titles[2:]), beams, seed)
 
 
-@torch.no_grad()
-def encoder_top(encoder, data: TaskData, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
-    """The stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
-    first (specials excluded, history items allowed, as for the LLM). The events are read with the
-    encoder's own time-gap buckets (a TP run's timelines may have been built with others)."""
-    encoder.eval()
-    if data.tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
-        data = TaskData(data.ds, data.tokenizer, task=data.task, method=data.method, max_history=data.max_history,
-                        timelines=Timelines.from_dataset(data.ds, encoder.cfg.time_gap_buckets))  # fmt: skip
-    top = []
-    for c in range(0, len(examples), batch_size):
-        batch = examples[c : c + batch_size]
-        h, mask = encoder(data.user_batch(batch))
-        last = h[torch.arange(len(batch)), mask.sum(1) - 1]  # the output after the last event: the next item
-        scores = encoder.item_logits(last)
-        scores[:, :2] = float("-inf")
-        top += scores.topk(k, dim=1).indices.tolist()
-    return top
-
-
 def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
     """next_item as the stage-1 encoder answers it: the titles of its ``beams`` highest-scoring items
-    (:func:`encoder_top`), scored by :func:`score` on the same examples."""
-    top = encoder_top(encoder, data, examples, beams)
+    (:meth:`TaskData.encoder_top`), scored by :func:`score` on the same examples."""
+    top = data.encoder_top(encoder, examples, beams)
     records = [{"ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer} for row, ex in zip(top, examples)]
     return score("next_item", records, set(), beams, seed)
 
@@ -244,7 +223,7 @@ def stage1_encoder(cfg, data: TaskData):
 
 def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, list[int]] | None:
     """next_item with ``cfg.shortlist`` N: each example's stage-1 shortlist, {user_id: its N item indices}
-    (:func:`encoder_top`); None otherwise."""
+    (:meth:`TaskData.encoder_top`); None otherwise."""
     if data.task != "next_item" or not cfg.shortlist:
         return None
     encoder = stage1_encoder(cfg, data)
@@ -252,7 +231,7 @@ def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, li
         raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
                          f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
                          f"({data.max_history}) as `encoder`")  # fmt: skip
-    return {ex.user_id: row for ex, row in zip(examples, encoder_top(encoder, data, examples, cfg.shortlist))}
+    return {ex.user_id: row for ex, row in zip(examples, data.encoder_top(encoder, examples, cfg.shortlist))}
 
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:

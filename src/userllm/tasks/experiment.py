@@ -18,7 +18,7 @@ The spec (see ``experiments/movielens100k.yaml``)::
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
 trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
 encoder unless they set ``encoder: random``; a next_item cell of any method with ``shortlist: N`` ranks
-that encoder's top N items per user. Each task's table ends with the label prior at every history
+that encoder's top N items per user, and a TP cell with ``llm.candidates: N`` lists them in its prompt. Each task's table ends with the label prior at every history
 length of its cells (the train split's most frequent answers on the same test users), the floor to beat, and
 for next_item the stage-1 encoder alone; every metric carries its 95% bootstrap interval over users.
 """
@@ -70,10 +70,11 @@ def cell_config(spec: dict, cell: dict, task: str, dataset: Path, encoder: Path 
             raise ConfigError(f"cell {cell['name']}: match_flops {cell['match_flops']!r} has not finished training "
                               f"({other} is missing); list that cell first")  # fmt: skip
         sets["train_flops"] = json.loads(other.read_text())["train_flops"]
-    # User-LLM reads the spec's encoder; a shortlist (any method) ranks its top items
-    if (sets.get("method", "userllm") == "userllm" or sets.get("shortlist")) and sets.get("encoder") is None:
+    # User-LLM reads the spec's encoder; a shortlist (any method) ranks its top items, TP's candidates list them
+    listed = sets.get("shortlist") or sets.get("llm.candidates")
+    if (sets.get("method", "userllm") == "userllm" or listed) and sets.get("encoder") is None:
         if encoder is None:
-            need = "userllm" if sets.get("method", "userllm") == "userllm" else "a shortlist"
+            need = "userllm" if sets.get("method", "userllm") == "userllm" else "a shortlist or candidates"
             raise ConfigError(f"cell {cell['name']}: {need} needs a pretrained encoder ('pretrain' in the spec)"
                               + (" or encoder: random" if need == "userllm" else ""))  # fmt: skip
         sets["encoder"] = str(encoder)

@@ -19,6 +19,7 @@ TEMPLATES: dict[str, str] = {
     "review": 'This user rated "{title}" {rating} out of 5. Write the review they wrote about it.',
 }
 HISTORY_HEADER = "The user's history, oldest first ({item} title; rating; {category}s):"
+CANDIDATES_HEADER = "The {item}s this user is most likely to choose next, most likely first:"
 PLAIN_ANSWER = "\nAnswer: "  # after the instruction when the tokenizer has no chat template
 
 
@@ -47,21 +48,25 @@ def instruction(task: str, words: dict[str, str], **fields: str) -> str:
     return TEMPLATES[task].format(**words, **fields)
 
 
-def render(tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str]) -> str:
+def render(tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str],
+           candidates: list[str] | None = None) -> str:  # fmt: skip
     """The full prompt text: ``text`` after the TP history (when given), in the chat template if any."""
-    return render_chat(tokenizer, [{"role": "user", "content": text}], history_lines, words)
+    return render_chat(tokenizer, [{"role": "user", "content": text}], history_lines, words, candidates)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], history_lines: list[str] | None, words: dict[str, str]) -> str:
+def render_chat(tokenizer, messages: list[dict[str, str]], history_lines: list[str] | None, words: dict[str, str],
+                candidates: list[str] | None = None) -> str:  # fmt: skip
     """A conversation (``[{"role", "content"}, ...]``, as the Chat Completions API sends it) as prompt text:
-    the TP history (when given) in front of the first user message, in the chat template if any (else the
-    messages' contents, one per line, and ``Answer:``)."""
+    the TP history (when given), then the ``candidates`` (titles the stage-1 encoder ranks highest, when
+    given), in front of the first user message, in the chat template if any (else the messages' contents,
+    one per line, and ``Answer:``)."""
     messages = [dict(m) for m in messages]
     if history_lines is not None:
         first = next((m for m in messages if m["role"] == "user"), None)
         if first is None:
             messages.append(first := {"role": "user", "content": ""})
-        first["content"] = "\n".join([HISTORY_HEADER.format(**words), *history_lines, "", first["content"]])
+        listed = [CANDIDATES_HEADER.format(**words), *candidates, ""] if candidates else []
+        first["content"] = "\n".join([HISTORY_HEADER.format(**words), *history_lines, "", *listed, first["content"]])
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages) + PLAIN_ANSWER

@@ -83,19 +83,24 @@ def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str]) 
 def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = None) -> tuple[ConditionedLM, TaskData]:
     """The untrained model of a run (connectors seeded by ``cfg.seed``) and its task data."""
     encoder = task_encoder(cfg, ds) if cfg.method == "userllm" else None  # checked before the slow backbone load
+    listing = None  # TP with llm.candidates: the stage-1 encoder whose top items the prompt lists
+    if cfg.method == "textprompt" and cfg.llm.candidates:
+        if cfg.encoder in (None, "random"):
+            raise ConfigError(f"a text prompt with candidates={cfg.llm.candidates} lists a pretrained stage-1 "
+                              "encoder's top items: give --encoder RUN_DIR (a `userllm pretrain` run)")  # fmt: skip
+        listing = task_encoder(cfg, ds)
     backbone = backbone or load_backbone(cfg.llm.backbone)
     torch.manual_seed(cfg.seed)
     if encoder is None:
-        model: ConditionedLM = TextPromptLM(cfg.llm, llm=backbone.model)
-        tl = Timelines.from_dataset(ds)
-    else:
-        if cfg.encoder_dropout is not None:
-            encoder.set_dropout(cfg.encoder_dropout)
-        words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm))
-        model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
-        tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
-    data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
-    return model, data
+        data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history,
+                        candidates=cfg.llm.candidates if listing is not None else 0, candidate_encoder=listing)  # fmt: skip
+        return TextPromptLM(cfg.llm, llm=backbone.model), data
+    if cfg.encoder_dropout is not None:
+        encoder.set_dropout(cfg.encoder_dropout)
+    words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm))
+    model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
+    tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
+    return model, TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
 
 
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, ConditionedLM, TaskData]:
