@@ -211,6 +211,17 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
         records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()}
         for ex, row in zip(examples, top):
             assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
+    # the records keep the encoder's own answers: the run minus the encoder alone, paired per user
+    from userllm.tasks.evaluate import paired_vs_encoder, read_records
+    from userllm.tasks.experiment import encoder_difference_lines
+
+    recs = read_records(tmp_path / "run")
+    for ex, row in zip(examples, top):
+        assert next(r for r in recs if r["user_id"] == ex.user_id)["encoder_ranked"] == [synthetic_ds.item_titles[i] for i in row]
+    users, diff = paired_vs_encoder(tmp_path / "run")
+    want = m["metrics"]["recall@1"]["value"] - m["references"]["encoder alone"]["recall@1"]["value"]
+    assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want)
+    assert "| ul | 6 | " in "\n".join(encoder_difference_lines([{"cell": "ul", "run": str(tmp_path / "run")}], "next_item", 0))
     full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
     assert full["config"]["shortlist"] == 0
     random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})

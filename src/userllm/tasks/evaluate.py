@@ -202,12 +202,17 @@ def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int =
     return score(data.task, records, set(data.ds.item_titles[2:]), beams, seed)
 
 
-def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
-    """next_item as the stage-1 encoder answers it: the titles of its ``beams`` highest-scoring items
-    (:meth:`TaskData.encoder_top`), scored by :func:`score` on the same examples."""
+def encoder_records(encoder, data: TaskData, examples: list[TaskExample], beams: int) -> list[dict]:
+    """next_item as the stage-1 encoder answers it: per example the titles of its ``beams`` highest-scoring
+    items (:meth:`TaskData.encoder_top`) and the truth."""
     top = data.encoder_top(encoder, examples, beams)
-    records = [{"ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer} for row, ex in zip(top, examples)]
-    return score("next_item", records, set(), beams, seed)
+    return [{"user_id": ex.user_id, "ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer}
+            for row, ex in zip(top, examples)]  # fmt: skip
+
+
+def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
+    """:func:`encoder_records` scored by :func:`score` on the same examples."""
+    return score("next_item", encoder_records(encoder, data, examples, beams), set(), beams, seed)
 
 
 def stage1_encoder(cfg, data: TaskData):
@@ -234,15 +239,21 @@ def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, li
     return {ex.user_id: row for ex, row in zip(examples, data.encoder_top(encoder, examples, cfg.shortlist))}
 
 
-def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int) -> dict[str, dict]:
+def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,
+               records: list[dict] | None = None) -> dict[str, dict]:  # fmt: skip
     """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
-    review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from)."""
+    review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from; each of
+    ``records``, the run's own, gets the encoder's answers as ``encoder_ranked``, for paired differences)."""
     out = {}
     out["most common review" if data.task == "review" else "label prior"] = label_prior(
         data, users, cfg.beams if data.task == "next_item" else 1, seed)
     encoder = stage1_encoder(cfg, data) if data.task == "next_item" else None
     if encoder is not None:
-        out["encoder alone"] = encoder_alone(encoder, data, examples, cfg.beams, seed)
+        alone = encoder_records(encoder, data, examples, cfg.beams)
+        out["encoder alone"] = score("next_item", alone, set(), cfg.beams, seed)
+        by_user = {r["user_id"]: r["ranked"] for r in alone}
+        for r in records or []:
+            r["encoder_ranked"] = by_user[r["user_id"]]
     return out
 
 
@@ -298,7 +309,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         "task": cfg.task, "method": cfg.method, "examples": len(records),
         "users": {"subset": users, "seed": seed} if users else "all",
         "metrics": score(cfg.task, records, catalogue, beams, seed),
-        "references": references(cfg, data, examples, subset, seed),
+        "references": references(cfg, data, examples, subset, seed, records),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
         "by_history_length": buckets, "predictions": records[:10], "config": dump_config(cfg),
     }  # fmt: skip
@@ -359,11 +370,27 @@ def paired_difference(run_a: Path, run_b: Path, seed: int = 0) -> tuple[int, dic
     users = sorted(set(a) & set(b))
     if not users:
         raise InputError(f"{run_a} and {run_b} were scored on no common test user")
-    cfg = json.loads((Path(run_a) / "config.json").read_text())
+    return len(users), _paired(run_a, [a[u] for u in users], [b[u] for u in users], seed)
+
+
+def paired_vs_encoder(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
+    """A next_item run minus the stage-1 encoder alone (its own top titles, kept in the run's records as
+    ``encoder_ranked``), per user, over the run's users: does the LLM rank better than the encoder it read?"""
+    records = [r for r in read_records(run) if r.get("encoder_ranked") is not None]
+    if not records:
+        raise InputError(f"{run}: its records hold no encoder answers (no stage-1 encoder, or scored before "
+                         "userllm kept them): score it again with --force")  # fmt: skip
+    alone = [{"ranked": r["encoder_ranked"], "truth": r["truth"]} for r in records]
+    return len(records), _paired(run, records, alone, seed)
+
+
+def _paired(run: Path, a: list[dict], b: list[dict], seed: int) -> dict[str, dict]:
+    """Per metric (both record lists have), the mean per-user difference a - b with its bootstrap interval."""
+    cfg = json.loads((Path(run) / "config.json").read_text())
     beams = cfg["beams"] if cfg["task"] == "next_item" else 1
     catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
-    va, vb = (per_example(cfg["task"], [recs[u] for u in users], catalogue, beams) for recs in (a, b))
-    return len(users), {m: estimate(np.subtract(va[m], vb[m]), seed=seed) for m in va if m in vb}
+    va, vb = (per_example(cfg["task"], recs, catalogue, beams) for recs in (a, b))
+    return {m: estimate(np.subtract(va[m], vb[m]), seed=seed) for m in va if m in vb}
 
 
 def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskExample:

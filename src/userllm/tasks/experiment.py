@@ -225,8 +225,9 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
     cells = [r for r in rows if r["task"] == task and r["method"] in ("userllm", "textprompt")]
     pairs = [(a, b) for a in cells if a["method"] == "userllm" for b in cells
              if b["method"] == "textprompt" and a["history"] == b["history"]]  # fmt: skip
+    encoder_lines = encoder_difference_lines(cells, task, seed) if task == "next_item" else []
     if not pairs:
-        return []
+        return encoder_lines
     out = []
     for a, b in pairs:
         try:
@@ -239,8 +240,29 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
                    "| User-LLM cell | TP cell | users | " + " | ".join(f"{m} difference" for m in diff) + " |",
                    "|" + "---|" * (3 + len(diff))]  # fmt: skip
         out.append(f"| {a['cell']} | {b['cell']} | {users} | " + " | ".join(signed(d) for d in diff.values()) + " |")
-    return out + ["", "Mean per-user difference with its 95% bootstrap interval (users resampled with both answers "
-                  "together); an interval that excludes 0 separates the two cells.", ""]
+    if out:
+        out += ["", "Mean per-user difference with its 95% bootstrap interval (users resampled with both answers "
+                "together); an interval that excludes 0 separates the two cells.", ""]
+    return out + encoder_lines
+
+
+def encoder_difference_lines(cells: list[dict], task: str, seed: int) -> list[str]:
+    """A markdown table of every cell of ``task`` minus the stage-1 encoder alone on the cell's own users
+    (:func:`~userllm.tasks.evaluate.paired_vs_encoder`): does the LLM rank better than the encoder it reads?"""
+    from userllm.tasks.evaluate import paired_vs_encoder
+
+    out = []
+    for cell in cells:
+        try:
+            users, diff = paired_vs_encoder(Path(cell["run"]), seed)
+        except InputError:  # no stage-1 encoder, or scored before the records kept its answers
+            continue
+        if not out:
+            out = [f"#### {task}: each cell minus the encoder alone, paired over the cell's users", "",
+                   "| cell | users | " + " | ".join(f"{m} difference" for m in diff) + " |", "|" + "---|" * (2 + len(diff))]  # fmt: skip
+        out.append(f"| {cell['cell']} | {users} | " + " | ".join(signed(d) for d in diff.values()) + " |")
+    return out + ["", "The encoder alone: the stage-1 encoder's own top titles for the same user (with a shortlist, "
+                  "its order of the very list the LLM ranked).", ""] if out else []
 
 
 def signed(m: dict) -> str:
