@@ -341,6 +341,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     tasks = [t for t in tasks if any(r["task"] == t for r in rows)]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.5 * len(tasks)), squeeze=False)
@@ -377,6 +378,10 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
                  color="k" if r["method"] == "textprompt" else f"C{i % 10}", label=f"{r['cell']} ({r['method']})")  # fmt: skip
         ax_row[1].set(xscale="log", xlabel="training compute (FLOPs, analytic)", ylabel=metric,
                       title=f"{task}: quality vs training compute")  # fmt: skip
+        flops = [p["train_flops"] for p in part if p["train_flops"]]
+        if flops:  # at least a decade wide, major ticks only: close budgets' minor labels ran into one smudge
+            ax_row[1].set_xlim(min(flops) / 3, max(flops) * 3)
+            ax_row[1].xaxis.set_minor_formatter(NullFormatter())
         ax_row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
