@@ -18,9 +18,10 @@ The spec (see ``experiments/movielens100k.yaml``)::
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
 trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
 encoder unless they set ``encoder: random``; a next_item cell of any method with ``shortlist: N`` ranks
-that encoder's top N items per user, and a TP cell with ``llm.candidates: N`` lists them in its prompt. Each task's table ends with the label prior at every history
-length of its cells (the train split's most frequent answers on the same test users), the floor to beat, and
-for next_item the stage-1 encoder alone; every metric carries its 95% bootstrap interval over users.
+that encoder's top N items per user, and a TP cell with ``llm.candidates: N`` lists them in its prompt.
+Each task's table ends with the label prior at every history length of its cells (the train split's most
+frequent answers on the same test users), the floor to beat, and for next_item the stage-1 encoder alone;
+every metric carries its 95% bootstrap interval over users.
 """
 
 from __future__ import annotations
