@@ -288,6 +288,27 @@ def answer(
 
 
 @app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="a scored `userllm train` run")],
+    run_b: Annotated[Path, typer.Argument(help="another scored run of the same task and dataset")],
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap intervals")] = 0,
+) -> None:
+    """Run A minus run B, paired over the test users both were scored on: each metric's mean per-user
+    difference with its 95% bootstrap interval (an interval that excludes 0 separates the two runs)."""
+    from rich.table import Table
+
+    from userllm.tasks.evaluate import paired_difference
+
+    users, diff = paired_difference(run_a, run_b, seed)
+    table = Table(title=f"{run_a} minus {run_b}, paired over {users} users (95% bootstrap intervals)")
+    for col in ("metric", "difference", "95% interval"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, d in diff.items():
+        table.add_row(name, f"{d['value']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]")
+    out.print(table)
+
+
+@app.command()
 def generate(
     run: Annotated[Path, typer.Argument(help="a `userllm train` run directory")],
     instruction: Annotated[str, typer.Argument(help="what to ask, e.g. 'Which movie will I enjoy next?'")],

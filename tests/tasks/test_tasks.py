@@ -324,6 +324,9 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert users == 3 and diff["accuracy"]["value"] == pytest.approx(want)
     assert diff["accuracy"]["low"] <= diff["accuracy"]["value"] <= diff["accuracy"]["high"]
     assert "User-LLM minus TP, paired over the same users" in table and "| xattn | tp | 3 |" in table
+    code, shown, err = run_cli("compare", runs / "xattn", runs / "tp")
+    assert code == 0, err
+    assert "paired over 3 users" in shown and f"{diff['accuracy']['value']:+.3f}" in shown
     tops = Counter(json.loads(line)["ranked"][0] for line in (runs / "tp" / "records.jsonl").read_text().splitlines())
     top, n = tops.most_common(1)[0]
     assert answer_summary(runs / "tp") == f"{len(tops)} distinct; top '{top}' {n / 3:.0%}"
