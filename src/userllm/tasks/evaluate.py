@@ -226,12 +226,12 @@ def stage1_encoder(cfg, data: TaskData):
     return encoder if encoder.cfg.max_len >= data.max_history else None
 
 
-def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, list[int]] | None:
+def shortlists(cfg, data: TaskData, examples: list[TaskExample], encoder=None) -> dict[str, list[int]] | None:
     """next_item with ``cfg.shortlist`` N: each example's stage-1 shortlist, {user_id: its N item indices}
     (:meth:`TaskData.encoder_top`); None otherwise."""
     if data.task != "next_item" or not cfg.shortlist:
         return None
-    encoder = stage1_encoder(cfg, data)
+    encoder = encoder if encoder is not None else stage1_encoder(cfg, data)
     if encoder is None:
         raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
                          f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
@@ -240,14 +240,15 @@ def shortlists(cfg, data: TaskData, examples: list[TaskExample]) -> dict[str, li
 
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,
-               records: list[dict] | None = None) -> dict[str, dict]:  # fmt: skip
+               records: list[dict] | None = None, encoder=None) -> dict[str, dict]:  # fmt: skip
     """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
     review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from; each of
     ``records``, the run's own, gets the encoder's answers as ``encoder_ranked``, for paired differences)."""
     out = {}
     out["most common review" if data.task == "review" else "label prior"] = label_prior(
         data, users, cfg.beams if data.task == "next_item" else 1, seed)
-    encoder = stage1_encoder(cfg, data) if data.task == "next_item" else None
+    if encoder is None and data.task == "next_item":
+        encoder = stage1_encoder(cfg, data)
     if encoder is not None:
         alone = encoder_records(encoder, data, examples, cfg.beams)
         out["encoder alone"] = score("next_item", alone, set(), cfg.beams, seed)
@@ -295,7 +296,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
     examples = data.examples("test", subset)
-    listed = shortlists(cfg, data, examples)
+    encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
+    listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
     partial, done = load_partial(run_dir, f"+shortlist{cfg.shortlist}" if listed else "")
     records = predict(model, data, examples, cfg, device, partial, done, listed)
@@ -309,7 +311,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         "task": cfg.task, "method": cfg.method, "examples": len(records),
         "users": {"subset": users, "seed": seed} if users else "all",
         "metrics": score(cfg.task, records, catalogue, beams, seed),
-        "references": references(cfg, data, examples, subset, seed, records),
+        "references": references(cfg, data, examples, subset, seed, records, encoder),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
         "by_history_length": buckets, "predictions": records[:10], "config": dump_config(cfg),
     }  # fmt: skip
