@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from userllm import progress
 
 
@@ -14,3 +16,16 @@ def test_progress_prints_lines_when_stderr_is_not_a_terminal(capsys):
             p.advance(task)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("scoring: ")]
     assert lines and all("examples/s" in line and "/4" in line for line in lines)
+
+
+def test_throughput_of_work_slower_than_richs_window_is_the_average():
+    """Steps a minute apart leave rich's 30-second speed window without two samples (it reported 0.0/s
+    in logs): the rate falls back to the average since the start."""
+    with progress.progress_bar("examples", transient=True) as p:
+        task_id = p.add_task("training", total=10)
+        time.sleep(0.05)
+        p.advance(task_id, 2)
+        task = p.tasks[0]
+        assert task.speed is None  # one sample
+        assert 0 < progress.rate(task) <= 2 / 0.05
+        assert progress.remaining(task) == pytest.approx((10 - 2) / progress.rate(task), rel=0.2)

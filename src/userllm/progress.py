@@ -22,6 +22,21 @@ from rich.text import Text
 console = Console(stderr=True)
 
 
+def rate(task: Task) -> float | None:
+    """The task's throughput per second: rich's recent estimate, else (work that advances less often than
+    rich's 30-second window, e.g. a training step a minute) the average since the start."""
+    speed = task.finished_speed or task.speed
+    if speed is None and task.completed and task.elapsed:
+        speed = task.completed / task.elapsed
+    return speed
+
+
+def remaining(task: Task) -> float | None:
+    """Seconds left at :func:`rate` (``None`` without a total or a rate)."""
+    speed = rate(task)
+    return (task.total - task.completed) / speed if task.total and speed else None
+
+
 class RateColumn(ProgressColumn):
     """Throughput in ``unit``/s with k/M suffixes; a task's own ``unit`` field overrides the bar's."""
 
@@ -31,7 +46,7 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", self.unit)
-        speed = task.finished_speed or task.speed
+        speed = rate(task)
         if speed is None:
             return Text(f"- {unit}/s", style="progress.data.speed")
         for scale, suffix in ((1e6, "M"), (1e3, "k")):
@@ -48,8 +63,8 @@ def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: fl
             if task.finished:
                 continue
             total = f"/{task.total:,.0f}" if task.total else ""
-            speed = task.speed or 0.0
-            left = f", ~{task.time_remaining:.0f} s left" if task.time_remaining else ""
+            speed = rate(task) or 0.0
+            left = f", ~{remaining(task):.0f} s left" if remaining(task) else ""
             console.print(f"{task.description}: {task.completed:,.0f}{total}, {speed:,.1f} {task.fields.get('unit', unit)}/s, "
                           f"{task.elapsed or 0:.0f} s{left}", highlight=False, soft_wrap=True)  # fmt: skip
 
