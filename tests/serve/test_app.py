@@ -83,15 +83,15 @@ def test_contexts_follow_the_store(serve, ul_run, synthetic_ds):
     the store would; DELETE forgets the user."""
     engine, http, client = serve(ul_run)
     a, b = synthetic_ds.sequences.get_column("user_id")[:2]
-    ctx_a, _, _ = engine.context(a)
-    ctx_b, _, _ = engine.context(b)
+    ctx_a = engine.context(a).context
+    ctx_b = engine.context(b).context
     assert not torch.equal(ctx_a.ctx[:, : ctx_b.ctx.shape[1]], ctx_b.ctx[:, : ctx_a.ctx.shape[1]])
     item = synthetic_ds.items.get_column("item_id")[3]
     r = http.post(f"/v1/users/{a}/events", json={"events": [{"item_id": item, "rating": 5, "timestamp": 2_000_000_000}]})
     assert r.status_code == 200 and r.json()["events"] == synthetic_ds.sequences.get_column("length")[0] + 1
     answer = ask(client, engine, a)
     assert answer.usage.model_extra["user_events"] == engine.max_history
-    cached = engine.context(a)[0]
+    cached = engine.context(a).context
     _, rows = engine.store.timeline(a, last=engine.max_history)
     fresh = UserContextCache(engine.model).get(a, engine.vocab.encoder_inputs(rows))
     assert rows[-1]["item_id"] == item and torch.allclose(cached.ctx, fresh.ctx, atol=1e-5)
@@ -186,3 +186,28 @@ def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, u
         time.sleep(0.05)
     assert engine.fingerprints["streamer"].count == 3 and engine.cache.stats["miss"] + engine.cache.stats["append"] == 2
     engine.close()
+
+
+def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, tmp_path, synthetic_ds, text_lm_dir):
+    """A TP run trained with ``llm.candidates`` lists the stage-1 encoder's top titles in its prompt; served, it
+    reads the very prompt its task data renders for the same events (history and the same titles, best first)."""
+    from userllm.config import EncoderConfig, PretrainConfig, TrainConfig, UserLLMConfig
+    from userllm.encoder.train import pretrain
+    from userllm.tasks import prompts
+    from userllm.tasks.train import train
+
+    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
+    pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora", candidates=3)
+    train(TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "tp", task="next_item", method="textprompt", llm=llm,
+                      encoder=str(tmp_path / "enc"), max_history=5, train_examples=4, batch_size=4))  # fmt: skip
+    engine, _, client = serve(tmp_path / "tp")
+    seq = synthetic_ds.sequences.row(0, named=True)
+    served = engine.context(seq["user_id"])
+    assert served.candidates is not None and len(served.candidates) == 3
+    question = "Which item next?"
+    trained = engine.data.request(seq["user_idx"], seq["length"] - 5, seq["length"], question).prompt
+    chat = [{"role": "user", "content": question}]
+    assert prompts.render_chat(engine.tokenizer, chat, served.lines, engine.data.words, served.candidates) == trained
+    answer = ask(client, engine, seq["user_id"])
+    assert answer.usage.prompt_tokens == len(engine.tokenizer(trained, add_special_tokens=False).input_ids)

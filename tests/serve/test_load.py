@@ -65,12 +65,12 @@ def test_another_process_appending_to_postgresql_is_seen(postgres_url, ul_run, s
     engine = Engine(ul_run, mine)
     item = items(synthetic_ds, 3)
     theirs.append("shared-user", [{"item_id": item[0], "rating": 3, "timestamp": 10}])
-    assert engine.context("shared-user")[2] == 1
+    assert engine.context("shared-user").events == 1
     theirs.append("shared-user", [{"item_id": item[1], "rating": 5, "timestamp": 20}])
-    ctx, _, n = engine.context("shared-user")
+    now = engine.context("shared-user")
     _, rows = mine.timeline("shared-user")
     fresh = UserContextCache(engine.model).get("x", engine.vocab.encoder_inputs(rows))
-    assert n == 2 and torch.allclose(ctx.ctx, fresh.ctx, atol=1e-5)
+    assert now.events == 2 and torch.allclose(now.context.ctx, fresh.ctx, atol=1e-5)
     mine.delete_user("shared-user")
 
 

@@ -238,6 +238,21 @@ class UserEncoder(nn.Module):
         weight = self.embed.item.weight if items is None else self.embed.item.weight[items]
         return self.item_head(h) @ weight.T
 
+    @torch.no_grad()
+    def next_items(self, batch: dict[str, Tensor], k: int) -> Tensor:
+        """The ``k`` highest-scoring next items after each timeline's last event: item indices (b, k), best
+        first; padding and unknown (0, 1) are never chosen, items already in the timeline may be. Eval mode.
+
+        Example::
+
+            top = encoder.next_items({"item": items, "rating": ratings, "time_gap": gaps}, 20)   # (b, 20)
+        """
+        h, mask = self.encode(batch)
+        last = h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]  # after the last event
+        scores = self.item_logits(last)
+        scores[:, :2] = float("-inf")
+        return scores.topk(k, dim=1).indices
+
     def rating_logits(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., num_ratings)."""
         return self.rating_head(h)

@@ -52,6 +52,18 @@ class Job:
 
 
 @dataclass
+class Conditioning:
+    """What conditions one user's answers, from their committed events: User-LLM's ``context``, or TP's history
+    ``lines`` (and, for a TP run trained with ``llm.candidates``, the ``candidates`` its prompt lists: the
+    stage-1 encoder's top titles after the same events, as in training); ``events``: how many events."""
+
+    context: UserContext | None = None
+    lines: list[str] | None = None
+    candidates: list[str] | None = None
+    events: int = 0
+
+
+@dataclass
 class Row:
     """A job while it decodes: its tokens, the text already emitted, and how it ended."""
 
@@ -84,6 +96,8 @@ class Engine:
         gaps = self.model.encoder.cfg.time_gap_buckets if self.method == "userllm" else 24
         self.vocab = RunVocabulary(self.data.ds, gaps)
         self.max_history = self.cfg.max_history
+        self.listing = self.data.candidate_encoder if self.data.candidates else None  # TP's listed candidates
+        self.listing_vocab = RunVocabulary(self.data.ds, self.listing.cfg.time_gap_buckets) if self.listing else None
         self.cache = UserContextCache(self.model, cache_dir) if self.method == "userllm" else None
         self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
@@ -96,29 +110,33 @@ class Engine:
         self.closed = False
 
     # ----------------------------------------------------------------- user side (model thread)
-    def context(self, user: str, *, refresh: bool = False) -> tuple[UserContext | None, list[str] | None, int]:
-        """The user's context (User-LLM) or history lines (TP) from their committed events, and the number
-        of events it reflects. A user without events has neither (``None, None, 0``). ``refresh``: called
-        after appends, not by a request (a context found current is not counted as a request's cache hit)."""
+    def context(self, user: str, *, refresh: bool = False) -> Conditioning:
+        """The user's :class:`Conditioning` from their committed events (a user without events: no context, no
+        lines, 0 events). ``refresh``: called after appends, not by a request (a context found current is not
+        counted as a request's cache hit)."""
         if self.cache is not None:
             fp = self.store.fingerprint(user)
             cached = self.cache.cached(user) if fp.count and self.fingerprints.get(user) == fp else None
             if cached is not None:
                 if not refresh:
                     self.metrics.inc("userllm_context_total", result="hit")
-                return cached, None, min(fp.count, self.max_history)
+                return Conditioning(context=cached, events=min(fp.count, self.max_history))
         fp, rows = self.store.timeline(user, last=self.max_history)
         if not rows:
-            return None, None, 0
+            return Conditioning()
         if self.cache is None:
-            return None, self.vocab.history_lines(rows), len(rows)
+            listed = None
+            if self.listing is not None:
+                top = self.listing.next_items(self.listing_vocab.encoder_inputs(rows), self.data.candidates)[0]
+                listed = [self.data.ds.item_titles[i] for i in top.tolist()]
+            return Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
         before = dict(self.cache.stats)
         ctx = self.cache.get(user, self.vocab.encoder_inputs(rows))
         for result, n in self.cache.stats.items():
             if n > before.get(result, 0) and not (refresh and result == "hit"):
                 self.metrics.inc("userllm_context_total", n - before.get(result, 0), result=result)
         self.fingerprints[user] = fp
-        return ctx, None, len(rows)
+        return Conditioning(context=ctx, events=len(rows))
 
     def schedule_refresh(self, user: str) -> None:
         """Bring the user's cached context up to date on the model thread after an append: at once, or, for a
@@ -175,32 +193,32 @@ class Engine:
         prepared = []
         for job in jobs:
             try:
-                ctx, lines, events = self.context(job.user) if job.user is not None else (None, None, 0)
-                prepared.append((job, ctx, lines, events))
+                prepared.append((job, self.context(job.user) if job.user is not None else Conditioning()))
             except Exception as e:  # noqa: BLE001 - the request gets the error, the server goes on
                 job.emit("error", e)
-        for group in ([p for p in prepared if p[1] is not None], [p for p in prepared if p[1] is None]):
+        for group in ([p for p in prepared if p[1].context is not None], [p for p in prepared if p[1].context is None]):
             if group:
                 try:
                     self._decode(group)
                 except Exception as e:  # noqa: BLE001
-                    for job, *_ in group:
+                    for job, _ in group:
                         job.emit("error", e)
 
     @torch.no_grad()
     def _decode(self, group: list[tuple]) -> None:
-        texts = [prompts.render_chat(self.tokenizer, job.messages, lines, self.data.words) for job, _, lines, _ in group]
+        texts = [prompts.render_chat(self.tokenizer, job.messages, c.lines, self.data.words, c.candidates) for job, c in group]
         seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         t = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), t), dtype=torch.long)
         for r, s in enumerate(seqs):
             ids[r, t - len(s):], mask[r, t - len(s):] = torch.tensor(s), 1
-        contexts = [c for _, c, _, _ in group]
+        contexts = [c.context for _, c in group]
         context = UserContext.stack(contexts) if contexts[0] is not None else None
-        rows = [Row(job, len(s) + (c.ctx.shape[1] if c is not None and self.cfg.llm.mode == "soft_prompt" else 0), n,
+        soft = self.cfg.llm.mode == "soft_prompt"
+        rows = [Row(job, len(s) + (c.context.ctx.shape[1] if soft and c.context is not None else 0), c.events,
                     torch.Generator().manual_seed(job.seed) if job.seed is not None else None)
-                for (job, c, _, n), s in zip(group, seqs)]  # fmt: skip
+                for (job, c), s in zip(group, seqs)]  # fmt: skip
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
             return torch.stack([sample_token(logits[i : i + 1], temperature=r.job.temperature, top_p=r.job.top_p,

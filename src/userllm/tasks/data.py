@@ -190,16 +190,10 @@ class TaskData:
         """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
         first (specials excluded, history items allowed, as for the LLM), its events read with the encoder's
         own time-gap buckets (a TP run's timelines may have been built with others)."""
-        encoder.eval()
         tl = self.tl
         if tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
             tl = Timelines.from_dataset(self.ds, encoder.cfg.time_gap_buckets)
         top = []
         for c in range(0, len(examples), batch_size):
-            batch = examples[c : c + batch_size]
-            h, mask = encoder(self.user_batch(batch, timelines=tl))
-            last = h[torch.arange(len(batch)), mask.sum(1) - 1]  # the output after the last event: the next item
-            scores = encoder.item_logits(last)
-            scores[:, :2] = float("-inf")
-            top += scores.topk(k, dim=1).indices.tolist()
+            top += encoder.next_items(self.user_batch(examples[c : c + batch_size], timelines=tl), k).tolist()
         return top
