@@ -63,8 +63,8 @@ def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: fl
             if task.finished:
                 continue
             total = f"/{task.total:,.0f}" if task.total else ""
-            speed = rate(task) or 0.0
-            left = f", ~{remaining(task):.0f} s left" if remaining(task) else ""
+            speed, left_s = rate(task) or 0.0, remaining(task)
+            left = f", ~{left_s:.0f} s left" if left_s else ""
             console.print(f"{task.description}: {task.completed:,.0f}{total}, {speed:,.1f} {task.fields.get('unit', unit)}/s, "
                           f"{task.elapsed or 0:.0f} s{left}", highlight=False, soft_wrap=True)  # fmt: skip
 

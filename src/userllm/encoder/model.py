@@ -156,6 +156,19 @@ class EventFeatures(nn.Module):
         return {f: out[f] for f in self.features}
 
 
+def last_output(h: Tensor, mask: Tensor) -> Tensor:
+    """Each row's output after its last event: h (b, n, d), mask (b, n) -> (b, d) (the next-event prediction)."""
+    return h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]
+
+
+def top_items(scores: Tensor, k: int) -> Tensor:
+    """The ``k`` highest-scoring item indices per row of ``scores`` (b, V) -> (b, k), best first; padding and
+    unknown (0, 1) are never chosen. ``scores`` is left unchanged."""
+    scores = scores.detach().clone()
+    scores[:, :2] = float("-inf")
+    return scores.topk(k, dim=1).indices
+
+
 class UserEncoder(nn.Module):
     """Timeline -> per-event user embeddings (b, n, d_model), with next-event prediction heads."""
 
@@ -247,11 +260,7 @@ class UserEncoder(nn.Module):
 
             top = encoder.next_items({"item": items, "rating": ratings, "time_gap": gaps}, 20)   # (b, 20)
         """
-        h, mask = self.encode(batch)
-        last = h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]  # after the last event
-        scores = self.item_logits(last)
-        scores[:, :2] = float("-inf")
-        return scores.topk(k, dim=1).indices
+        return top_items(self.item_logits(last_output(*self.encode(batch))), k)
 
     def rating_logits(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., num_ratings)."""

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from userllm.encoder.model import top_items
+
 
 class Projector(nn.Module):
     """Two-layer MLP from the encoder width to the LLM width: (b, n, d_in) -> (b, n, d_out)."""
@@ -106,10 +108,7 @@ class EncoderCandidates(nn.Module):
 
     def forward(self, item_scores: Tensor) -> Tensor:
         """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen) -> (b, k, d)."""
-        scores = item_scores.detach().clone()
-        scores[:, :2] = float("-inf")
-        top = scores.topk(self.k, dim=1).indices
-        return self.map(self.table_title[top]) + self.rank
+        return self.map(self.table_title[top_items(item_scores, self.k)]) + self.rank
 
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a module factory, as in flamingo-pytorch)

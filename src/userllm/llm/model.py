@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from userllm.config import EncoderConfig, UserLLMConfig, dump_config
-from userllm.encoder.model import UserEncoder
+from userllm.encoder.model import UserEncoder, last_output
 from userllm.errors import InputError
 from userllm.io import write_dir_atomically
 from userllm.llm.backbone import decoder_layers
@@ -235,8 +235,7 @@ class UserLLM(ConditionedLM):
         of events ``items`` (b, n): context (b, n (+ k) or m, d), mask."""
         ctx = self.event_context(h, items)
         if self.candidates is not None:
-            last = h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]  # after the last event
-            ctx = torch.cat([ctx, self.candidates(self.encoder.item_logits(last)).to(ctx.dtype)], 1)
+            ctx = torch.cat([ctx, self.candidates(self.encoder.item_logits(last_output(h, mask))).to(ctx.dtype)], 1)
             mask = torch.cat([mask, mask.any(1, keepdim=True).expand(-1, self.candidates.k)], 1)
         if self.perceiver is not None:
             ctx = self.perceiver(ctx, mask)

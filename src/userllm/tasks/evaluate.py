@@ -242,14 +242,13 @@ def shortlists(cfg, data: TaskData, examples: list[TaskExample], encoder=None) -
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,
                records: list[dict] | None = None, encoder=None) -> dict[str, dict]:  # fmt: skip
     """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
-    review``) and, for next_item, ``encoder alone`` (the stage-1 encoder a User-LLM run started from; each of
-    ``records``, the run's own, gets the encoder's answers as ``encoder_ranked``, for paired differences)."""
+    review``) and, for next_item, ``encoder alone`` (``encoder``: the run's stage-1 encoder,
+    :func:`stage1_encoder`, None without one; each of ``records``, the run's own, gets the encoder's answers
+    as ``encoder_ranked``, for paired differences)."""
     out = {}
     out["most common review" if data.task == "review" else "label prior"] = label_prior(
         data, users, cfg.beams if data.task == "next_item" else 1, seed)
-    if encoder is None and data.task == "next_item":
-        encoder = stage1_encoder(cfg, data)
-    if encoder is not None:
+    if encoder is not None and data.task == "next_item":
         alone = encoder_records(encoder, data, examples, cfg.beams)
         out["encoder alone"] = score("next_item", alone, set(), cfg.beams, seed)
         by_user = {r["user_id"]: r["ranked"] for r in alone}
