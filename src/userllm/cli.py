@@ -354,6 +354,8 @@ def serve(
     cache_dir: Annotated[Optional[Path], typer.Option(help="also keep users' contexts on disk here")] = None,
     refresh_interval: Annotated[float, typer.Option(help="seconds between two refreshes of one user's cached "
                                                     "context while their events stream in")] = 1.0,
+    weights: Annotated[str, typer.Option(help="the backbone's weights: float32 (as trained) or int4 (its decoder "
+                                              "layers 4-bit: faster decoding on CPU; exact for SmolLM2 Q4_1)")] = "float32",
 ) -> None:
     """Serve a trained run over HTTP: OpenAI's Chat Completions, personalized by `user`, over an event store."""
     import uvicorn
@@ -367,7 +369,11 @@ def serve(
     store = EventStore(db or sqlite_url_beside(run))
     if refresh_interval < 0:
         raise UserError(f"--refresh-interval {refresh_interval}: expected seconds >= 0")
-    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval)
+    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval, weights=weights)
+    if engine.quantized:
+        q = engine.quantized
+        err.print(f"int4 weights: {q['layers']} layers, {q['float_bytes'] / 1e6:.0f} MB -> {q['int4_bytes'] / 1e6:.0f} MB, "
+                  f"largest weight change {q['max_error']:.3g}", highlight=False)  # fmt: skip
     cfg = ServeConfig(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_tokens=max_tokens,
                       allow_unknown_users=allow_unknown_users)  # fmt: skip
     err.print(f"serving {engine.name} ({engine.method}) on http://{host}:{port}/v1 with the event store {store.url}"
@@ -445,13 +451,14 @@ def bench_serve(
     history: Annotated[int, typer.Option(help="events per user (users with fewer are not asked)")] = 200,
     max_tokens: Annotated[int, typer.Option(help="tokens of every answer")] = 16,
     append_seconds: Annotated[float, typer.Option(help="length of the append phase")] = 10.0,
+    weights: Annotated[str, typer.Option(help="every server's backbone weights (`userllm serve --weights`)")] = "int4",
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """User-LLM vs TP served over HTTP to 1, 4 and 16 concurrent clients: requests/s, latency, TTFT, appends."""
     from userllm.serve.bench import markdown, run_serve_bench
 
     report = run_serve_bench(out_dir, dataset=dataset, backbone=backbone, history=history, max_tokens=max_tokens,
-                             append_seconds=append_seconds, force=force)  # fmt: skip
+                             append_seconds=append_seconds, weights=weights, force=force)  # fmt: skip
     print(markdown(report))
     out.print(f"wrote {out_dir}/serve.json, serve.md, serve.png")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from userllm.errors import InputError
 from userllm.llm.cache import UserContextCache
 from userllm.serve.app import ServeConfig, create_app
 from userllm.serve.engine import Engine
@@ -24,10 +25,10 @@ def serve(tmp_path, synthetic_ds):
     """``serve(run, **config)`` -> (engine, TestClient, openai client), the store holding the dataset's users."""
     made = []
 
-    def make(run, **kw):
+    def make(run, weights="float32", **kw):
         store = EventStore(f"sqlite:///{tmp_path / f'events-{len(made)}.db'}")
         import_dataset(store, synthetic_ds)
-        engine = Engine(run, store)
+        engine = Engine(run, store, weights=weights)
         http = TestClient(create_app(engine, ServeConfig(api_key=KEY, **kw)), headers={"Authorization": f"Bearer {KEY}"})
         http.__enter__()
         made.append(http)
@@ -61,6 +62,22 @@ def test_openai_client_personalized_and_streamed(serve, ul_run, tp_run, syntheti
                                                   "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
     assert raw.text.rstrip().endswith("data: [DONE]")
     assert [m.id for m in client.models.list()] == [engine.name]
+
+
+@pytest.mark.parametrize("method", ["userllm", "textprompt"])
+def test_int4_weights_serve_the_same_users(serve, ul_run, tp_run, synthetic_ds, method):
+    run = ul_run if method == "userllm" else tp_run
+    engine, _, client = serve(run, weights="int4")
+    assert engine.quantized["layers"] == 2 * 7  # q, k, v, o, gate, up, down of both decoder layers (LoRA left float)
+    layer = engine.model.llm.get_base_model() if method == "textprompt" else engine.model.llm
+    assert type(layer.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    user = synthetic_ds.sequences.get_column("user_id")[0]
+    answer = ask(client, engine, user)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens <= 6
+    float_engine, _, float_client = serve(run)
+    assert answer.usage.prompt_tokens == ask(float_client, float_engine, user).usage.prompt_tokens
+    with pytest.raises(InputError, match="weights 'int3'"):
+        Engine(run, engine.store, weights="int3")
 
 
 def test_user_reaches_the_server_and_errors_are_openai_errors(serve, ul_run):

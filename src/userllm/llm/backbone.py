@@ -117,6 +117,11 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = 
     return Backbone(model=model, tokenizer=load_tokenizer(name_or_path), label=label)
 
 
+def base_model(llm: nn.Module) -> nn.Module:
+    """The causal LM under any PEFT (LoRA) wrapper."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 def decoder_layers(model: nn.Module, override: str | None = None) -> nn.ModuleList:
     """The decoder layer list of a causal LM, found by ``config.model_type`` (or the dotted ``override``)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

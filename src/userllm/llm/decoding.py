@@ -22,6 +22,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from userllm.llm.backbone import base_model
+
 
 def positions(mask: Tensor) -> Tensor:
     """Position ids that skip padding: (b, t) attention mask -> cumulative count - 1, 0 on padding."""
@@ -44,8 +46,7 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
 
 def keeps_last_logits(llm) -> bool:
     """Whether the backbone (under any PEFT wrapper) can compute the logits of the last position only."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return _forward_takes_logits_to_keep(type(base))
+    return _forward_takes_logits_to_keep(type(base_model(llm)))
 
 
 def _append(mask: Tensor) -> Tensor:

@@ -37,10 +37,11 @@ from userllm.config import EncoderConfig, UserLLMConfig, dump_config
 from userllm.encoder.model import UserEncoder, last_output
 from userllm.errors import InputError
 from userllm.io import write_dir_atomically
-from userllm.llm.backbone import decoder_layers
+from userllm.llm.backbone import base_model, decoder_layers
 from userllm.llm.connectors import (AbsorbedContext, ContextKV, EncoderCandidates, GatedCrossAttentionBlock, ItemWords,
                                     PerceiverResampler, Projector)
 from userllm.llm.decoding import generate_tokens, positions
+from userllm.llm.quant import quantize_linears
 
 
 @dataclass
@@ -151,6 +152,12 @@ class ConditionedLM(nn.Module):
         if missing:
             raise InputError(f"{path}: saved weights do not fit this backbone: {sorted(missing)[:5]}")
         self.load_state_dict(state, strict=False)
+
+    def quantize_backbone(self) -> dict:
+        """For serving: the backbone's decoder layers as 4-bit weights, in place (:mod:`userllm.llm.quant`;
+        LoRA adapters, connectors and the LM head stay float). No training afterwards. Returns the report of
+        :func:`~userllm.llm.quant.quantize_linears`."""
+        return quantize_linears(decoder_layers(base_model(self.llm), self.cfg.decoder_layers_path))
 
 
 class UserLLM(ConditionedLM):

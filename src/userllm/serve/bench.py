@@ -11,7 +11,8 @@ User-LLM's cache is warm (one request per user first). Also: the bare backbone a
 10 per request; each client a minimal keep-alive HTTP/1.1 connection, :class:`KeepAlive`, so the load
 generator leaves the shared cores to the server) with the cached contexts kept current: every appended
 event is its user's newest, and one chat per client afterwards counts how many found their context
-already refreshed.
+already refreshed. Every server holds its backbone the same way (``weights``, default ``int4``: the decoder
+layers as 4-bit weights, exact for SmolLM2 Q4_1, :mod:`userllm.llm.quant`; ``float32``: as trained).
 
 Targets (issue 14): User-LLM >= 10X TP's requests/s; its p50 at concurrency 1 within 1.2X of the bare
 backbone; appends >= 1,000 events/s on SQLite.
@@ -31,8 +32,9 @@ import numpy as np
 
 from userllm.config import TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
-from userllm.errors import OutputExistsError
+from userllm.errors import InputError, OutputExistsError
 from userllm.io import write_json, write_text_atomically
+from userllm.serve.engine import WEIGHTS
 from userllm.serve.store import EventStore, import_dataset
 
 QUESTION = "Which movie should I watch next? Answer with its title only."
@@ -62,12 +64,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run: Path, db: str, port: int, max_batch: int) -> subprocess.Popen:
+def start(run: Path, db: str, port: int, max_batch: int, weights: str = "float32") -> subprocess.Popen:
     """``userllm serve`` in its own process, once it answers /healthz."""
     import httpx2
 
     cmd = [sys.executable, "-m", "userllm.cli", "serve", str(run), "--db", db, "--port", str(port),
-           "--max-batch", str(max_batch), "--allow-unknown-users"]  # fmt: skip
+           "--max-batch", str(max_batch), "--allow-unknown-users", "--weights", weights]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -197,9 +199,13 @@ def count(metrics: str, prefix: str) -> float:
 
 def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m", history: int = 200,
                     levels: tuple[int, ...] = (1, 4, 16), max_tokens: int = 16, max_batch: int = 8,
-                    append_seconds: float = 10.0, runs: dict[str, Path] | None = None, force: bool = False) -> dict:  # fmt: skip
+                    append_seconds: float = 10.0, runs: dict[str, Path] | None = None, weights: str = "int4",
+                    force: bool = False) -> dict:  # fmt: skip
     """Run the benchmark (see module docstring); writes ``serve.json``, ``serve.md``, ``serve.png`` in ``out``.
-    ``runs`` (``{"userllm": RUN, "textprompt": RUN}``): serve these instead of training two at ``history``."""
+    ``runs`` (``{"userllm": RUN, "textprompt": RUN}``): serve these instead of training two at ``history``;
+    ``weights``: every server's ``--weights`` (the same for User-LLM, TP and the bare backbone)."""
+    if weights not in WEIGHTS:
+        raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     if (out / "serve.json").exists() and not force:
         raise OutputExistsError(f"{out / 'serve.json'} already exists; pass --force to measure again")
     out.mkdir(parents=True, exist_ok=True)
@@ -208,13 +214,13 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
     users = seq.get_column("user_id").to_list()
     runs = runs or train_runs(out, Path(dataset), history, backbone)
     report = {"dataset": str(dataset), "history": history, "users": len(users), "max_tokens": max_tokens,
-              "max_batch": max_batch, "backbone": backbone, "methods": {}, "targets": TARGETS}  # fmt: skip
+              "max_batch": max_batch, "backbone": backbone, "weights": weights, "methods": {}, "targets": TARGETS}  # fmt: skip
     for method, run in runs.items():
         db = out / f"events-{method}.db"
         db.unlink(missing_ok=True)
         import_dataset(EventStore(f"sqlite:///{db}"), ds)
         port = free_port()
-        proc = start(run, f"sqlite:///{db}", port, max_batch)
+        proc = start(run, f"sqlite:///{db}", port, max_batch, weights)
         base = f"http://127.0.0.1:{port}"
         try:
             model = f"userllm-{run.name}"
@@ -249,7 +255,7 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
 def markdown(report: dict) -> str:
     t = report["targets"]
     lines = [f"## userllm serve: {report['users']} users with >= {report['history']} events, answers of "
-             f"{report['max_tokens']} tokens, batches of up to {report['max_batch']}", "",
+             f"{report['max_tokens']} tokens, batches of up to {report['max_batch']}, {report.get('weights', 'float32')} weights", "",
              "| method | concurrency | requests | requests/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, rows in report["methods"].items():
         for r in rows:
