@@ -47,6 +47,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/prepare_scale.py
 	$(PY) benchmarks/encoder_quality.py
 	$(PY) benchmarks/llm_step.py
+	$(PY) benchmarks/int4_decode.py
 	$(VENV)/bin/userllm bench efficiency --force
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm bench serve --dataset $(OUT)/ml-100k --force
