@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from userllm.config import SOURCES, PrepareConfig, PretrainConfig, TrainConfig, load_config
-from userllm.errors import UserError
+from userllm.errors import OutputExistsError, UserError
 
 app = typer.Typer(
     name="userllm",
@@ -335,6 +335,22 @@ def experiment(
     overrides = {k: v for k, v in {"device": device, "bf16": bf16}.items() if v is not None}
     results = run_experiment(spec, only=only.split(",") if only else None, task=task, overrides=overrides)
     out.print(f"wrote {results}")
+
+
+@app.command("plot")
+def plot_command(
+    results: Annotated[list[Path], typer.Argument(help="results.json files (`userllm experiment` output, docs/results.json)")],
+    out_path: Annotated[Path, typer.Option("--out", help="the PNG to write")],
+    dataset: Annotated[Optional[str], typer.Option(help="only this dataset's cells, e.g. ml-100k")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """Quality vs history length and vs training compute, with 95% intervals, from one or more results.json."""
+    from userllm.tasks.experiment import plot_results
+
+    if out_path.exists() and not force:
+        raise OutputExistsError(f"{out_path} already exists; pass --force to draw it again")
+    n = plot_results(results, out_path, dataset=dataset)
+    out.print(f"wrote {out_path} ({n} cells)")
 
 
 @app.command()

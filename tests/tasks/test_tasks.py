@@ -354,6 +354,30 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert experiment.run_experiment(path) == tmp_path / "exp" / "results.md"
 
 
+def test_plot_draws_cells_of_several_results_files(tmp_path, run_cli):
+    """``userllm plot``: two experiments at different history lengths in one figure, one dataset's cells."""
+    def cell(name, method, history, value, dataset="ml-100k"):
+        return {"dataset": dataset, "task": "favorite_genre", "cell": name, "method": method,
+                "mode": "text" if method == "textprompt" else "cross_attention" if method == "userllm" else "-",
+                "history": history, "train_examples": 8, "train_flops": 1e14 if method != "label prior" else 0,
+                "train_seconds": 1.0, "users": 10, "commit": "x",
+                "metrics": {"accuracy": {"value": value, "low": value - 0.05, "high": value + 0.05}}}  # fmt: skip
+
+    h50, h200 = tmp_path / "h50.json", tmp_path / "h200.json"
+    h50.write_text(json.dumps([cell("ul", "userllm", 50, 0.8), cell("tp", "textprompt", 50, 0.7),
+                               cell("prior-h50", "label prior", 50, 0.5), cell("other", "userllm", 50, 0.1, "gift_cards")]))
+    h200.write_text(json.dumps([cell("ul-200", "userllm", 200, 0.8), cell("tp-200", "textprompt", 200, 0.6)]))
+    out = tmp_path / "plot.png"
+    code, shown, err = run_cli("plot", h50, h200, "--out", out, "--dataset", "ml-100k")
+    assert code == 0, err
+    assert "(5 cells)" in " ".join(shown.split()) and out.stat().st_size > 0  # the gift_cards cell left out
+    code, _, err = run_cli("plot", h50, "--out", out)
+    assert code != 0 and "--force" in err
+    bad = write(tmp_path / "bad.json", json.dumps([{"dataset": "ml-100k"}]))
+    code, _, err = run_cli("plot", bad, "--out", tmp_path / "p2.png")
+    assert code != 0 and "bad.json" in err and "train_flops" in err and not (tmp_path / "p2.png").exists()
+
+
 def test_a_shortlisting_tp_cell_gets_the_specs_encoder(tmp_path):
     """TP trains without the encoder, but a TP cell with ``shortlist`` ranks its top items: the experiment
     gives it the spec's pretrained encoder, and says so by name when the spec has none."""

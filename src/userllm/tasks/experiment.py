@@ -334,6 +334,29 @@ def write_results(spec: dict) -> Path:
     return out / "results.md"
 
 
+def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None) -> int:
+    """:func:`plot` of the cells in ``results.json`` files (e.g. ``docs/results.json``, or two experiments at
+    different history lengths, so that quality vs history length has both), only ``dataset``'s cells when
+    given; a cell in several files is drawn from the last. Returns the number of cells drawn."""
+    cells: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: cannot read it as results.json: {e}") from None
+        bad = not isinstance(data, list) or any(not isinstance(r, dict) or set(RESULT_KEYS) - set(r) for r in data)
+        if bad:
+            raise InputError(f"{path}: expected a list of cells, each with the keys {', '.join(RESULT_KEYS)}")
+        for r in data:
+            if dataset is None or r["dataset"] == dataset:
+                cells[(r["dataset"], r["task"], r["cell"], r["history"])] = r
+    if not cells:
+        raise InputError(f"no cells{f' of dataset {dataset!r}' if dataset else ''} in {', '.join(map(str, paths))}")
+    rows = list(cells.values())
+    plot(rows, list(dict.fromkeys(r["task"] for r in rows)), Path(out))
+    return len(rows)
+
+
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     """Per task, with 95% intervals as error bars: the main metric vs history length (per method and mode,
     its best cell at each length; references dashed) and vs training compute (every cell, one marker each
