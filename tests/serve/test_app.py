@@ -74,8 +74,11 @@ def test_int4_weights_serve_the_same_users(serve, ul_run, tp_run, synthetic_ds, 
     user = synthetic_ds.sequences.get_column("user_id")[0]
     answer = ask(client, engine, user)
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens <= 6
-    float_engine, _, float_client = serve(run)
-    assert answer.usage.prompt_tokens == ask(float_client, float_engine, user).usage.prompt_tokens
+    float_engine, _, _ = serve(run)
+    ids = torch.randint(3, 20, (1, 8))
+    with torch.no_grad():  # the backbone's own logits: close to float32's, not identical (bfloat16 arithmetic)
+        got, want = engine.model.llm(input_ids=ids).logits, float_engine.model.llm(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.1 * want.abs().max() and not torch.equal(got, want)
     with pytest.raises(InputError, match="weights 'int3'"):
         Engine(run, engine.store, weights="int3")
 

@@ -41,6 +41,12 @@ def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, T
     return q, scale, low
 
 
+def dequantize_int4(q: Tensor, scale: Tensor, low: Tensor) -> Tensor:
+    """The weight (n, k) that :func:`quantize_int4`'s ``q``, ``scale`` and ``low`` stand for."""
+    n, k = q.shape
+    return (q.float().reshape(n, scale.shape[1], -1) * scale[..., None] + low[..., None]).reshape(n, k)
+
+
 class Int4Linear(nn.Module):
     """``nn.Linear`` with 4-bit group-wise weights (CPU): (..., in_features) -> (..., out_features), computed in
     bfloat16 from the packed weights and returned in the input's dtype. Inference only (no gradients)."""
@@ -49,8 +55,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
         q, scale, low = quantize_int4(linear.weight, group)
-        recon = (q.float().reshape(self.out_features, -1, group) * scale[..., None] + low[..., None])
-        self.max_error = float((recon.reshape_as(q) - linear.weight.detach().float()).abs().max())
+        self.max_error = float((dequantize_int4(q, scale, low) - linear.weight.detach().float()).abs().max())
         # the kernel computes (q - 8) * scale + zero: zero = low + 8 * scale; layout (k / group, n, 2)
         zeros = low + 8 * scale
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
@@ -93,4 +98,4 @@ def quantize_linears(model: nn.Module, group: int = GROUP) -> dict:
     return report
 
 
-__all__ = ["GROUP", "Int4Linear", "quantize_int4", "quantize_linears", "quantizable"]
+__all__ = ["GROUP", "Int4Linear", "dequantize_int4", "quantize_int4", "quantize_linears", "quantizable"]

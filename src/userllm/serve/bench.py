@@ -32,9 +32,9 @@ import numpy as np
 
 from userllm.config import TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
-from userllm.errors import InputError, OutputExistsError
+from userllm.errors import OutputExistsError
 from userllm.io import write_json, write_text_atomically
-from userllm.serve.engine import WEIGHTS
+from userllm.serve.engine import check_weights
 from userllm.serve.store import EventStore, import_dataset
 
 QUESTION = "Which movie should I watch next? Answer with its title only."
@@ -204,8 +204,7 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
     """Run the benchmark (see module docstring); writes ``serve.json``, ``serve.md``, ``serve.png`` in ``out``.
     ``runs`` (``{"userllm": RUN, "textprompt": RUN}``): serve these instead of training two at ``history``;
     ``weights``: every server's ``--weights`` (the same for User-LLM, TP and the bare backbone)."""
-    if weights not in WEIGHTS:
-        raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    check_weights(weights)  # before training the two runs, not when the first server fails to start
     if (out / "serve.json").exists() and not force:
         raise OutputExistsError(f"{out / 'serve.json'} already exists; pass --force to measure again")
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,12 @@ from userllm.tasks.train import load_run
 WEIGHTS = ("float32", "int4")  # how the served backbone holds its weights
 
 
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    return weights
+
+
 @dataclass
 class Job:
     """One chat request as the engine decodes it. ``emit(kind, payload)`` receives ``("delta", text)`` as
@@ -89,8 +95,7 @@ class Engine:
 
     def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
                  metrics: Metrics | None = None, refresh_interval: float = 1.0, weights: str = "float32") -> None:  # fmt: skip
-        if weights not in WEIGHTS:
-            raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+        check_weights(weights)
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.data = load_run(self.run_dir)
         self.model.eval()
