@@ -58,6 +58,29 @@ def test_incremental_update_equals_recompute(setup):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("setup", SETUPS, ids=IDS)
+def test_get_many_computes_each_user_as_get_alone_does(setup):
+    """Users computed together (one batch per timeline length: a burst of refreshes) get the entries each
+    would get alone; a hit and an incremental append in the same call stay per user."""
+    model = open_gates(build(**setup))
+    users = {"a": timeline(6, 1), "b": timeline(6, 2), "c": timeline(4, 3), "d": timeline(6, 4)}
+    together = UserContextCache(model)
+    together.get("d", {k: v[:, :5] for k, v in users["d"].items()})  # d: an append of one event below
+    got = together.get_many(users)
+    assert together.stats == {"miss": 4, "append": 1}
+    for user, events in users.items():
+        alone = UserContextCache(model).get(user, events)
+        torch.testing.assert_close(got[user].ctx, alone.ctx, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[user].mask, alone.mask) and got[user].kv.keys() == alone.kv.keys()
+        for key in alone.kv:
+            for a, b in zip(got[user].kv[key], alone.kv[key]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert together.entries["a"]["h"].shape[0] == 1  # its own tensors, not a view of the batch
+    assert together.entries["a"]["h"].untyped_storage().data_ptr() != together.entries["b"]["h"].untyped_storage().data_ptr()
+    again = together.get_many({u: users[u] for u in ("a", "b")})
+    assert together.stats["hit"] == 2 and torch.equal(again["a"].ctx, got["a"].ctx)
+
+
 def test_changed_history_is_recomputed_not_served():
     model = open_gates(build())
     cache = UserContextCache(model)

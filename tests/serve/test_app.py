@@ -193,6 +193,35 @@ def test_delayed_refreshes_of_many_users_share_one_timer_thread(tmp_path, ul_run
     engine.close()
 
 
+def test_refreshes_due_together_are_computed_in_one_batch(tmp_path, ul_run, synthetic_ds):
+    """Refreshes that fall due while the model thread is busy wait as one job and are computed together
+    (one batch), each user's context then what a request computes for that user alone."""
+    import threading
+
+    store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    engine = Engine(ul_run, store, refresh_interval=0.0)
+    items = synthetic_ds.items.get_column("item_id").to_list()
+    users = [f"b{i}" for i in range(6)]
+    gate = threading.Event()
+    engine.executor.submit(gate.wait)  # the model thread is busy decoding
+    for i, u in enumerate(users):
+        store.append(u, [{"item_id": items[(i + j) % len(items)], "rating": 4, "timestamp": j} for j in range(3)])
+        engine.schedule_refresh(u)
+    gate.set()
+    engine.executor.submit(lambda: None).result()
+    assert all(engine.fingerprints.get(u) == store.fingerprint(u) for u in users)
+    sizes = engine.metrics.histograms["userllm_refresh_batch_size"][""]
+    assert sizes[2] == 1 and sizes[1] == 6  # one batch of all six users
+    assert engine.cache.stats["miss"] == 6
+    alone = Engine(ul_run, store)
+    for u in users:
+        a, b = engine.cache.cached(u), alone.context(u).context
+        torch.testing.assert_close(a.ctx, b.ctx, rtol=1e-5, atol=1e-6)
+        for key in a.kv:
+            torch.testing.assert_close(a.kv[key].k, b.kv[key].k, rtol=1e-5, atol=1e-6)
+    engine.close(), alone.close()
+
+
 def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, ul_run, synthetic_ds):
     store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
     engine = Engine(ul_run, store, refresh_interval=0.5)

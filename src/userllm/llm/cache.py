@@ -80,19 +80,39 @@ class UserContextCache:
     @torch.no_grad()
     def get(self, user: str, events: dict[str, Tensor]) -> UserContext:
         """The user's context for timeline ``events`` (``item``, ``rating``, ``time_gap``: (1, n) each)."""
-        events = {k: events[k][:, -self.model.encoder.cfg.max_len:] for k in EVENT_KEYS}
-        entry = self.entries.get(user) if user in self.entries else self._load(user)
-        if entry is not None:
-            n = entry["item"].shape[1]
-            same = all(torch.equal(entry[k], events[k][:, :n]) for k in EVENT_KEYS) and events["item"].shape[1] >= n
-            if same and events["item"].shape[1] == n:
-                self.stats["hit"] += 1
-                return self._context(entry)
-            if same:
-                self.stats["append"] += 1
-                return self._store(user, self._append(entry, {k: v[:, n:] for k, v in events.items()}))
-        self.stats["miss"] += 1
-        return self._store(user, self._compute(events))
+        return self.get_many({user: events})[user]
+
+    @torch.no_grad()
+    def get_many(self, timelines: dict[str, dict[str, Tensor]]) -> dict[str, UserContext]:
+        """:meth:`get` for several users at once: ``{user: events}`` -> ``{user: context}``. Users whose
+        context must be computed from scratch (new, or their window slid: every refresh of a timeline longer
+        than ``max_len``) are encoded together, one batch per timeline length (no padding: each row is the
+        computation :meth:`get` makes for that user, equal up to the rounding of batched matrix products);
+        hits and incremental appends are per user."""
+        out: dict[str, UserContext] = {}
+        misses: dict[int, list[tuple[str, dict[str, Tensor]]]] = {}  # timeline length -> users to compute
+        for user, events in timelines.items():
+            events = {k: events[k][:, -self.model.encoder.cfg.max_len:] for k in EVENT_KEYS}
+            entry = self.entries.get(user) if user in self.entries else self._load(user)
+            if entry is not None:
+                n = entry["item"].shape[1]
+                same = all(torch.equal(entry[k], events[k][:, :n]) for k in EVENT_KEYS) and events["item"].shape[1] >= n
+                if same and events["item"].shape[1] == n:
+                    self.stats["hit"] += 1
+                    out[user] = self._context(entry)
+                    continue
+                if same:
+                    self.stats["append"] += 1
+                    out[user] = self._store(user, self._append(entry, {k: v[:, n:] for k, v in events.items()}))
+                    continue
+            self.stats["miss"] += 1
+            misses.setdefault(events["item"].shape[1], []).append((user, events))
+        for group in misses.values():
+            batch = self._compute({k: torch.cat([events[k] for _, events in group]) for k in EVENT_KEYS})
+            for row, (user, _) in enumerate(group):  # each user's own tensors (not views of the batch)
+                one = batch if len(group) == 1 else {name: t[row : row + 1].clone() for name, t in batch.items()}
+                out[user] = self._store(user, one)
+        return out
 
     def cached(self, user: str) -> UserContext | None:
         """The user's context as last computed, without checking their events (a caller that knows they

@@ -7,7 +7,8 @@ one the cached context was computed from, the user's newest events are read and 
 to date (``UserContextCache``: an incremental update when events were appended, else a recompute), so no
 answer reads a context older than the store's committed events, whichever process appended them.
 Appends through this server also refresh the cached context on the model thread (:meth:`Engine.schedule_refresh`:
-at once, at most once a ``refresh_interval`` per user while events stream in).
+at once, at most once a ``refresh_interval`` per user while events stream in), in batches: every user whose
+refresh is due when the model thread gets to it is encoded together.
 
 Each request of a batch keeps its own sampling (temperature, top_p, seed), token limit and stop strings;
 its tokens are handed to the request as they are decoded (streaming), through ``Job.emit``.
@@ -118,6 +119,8 @@ class Engine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
         self.refresh_interval = refresh_interval
         self.pending: set[str] = set()  # users with a refresh scheduled
+        self.ready: set[str] = set()  # users whose refresh is due, for the next batch (:meth:`_refresh`)
+        self.refresh_queued = False  # a batch of refreshes waits on the model thread
         self.refreshed: dict[str, float] = {}  # user -> when their last refresh started (monotonic)
         self.due: list[tuple[float, str]] = []  # heap of delayed refreshes (when, user), run by one timer thread
         self.lock = threading.Condition()  # pending, refreshed, due
@@ -129,29 +132,43 @@ class Engine:
         """The user's :class:`Conditioning` from their committed events (a user without events: no context, no
         lines, 0 events). ``refresh``: called after appends, not by a request (a context found current is not
         counted as a request's cache hit)."""
-        if self.cache is not None:
-            fp = self.store.fingerprint(user)
-            cached = self.cache.cached(user) if fp.count and self.fingerprints.get(user) == fp else None
-            if cached is not None:
-                if not refresh:
-                    self.metrics.inc("userllm_context_total", result="hit")
-                return Conditioning(context=cached, events=min(fp.count, self.max_history))
-        fp, rows = self.store.timeline(user, last=self.max_history)
-        if not rows:
-            return Conditioning()
-        if self.cache is None:
-            listed = None
-            if self.listing is not None:
-                top = self.listing.next_items(self.listing_vocab.encoder_inputs(rows), self.data.candidates)[0]
-                listed = [self.data.ds.item_titles[i] for i in top.tolist()]
-            return Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
-        before = dict(self.cache.stats)
-        ctx = self.cache.get(user, self.vocab.encoder_inputs(rows))
-        for result, n in self.cache.stats.items():
-            if n > before.get(result, 0) and not (refresh and result == "hit"):
-                self.metrics.inc("userllm_context_total", n - before.get(result, 0), result=result)
-        self.fingerprints[user] = fp
-        return Conditioning(context=ctx, events=len(rows))
+        return self.contexts([user], refresh=refresh)[user]
+
+    def contexts(self, users: list[str], *, refresh: bool = False) -> dict[str, Conditioning]:
+        """:meth:`context` for several users: the User-LLM contexts that must be computed are computed in one
+        batch (:meth:`UserContextCache.get_many`), e.g. every user refreshed after a burst of appends."""
+        out: dict[str, Conditioning] = {}
+        timelines, counts, prints = {}, {}, {}
+        for user in dict.fromkeys(users):
+            if self.cache is not None:
+                fp = self.store.fingerprint(user)
+                cached = self.cache.cached(user) if fp.count and self.fingerprints.get(user) == fp else None
+                if cached is not None:
+                    if not refresh:
+                        self.metrics.inc("userllm_context_total", result="hit")
+                    out[user] = Conditioning(context=cached, events=min(fp.count, self.max_history))
+                    continue
+            fp, rows = self.store.timeline(user, last=self.max_history)
+            if not rows:
+                out[user] = Conditioning()
+            elif self.cache is None:
+                listed = None
+                if self.listing is not None:
+                    top = self.listing.next_items(self.listing_vocab.encoder_inputs(rows), self.data.candidates)[0]
+                    listed = [self.data.ds.item_titles[i] for i in top.tolist()]
+                out[user] = Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
+            else:
+                timelines[user], counts[user], prints[user] = self.vocab.encoder_inputs(rows), len(rows), fp
+        if timelines:
+            before = dict(self.cache.stats)
+            computed = self.cache.get_many(timelines)
+            for result, n in self.cache.stats.items():
+                if n > before.get(result, 0) and not (refresh and result == "hit"):
+                    self.metrics.inc("userllm_context_total", n - before.get(result, 0), result=result)
+            for user, ctx in computed.items():
+                self.fingerprints[user] = prints[user]
+                out[user] = Conditioning(context=ctx, events=counts[user])
+        return out
 
     def schedule_refresh(self, user: str) -> None:
         """Bring the user's cached context up to date on the model thread after an append: at once, or, for a
@@ -184,16 +201,27 @@ class Engine:
             self._submit_refresh(user)
 
     def _submit_refresh(self, user: str) -> None:
+        """Queue the user for the next batch of refreshes; one batch job waits on the model thread at a time,
+        and it takes every user queued by the time it runs (:meth:`contexts` computes them together)."""
+        with self.lock:
+            self.ready.add(user)
+            if self.refresh_queued:
+                return
+            self.refresh_queued = True
         try:
-            self.executor.submit(self._refresh, user)
+            self.executor.submit(self._refresh)
         except RuntimeError:  # the server is shutting down: nothing left to refresh for
             pass
 
-    def _refresh(self, user: str) -> None:
+    def _refresh(self) -> None:
         with self.lock:
-            self.pending.discard(user)
-            self.refreshed[user] = time.monotonic()
-        self.context(user, refresh=True)
+            users, self.ready, self.refresh_queued = sorted(self.ready), set(), False
+            now = time.monotonic()
+            for user in users:
+                self.pending.discard(user)
+                self.refreshed[user] = now
+        self.metrics.observe("userllm_refresh_batch_size", len(users))
+        self.contexts(users, refresh=True)
 
     def forget(self, user: str) -> None:
         """Drop the user's cached context (after their events were deleted)."""
@@ -206,9 +234,14 @@ class Engine:
         """Decode ``jobs`` together (users with a context, then any without, e.g. unpersonalized answers)."""
         self.metrics.observe("userllm_batch_size", len(jobs))
         prepared = []
+        try:  # the contexts the batch's users need are computed together
+            found = self.contexts([job.user for job in jobs if job.user is not None])
+        except Exception:  # noqa: BLE001 - one user at a time, so that only the failing requests get the error
+            found = {}
         for job in jobs:
             try:
-                prepared.append((job, self.context(job.user) if job.user is not None else Conditioning()))
+                c = Conditioning() if job.user is None else found[job.user] if job.user in found else self.context(job.user)
+                prepared.append((job, c))
             except Exception as e:  # noqa: BLE001 - the request gets the error, the server goes on
                 job.emit("error", e)
         for group in ([p for p in prepared if p[1].context is not None], [p for p in prepared if p[1].context is None]):

@@ -11,6 +11,7 @@ metric                                     type       labels
                                                       update), miss (computed), stale / corrupt (on-disk
                                                       entry recomputed)
 ``userllm_batch_size``                     histogram  (chat requests decoded together)
+``userllm_refresh_batch_size``             histogram  (users' contexts refreshed together after appends)
 ``userllm_generated_tokens_total``         counter
 =========================================  =========  =====================================================
 """
@@ -21,7 +22,11 @@ import threading
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def buckets_of(name: str) -> tuple:
+    return BATCH_BUCKETS if name.endswith("_batch_size") else LATENCY_BUCKETS
 HELP = {
     "userllm_requests_total": ("counter", "HTTP requests by endpoint and status"),
     "userllm_request_seconds": ("histogram", "HTTP request latency by endpoint"),
@@ -29,6 +34,7 @@ HELP = {
     "userllm_events_appended_total": ("counter", "events committed to the store"),
     "userllm_context_total": ("counter", "user contexts served, by how they were obtained"),
     "userllm_batch_size": ("histogram", "chat requests decoded together"),
+    "userllm_refresh_batch_size": ("histogram", "user contexts refreshed together after appends"),
     "userllm_generated_tokens_total": ("counter", "completion tokens generated"),
 }
 
@@ -53,7 +59,7 @@ class Metrics:
             self.counters[name][_labels(labels)] += value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        buckets = BATCH_BUCKETS if name == "userllm_batch_size" else LATENCY_BUCKETS
+        buckets = buckets_of(name)
         with self.lock:
             h = self.histograms[name].setdefault(_labels(labels), [[0] * len(buckets), 0.0, 0])
             for i, edge in enumerate(buckets):
@@ -70,7 +76,7 @@ class Metrics:
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
                 for labels, value in sorted(self.counters.get(name, {}).items()):
                     lines.append(f"{name}{labels} {value:g}")
-                buckets = BATCH_BUCKETS if name == "userllm_batch_size" else LATENCY_BUCKETS
+                buckets = buckets_of(name)
                 for labels, (counts, total, n) in sorted(self.histograms.get(name, {}).items()):
                     inner = labels[1:-1] + "," if labels else ""
                     lines += [f'{name}_bucket{{{inner}le="{edge:g}"}} {c}' for edge, c in zip(buckets, counts)]
