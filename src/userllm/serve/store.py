@@ -83,7 +83,9 @@ class EventStore:
         if backend not in ("sqlite", "postgresql"):
             raise InputError(f"--db {url!r}: userllm's event store runs on sqlite or postgresql, not {backend} ({expected})")
         try:
-            self.engine: Engine = create_engine(url, pool_pre_ping=True)
+            # a pooled PostgreSQL connection may have been closed by the server: ping it at checkout; a SQLite
+            # file's cannot, and the ping would cost every append and chat request a statement
+            self.engine: Engine = create_engine(url, pool_pre_ping=backend != "sqlite")
         except (ArgumentError, ImportError) as e:
             raise InputError(f"--db {url!r}: SQLAlchemy cannot open it ({expected}): {e}") from None
         self.url = url
