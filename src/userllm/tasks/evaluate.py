@@ -6,8 +6,7 @@ task             metrics (test split; all users, or a seeded subset of N users)
 next_item        Recall@{1,5,10} of the titles from a beam search constrained to the catalogue's titles
                  (token trie; beams = the largest K), a hit when the target's title is in the top K; with
                  ``shortlist`` N, constrained to the titles of the stage-1 encoder's top N items per user
-                 (the LLM reranks the encoder's shortlist; the encoder alone ranks the same list), with
-                 at least N beams, so that the search ranks the whole list exactly by its probability;
+                 (the LLM reranks the encoder's shortlist; the encoder alone ranks the same list);
                  ``exact_match`` and ``valid_title``: unconstrained greedy generation equals the target's
                  title / equals some catalogue title
 favorite_genre   accuracy of the top answer of a beam search constrained to the category vocabulary
@@ -296,8 +295,6 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     cfg, model, data = load_run(run_dir, device or "cpu")
     if shortlist is not None:
         cfg = cfg.model_copy(update={"shortlist": shortlist})
-    if cfg.task == "next_item" and cfg.shortlist > cfg.beams:  # as many beams as titles: the exact ranking of the list
-        cfg = cfg.model_copy(update={"beams": cfg.shortlist})
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
@@ -305,7 +302,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    partial, done = load_partial(run_dir, f"+shortlist{cfg.shortlist}+beams{cfg.beams}" if listed else "")
+    partial, done = load_partial(run_dir, f"+shortlist{cfg.shortlist}" if listed else "")
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
