@@ -51,6 +51,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/userllm bench efficiency --force
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm bench serve --dataset $(OUT)/ml-100k --force
+	$(PY) benchmarks/serve_appends.py --dataset $(OUT)/ml-100k
 
 bench-quick: $(VENV)/.installed
 	$(VENV)/bin/userllm bench efficiency --quick --force
