@@ -23,10 +23,6 @@ from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def buckets_of(name: str) -> tuple:
-    return BATCH_BUCKETS if name.endswith("_batch_size") else LATENCY_BUCKETS
 HELP = {
     "userllm_requests_total": ("counter", "HTTP requests by endpoint and status"),
     "userllm_request_seconds": ("histogram", "HTTP request latency by endpoint"),
@@ -37,6 +33,11 @@ HELP = {
     "userllm_refresh_batch_size": ("histogram", "user contexts refreshed together after appends"),
     "userllm_generated_tokens_total": ("counter", "completion tokens generated"),
 }
+
+
+def buckets_of(name: str) -> tuple:
+    """A histogram's bucket edges: sizes (``*_batch_size``) or seconds."""
+    return BATCH_BUCKETS if name.endswith("_batch_size") else LATENCY_BUCKETS
 
 
 def _labels(labels: dict[str, str]) -> str:
