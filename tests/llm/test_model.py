@@ -344,3 +344,30 @@ def test_sample_token_temperature_top_p_and_top_k():
     assert set(sample_token(logits, temperature=1.0, top_k=2, generator=g).tolist()) == {0, 1}
     same = [sample_token(logits[:5], temperature=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*same)  # seeded
+
+
+def test_one_prefill_serves_greedy_then_beam_search_as_two_separate_decodings():
+    """Evaluation runs a prompt once (``prefill``, two copies of its cache) for the greedy answer and the
+    constrained search: both must equal what each finds from its own run of the prompt. A shared, not copied,
+    cache would let the greedy tokens leak into the search's prefix."""
+    from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill
+
+    model = build()
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
+    ids, mask = prompts(lengths=[6, 4])
+    users = random_batch(2, 5, lengths=[5, 3])
+    trie = TokenTrie([[5, 6], [5, 7, 8], [9], [10, 11], [12]], eos_token_id=2)
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        alone_greedy = generate_tokens(model, embeds, m, max_new_tokens=6)
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        alone_beams = constrained_beam_search(model, embeds, m, trie, beams=3)
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        first, second = prefill(model, embeds, m, copies=2)
+        greedy = generate_tokens(model, embeds, m, max_new_tokens=6, prefilled=first)
+        beams = constrained_beam_search(model, embeds, m, trie, beams=3, prefilled=second)
+    assert torch.equal(greedy, alone_greedy)
+    assert [[i for i, _ in row] for row in beams] == [[i for i, _ in row] for row in alone_beams]
+    for a, b in zip(beams, alone_beams):
+        torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]))

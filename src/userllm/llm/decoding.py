@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,6 +50,15 @@ def keeps_last_logits(llm) -> bool:
     return _forward_takes_logits_to_keep(type(base_model(llm)))
 
 
+@torch.no_grad()
+def prefill(model, embeds: Tensor, mask: Tensor, *, copies: int = 1) -> list[tuple[Tensor, object]]:
+    """Run the prefix (embeds (b, t, d), mask (b, t)) once: ``copies`` independent ``(logits (b, V), cache)``
+    pairs for :func:`iter_tokens` / :func:`constrained_beam_search` (``prefilled=``), so that two decodings
+    of one long prompt (e.g. TP's beam search and its greedy answer) pay for its prefill once."""
+    logits, cache = llm_step(model.llm, embeds, mask, None)
+    return [(logits, cache)] + [(logits, copy.deepcopy(cache)) for _ in range(copies - 1)]
+
+
 def _append(mask: Tensor) -> Tensor:
     return torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
 
@@ -74,15 +84,20 @@ def sample_token(logits: Tensor, *, temperature: float = 1.0, top_p: float = 1.0
 
 @torch.no_grad()
 def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: int = 32,
-                eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True) -> Iterator[Tensor]:  # fmt: skip
+                eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True,
+                prefilled: tuple[Tensor, object] | None = None) -> Iterator[Tensor]:  # fmt: skip
     """The new tokens (b,) after the prefix, one step at a time; ``choose(logits (b, V)) -> tokens (b,)``.
     After ``eos_token_id`` a row emits ``pad_token_id``; it stops when every row has ended or after
-    ``max_new_tokens`` (a caller may stop earlier: e.g. a server streaming rows with their own limits)."""
+    ``max_new_tokens`` (a caller may stop earlier: e.g. a server streaming rows with their own limits).
+    ``prefilled``: the prefix already run, ``(logits, cache)`` as :func:`prefill` returns them (the cache is
+    extended in place: pass a copy to decode the same prefix again)."""
     llm, embed = model.llm, model.llm.get_input_embeddings()
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     cache, step_embeds = None, embeds
-    for _ in range(max_new_tokens):
-        if use_cache:
+    for step in range(max_new_tokens):
+        if step == 0 and prefilled is not None:
+            logits, cache = prefilled
+        elif use_cache:
             logits, cache = llm_step(llm, step_embeds, mask, cache)
         else:
             logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
@@ -101,14 +116,15 @@ def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: 
 @torch.no_grad()
 def generate_tokens(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int = 32, do_sample: bool = False,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                    pad_token_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+                    pad_token_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
+                    prefilled: tuple[Tensor, object] | None = None) -> Tensor:  # fmt: skip
     """New tokens (b, <= max_new_tokens) after the prefix: greedy, or sampling with temperature / top-k /
-    top-p (:func:`sample_token`); see :func:`iter_tokens`. ``use_cache=False`` recomputes the whole sequence
-    at every step (slow; for checking the cache)."""
+    top-p (:func:`sample_token`); see :func:`iter_tokens` (and its ``prefilled``). ``use_cache=False``
+    recomputes the whole sequence at every step (slow; for checking the cache)."""
     t = temperature if do_sample else 0.0
     choose = lambda logits: sample_token(logits, temperature=t, top_p=top_p, top_k=top_k, generator=generator)  # noqa: E731
     steps = iter_tokens(model, embeds, mask, choose, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, use_cache=use_cache)  # fmt: skip
+                        pad_token_id=pad_token_id, use_cache=use_cache, prefilled=prefilled)  # fmt: skip
     return torch.stack(list(steps), 1)
 
 
@@ -143,14 +159,16 @@ class TokenTrie:
 
 @torch.no_grad()
 def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie | Sequence[TokenTrie], *,
-                            beams: int, max_steps: int | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+                            beams: int, max_steps: int | None = None,
+                            prefilled: tuple[Tensor, object] | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
     """The ``beams`` most likely complete trie sequences for each prefix: per row ``[(index, log p), ...]``,
     best first. Every answer is a sequence of the trie (e.g. a real catalogue title). ``trie`` is one trie
     for every row, or one per row (e.g. each user's shortlist; the tries share ``eos_token_id``); with at
     least as many beams as a row's sequences the search ranks all of them exactly.
 
-    Scores are summed token log-probabilities (eos included). The prefix is run once per row; its KV cache
-    (and the model's user context, via ``model.repeat_context``) is then repeated for the beams.
+    Scores are summed token log-probabilities (eos included). The prefix is run once per row (or given,
+    ``prefilled``, see :func:`prefill`); its KV cache (and the model's user context, via
+    ``model.repeat_context``) is then repeated for the beams.
     """
     llm, embed = model.llm, model.llm.get_input_embeddings()
     b, device, k = embeds.shape[0], embeds.device, beams
@@ -158,7 +176,7 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
     if len(tries) != b:
         raise ValueError(f"{len(tries)} tries for {b} rows")
     eos = tries[0].eos_token_id
-    logits, cache = llm_step(llm, embeds, mask, None)
+    logits, cache = prefilled if prefilled is not None else llm_step(llm, embeds, mask, None)
     logp = logits.log_softmax(-1)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(b)]
     # beam state per row r of (b*k): trie node, score; start: all k beams of a prefix at the root, one alive

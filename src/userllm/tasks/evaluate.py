@@ -44,7 +44,7 @@ from userllm.errors import InputError, OutputExistsError
 from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
-from userllm.llm.decoding import TokenTrie, constrained_beam_search
+from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
@@ -141,17 +141,21 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
             context = model.user_state(users) if users is not None else None  # once for both decodings
             ranked: list[list[str]] = [[] for _ in batch]
+            greedy = []
             with model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
                 input_tokens = prefix_mask.sum(1).tolist()
-                if trie is not None:
+                # the prompt is run once for both decodings (TP next_item, a seeded 16 users: 3:35 instead of 4:29)
+                searches = [trie is not None, data.task != "favorite_genre"]
+                prefixes = prefill(model, embeds, prefix_mask, copies=sum(searches))
+                if searches[1]:  # greedy first: the beam search repeats the user context for its beams
+                    new = generate_tokens(model, embeds, prefix_mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                          pad_token_id=pad, prefilled=prefixes.pop())  # fmt: skip
+                    greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip()
+                              for row in new.tolist()]  # fmt: skip
+                if searches[0]:
                     tries, names = answer_space(data, trie, batch, shortlist)
-                    found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams)
+                    found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
                     ranked = [[names[r][i] for i, _ in row] for r, row in enumerate(found)]
-            greedy = []
-            if data.task != "favorite_genre":
-                new = model.generate(users, ids, mask, context=context, max_new_tokens=cfg.max_new_tokens,
-                                     eos_token_id=eos, pad_token_id=pad)  # fmt: skip
-                greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip() for row in new.tolist()]
             scored = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
                        "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
                       for i, ex in enumerate(batch)]  # fmt: skip
