@@ -5,8 +5,8 @@ chat levels (~1.5 min instead of ~15), so that two versions of the server can be
     # another commit's server, same machine:  git worktree add /tmp/old REV
     PYTHONPATH=/tmp/old/src python benchmarks/serve_appends.py
 
-The run is the User-LLM run ``userllm bench serve`` trained (200 events of history; trained here when
-missing). Per repeat: a fresh SQLite store holding MovieLens-100K's timelines, a ``userllm serve
+The run is the User-LLM run ``userllm bench serve`` trained (200 events of history; trained here, User-LLM
+only, when missing). Per repeat: a fresh SQLite store holding MovieLens-100K's timelines, a ``userllm serve
 --weights int4`` process, one chat per user with >= 200 events (warm cache), then 16 keep-alive clients
 appending single events for 10 s, and one chat per client 1.5 s later: how many found their context
 already refreshed (:func:`userllm.serve.bench.appends`).
@@ -22,17 +22,21 @@ from userllm.data.dataset import PreparedDataset
 from userllm.serve.bench import appends, free_port, level, start, train_runs
 from userllm.serve.store import EventStore, import_dataset
 
+DEFAULT_RUN = Path("runs/bench-serve/runs/userllm")  # where userllm bench serve trains its User-LLM run
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", type=Path, default=Path("outputs/ml-100k"))
-    ap.add_argument("--run", type=Path, default=Path("runs/bench-serve/runs/userllm"))
+    ap.add_argument("--run", type=Path, default=DEFAULT_RUN)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
     ds = PreparedDataset(args.dataset)
     if not (args.run / "model" / "userllm.safetensors").exists():
-        args.run = train_runs(args.run.parent.parent, args.dataset, 200, "smollm2-135m")["userllm"]
+        if args.run != DEFAULT_RUN:
+            raise SystemExit(f"{args.run}: no trained run there (userllm train's output; leave --run out to train one)")
+        args.run = train_runs(DEFAULT_RUN.parent.parent, args.dataset, 200, "smollm2-135m", ("userllm",))["userllm"]
     users = ds.sequences.filter(ds.sequences.get_column("length") >= 200).get_column("user_id").to_list()
     items = ds.items.get_column("item_id").to_list()
     db = args.run.parent / "appends.db"

@@ -41,13 +41,15 @@ QUESTION = "Which movie should I watch next? Answer with its title only."
 TARGETS = {"throughput_ratio": 10.0, "bare_ratio": 1.2, "appends_per_s": 1000.0}
 
 
-def train_runs(out: Path, dataset: Path, history: int, backbone: str) -> dict[str, Path]:
-    """A User-LLM and a TP run at ``history`` events (a few steps: serving cost does not depend on the
-    weights, and ``ignore_eos`` fixes the answer length)."""
+def train_runs(out: Path, dataset: Path, history: int, backbone: str,
+               methods: tuple[str, ...] = ("userllm", "textprompt")) -> dict[str, Path]:  # fmt: skip
+    """A User-LLM and a TP run (``methods``) at ``history`` events, in ``out/runs/METHOD`` unless already
+    there (a few steps: serving cost does not depend on the weights, and ``ignore_eos`` fixes the answer
+    length)."""
     from userllm.tasks.train import train
 
     runs = {}
-    for method in ("userllm", "textprompt"):
+    for method in methods:
         run = out / "runs" / method
         if not (run / "model" / "userllm.safetensors").exists():
             llm = UserLLMConfig(backbone=backbone, strategy="lora" if method == "textprompt" else "enc")
