@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from userllm.errors import ConfigError
 
@@ -263,10 +263,22 @@ class TrainConfig(_RunConfig):
     beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
     shortlist: int = Field(0, ge=0, description="next_item: the beam search ranks only the stage-1 encoder's N "
                            "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
-                           "same list, from `encoder`; 0: the whole catalogue). Scoring only")  # fmt: skip
+                           "same list, from `encoder`; 0: the whole catalogue). Scoring, and training with "
+                           "train_on_shortlist")  # fmt: skip
+    train_on_shortlist: bool = Field(False, description="next_item with shortlist N: train only on the examples "
+                                     "whose target is among the stage-1 encoder's N items after their history, the "
+                                     "list the LLM reranks (the others teach titles it can never answer; beyond "
+                                     "the paper)")  # fmt: skip
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")
+
+    @model_validator(mode="after")
+    def _shortlist_training(self) -> TrainConfig:
+        if self.train_on_shortlist and (self.task != "next_item" or not self.shortlist):
+            raise ValueError(f"train_on_shortlist trains a next_item reranker of the stage-1 shortlist: it needs "
+                             f"task next_item and shortlist > 0 (got task {self.task}, shortlist {self.shortlist})")
+        return self
 
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> TrainConfig:

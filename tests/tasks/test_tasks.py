@@ -230,6 +230,51 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
         evaluate(tmp_path / "random", users=6, seed=1)
 
 
+def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, tmp_path):
+    """``train_on_shortlist``: the training examples are those whose target is among the stage-1 encoder's
+    ``shortlist`` items after their history (the others could never be answered by the reranker), and training
+    draws its batches from them alone; refused without a shortlist or outside next_item."""
+    from userllm.config import EncoderConfig, PretrainConfig
+    from userllm.encoder.data import Timelines
+    from userllm.encoder.train import load_encoder, pretrain
+    from userllm.errors import ConfigError
+    from userllm.tasks.train import shortlisted
+
+    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
+    pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
+    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(tmp_path / "enc"),
+                      max_history=5, shortlist=10, train_on_shortlist=True, train_examples=8, batch_size=4)  # fmt: skip
+    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
+                    max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
+    examples = data.examples("train")
+    top = data.encoder_top(load_encoder(tmp_path / "enc"), examples, 10)
+    hits = [(ex.user_idx, ex.end) for ex, row in zip(examples, top) if ex.label in row]
+    assert 0 < len(hits) < len(examples)
+    assert [(ex.user_idx, ex.end) for ex in shortlisted(cfg, data, examples)] == hits
+    assert shortlisted(cfg.model_copy(update={"train_on_shortlist": False}), data, examples) == examples
+    seen = []
+    batch = TaskData.batch
+
+    def spy(self, part, **kw):
+        seen.extend((ex.user_idx, ex.end) for ex in part)
+        return batch(self, part, **kw)
+
+    TaskData.batch = spy
+    try:
+        train(cfg)
+    finally:
+        TaskData.batch = batch
+    assert len(seen) == 8 and set(seen) <= set(hits)
+    for bad in ({"shortlist": 0}, {"task": "favorite_genre"}):
+        with pytest.raises(ValueError, match="train_on_shortlist trains a next_item reranker"):
+            TrainConfig(**{**cfg.model_dump(), **bad})
+    with pytest.raises(ConfigError, match="train_on_shortlist"):
+        from userllm.config import load_config
+
+        load_config(TrainConfig, overrides={"task": "next_item", "train_on_shortlist": True})
+
+
 def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     from safetensors.torch import load_file
 

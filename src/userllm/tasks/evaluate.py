@@ -48,7 +48,7 @@ from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_to
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
-from userllm.tasks.train import load_run
+from userllm.tasks.train import load_run, shortlists, stage1_encoder
 
 HISTORY_BUCKETS = (10, 25, 50, 100, 200)  # upper edges of the history-length buckets; the last is open
 GENERAL_TEXT = "general_english.txt"
@@ -217,30 +217,6 @@ def encoder_records(encoder, data: TaskData, examples: list[TaskExample], beams:
 def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
     """:func:`encoder_records` scored by :func:`score` on the same examples."""
     return score("next_item", encoder_records(encoder, data, examples, beams), set(), beams, seed)
-
-
-def stage1_encoder(cfg, data: TaskData):
-    """The stage-1 encoder a run names (``cfg.encoder``), or None when it has none or it reads fewer events
-    than the run's history window."""
-    from userllm.encoder.train import load_encoder
-
-    if cfg.encoder in (None, "random"):
-        return None
-    encoder = load_encoder(Path(cfg.encoder))
-    return encoder if encoder.cfg.max_len >= data.max_history else None
-
-
-def shortlists(cfg, data: TaskData, examples: list[TaskExample], encoder=None) -> dict[str, list[int]] | None:
-    """next_item with ``cfg.shortlist`` N: each example's stage-1 shortlist, {user_id: its N item indices}
-    (:meth:`TaskData.encoder_top`); None otherwise."""
-    if data.task != "next_item" or not cfg.shortlist:
-        return None
-    encoder = encoder if encoder is not None else stage1_encoder(cfg, data)
-    if encoder is None:
-        raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
-                         f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
-                         f"({data.max_history}) as `encoder`")  # fmt: skip
-    return {ex.user_id: row for ex, row in zip(examples, data.encoder_top(encoder, examples, cfg.shortlist))}
 
 
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,

@@ -35,14 +35,14 @@ from userllm.distributed import barrier, setup_distributed
 from userllm.encoder.data import Timelines
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
-from userllm.errors import ConfigError, InputError
+from userllm.errors import ConfigError, EmptyResultError, InputError
 from userllm.io import source_commit, start_run, write_dir_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.connectors import mean_token_embeddings
 from userllm.llm.flops import training_flops
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
 from userllm.progress import console, progress_bar
-from userllm.tasks.data import IGNORE, TaskData
+from userllm.tasks.data import IGNORE, TaskData, TaskExample
 
 MARKER = "config.json"
 
@@ -115,6 +115,50 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Condition
     return cfg, model.to(device).eval(), data
 
 
+def stage1_encoder(cfg: TrainConfig, data: TaskData) -> UserEncoder | None:
+    """The stage-1 encoder a run names (``cfg.encoder``), or None when it has none or it reads fewer events
+    than the run's history window."""
+    if cfg.encoder in (None, "random"):
+        return None
+    encoder = load_encoder(Path(cfg.encoder))
+    return encoder if encoder.cfg.max_len >= data.max_history else None
+
+
+def _shortlist_encoder(cfg: TrainConfig, data: TaskData, encoder: UserEncoder | None) -> UserEncoder:
+    encoder = encoder if encoder is not None else stage1_encoder(cfg, data)
+    if encoder is None:
+        raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
+                         f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
+                         f"({data.max_history}) as `encoder`")  # fmt: skip
+    return encoder
+
+
+def shortlists(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
+               ) -> dict[str, list[int]] | None:  # fmt: skip
+    """next_item with ``cfg.shortlist`` N: each (test) example's stage-1 shortlist, {user_id: its N item
+    indices} (:meth:`TaskData.encoder_top`); None otherwise."""
+    if data.task != "next_item" or not cfg.shortlist:
+        return None
+    top = data.encoder_top(_shortlist_encoder(cfg, data, encoder), examples, cfg.shortlist)
+    return {ex.user_id: row for ex, row in zip(examples, top)}
+
+
+def shortlisted(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[TaskExample]:
+    """With ``cfg.train_on_shortlist``: the training examples whose target is among the stage-1 encoder's
+    ``cfg.shortlist`` items after their history window, the only answers a reranker of that list can give;
+    all of ``examples`` otherwise."""
+    if not cfg.train_on_shortlist:
+        return examples
+    top = data.encoder_top(_shortlist_encoder(cfg, data, None), examples, cfg.shortlist)
+    kept = [ex for ex, row in zip(examples, top) if ex.label in row]
+    if not kept:
+        raise EmptyResultError(f"no training example's target is among the stage-1 encoder's {cfg.shortlist} items: "
+                               "raise shortlist or leave train_on_shortlist off")  # fmt: skip
+    console.print(f"train_on_shortlist: {len(kept):,} of {len(examples):,} training examples have their target "
+                  f"among the stage-1 encoder's top {cfg.shortlist}")  # fmt: skip
+    return kept
+
+
 def print_parameters(model: ConditionedLM, strategy: str) -> None:
     table = Table(title=f"trainable parameters (strategy {strategy})")
     for col in ("group", "trainable", "total"):
@@ -148,7 +192,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         write_json(out / "config.json", dump_config(cfg))
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
-    examples = data.examples("train")
+    examples = shortlisted(cfg, data, data.examples("train"))
     steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, examples, cfg)
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
