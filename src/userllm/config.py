@@ -210,6 +210,10 @@ class UserLLMConfig(_Config):
     candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
                             "in its title's words plus a rank embedding (TP: their titles listed in the prompt, from "
                             "the stage-1 `encoder`; 0 = off; beyond the paper)")  # fmt: skip
+    candidate_tokens: int = Field(0, ge=0, description="with candidates: each candidate also enters as its title's "
+                                  "first N tokens, one context entry each (token embedding + rank + position in the "
+                                  "title), so cross-attention can point at the token to write next; 0 = off (one "
+                                  "entry per candidate, its title's mean embedding)")  # fmt: skip
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(

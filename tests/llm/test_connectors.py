@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector
+from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector, first_token_embeddings
 
 
 def test_projector_shape():
@@ -66,3 +66,15 @@ def test_perceiver_ignores_padded_events(depth):
     torch.testing.assert_close(perceiver(noisy, mask), out)
     torch.testing.assert_close(perceiver(x[:, :4], mask[:, :4]), out, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(perceiver(x, torch.ones(1, 6, dtype=torch.bool)), out)
+
+
+def test_first_token_embeddings_are_the_first_rows_zero_padded():
+    class Tok:  # one token per character, ids 'a' = 1 ...
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [ord(ch) - 96 for ch in text]})()
+
+    emb = torch.nn.Embedding(30, 4)
+    out = first_token_embeddings(Tok(), emb, ["", "ab", "abcde"], 3)
+    assert out.shape == (3, 3, 4) and out[0].eq(0).all() and out[1, 2].eq(0).all()
+    torch.testing.assert_close(out[2], emb.weight[[1, 2, 3]].detach())
+    torch.testing.assert_close(out[1, :2], emb.weight[[1, 2]].detach())

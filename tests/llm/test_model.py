@@ -18,7 +18,13 @@ MODES = ["cross_attention", "soft_prompt"]
 def word_tables(names, d=32) -> dict[str, torch.Tensor]:
     """Random stand-ins for the item-words tables (V items of tiny_encoder, width d)."""
     g = torch.Generator().manual_seed(7)
-    return {name: torch.randn(30, d, generator=g) for name in names}
+    tables = {name: torch.randn(30, d, generator=g) for name in names if name != "title_tokens"}
+    if "title_tokens" in names:  # (V, 3, d): titles of 1 to 3 tokens, zeros past their end
+        tokens = torch.randn(30, 3, d, generator=g)
+        tokens[::2, 2] = 0.0
+        tokens[::3, 1:] = 0.0
+        tables["title_tokens"] = tokens
+    return tables
 
 
 def build(arch="llama", **kw) -> UserLLM:
@@ -186,7 +192,8 @@ def test_strategy_trains_exactly_its_parameters(arch, strategy):
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
 def test_save_load_round_trip_exact(tmp_path, strategy):
-    model = build("llama", strategy=strategy, perceiver_latents=2, item_words=["title", "category"], candidates=2)
+    model = build("llama", strategy=strategy, perceiver_latents=2, item_words=["title", "category"], candidates=2,
+                  candidate_tokens=3)  # fmt: skip
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids, mask = prompts()
     users = random_batch(2, 5)
@@ -330,6 +337,33 @@ def test_candidates_are_the_encoders_top_items_in_words():
         top = scores.topk(3).indices
         expected = model.candidates.table_title[top] + model.candidates.rank  # identity map at the start
         torch.testing.assert_close(ctx[row, 5:], expected)
+
+
+def test_candidate_tokens_are_each_titles_first_tokens_by_rank_and_position():
+    """With candidate_tokens T, each of the k candidates adds T entries after the k title entries: its title's
+    token embeddings (identity map at the start) plus its rank and the position in the title; entries past a
+    title's end are masked, and a timeline without events masks all of its candidates."""
+    model = build(candidates=3, candidate_tokens=3, perceiver_latents=0)
+    with torch.no_grad():
+        model.candidates.rank.normal_(), model.candidates.position.normal_()
+    users = random_batch(2, 5, lengths=[5, 2])
+    h, mask = model.encoder(users)
+    ctx, cmask = model.context_from_embeddings(h, mask, users["item"])
+    assert ctx.shape[1] == 5 + 3 + 3 * 3 and model.candidates.entries == 12
+    c = model.candidates
+    for row, last in ((0, 4), (1, 1)):
+        scores = model.encoder.item_logits(h[row, last])
+        scores[:2] = float("-inf")
+        top = scores.topk(3).indices
+        torch.testing.assert_close(ctx[row, 5:8], c.table_title[top] + c.rank)
+        tokens = ctx[row, 8:].reshape(3, 3, -1)
+        torch.testing.assert_close(tokens, c.table_tokens[top] + c.rank[:, None] + c.position)
+        assert cmask[row, 8:].reshape(3, 3).tolist() == c.table_tokens[top].abs().sum(-1).gt(0).tolist()
+    assert not cmask[:, 8:].all()  # some titles are shorter than 3 tokens
+    empty = {k: v.clone() for k, v in users.items()}
+    empty["item"][1] = 0
+    h, mask = model.encoder(empty)
+    assert not model.context_from_embeddings(h, mask, empty["item"])[1][1].any()
 
 
 def test_sample_token_temperature_top_p_and_top_k():

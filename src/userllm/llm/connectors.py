@@ -85,19 +85,36 @@ class ItemWords(nn.Module):
         return sum(self.maps[name](getattr(self, f"table_{name}")[items]) for name in self.names)
 
 
+def first_token_embeddings(tokenizer, embedding: nn.Embedding, texts: list[str], n: int) -> Tensor:
+    """(len(texts), n, d): ``embedding``'s rows for each text's first ``n`` tokens (zeros past its end)."""
+    weight = embedding.weight.detach().float()
+    out = torch.zeros(len(texts), n, weight.shape[1])
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False).input_ids[:n] if text else []
+        if ids:
+            out[i, : len(ids)] = weight[ids]
+    return out
+
+
 class EncoderCandidates(nn.Module):
     """The user encoder's own next-item guesses, in the LLM's words (beyond the paper): the ``k`` items it
     scores highest after the last event, each one context entry (b, k, d) = its title's words (a frozen
     (V, d) table, e.g. :func:`mean_token_embeddings` of every title) through a linear map initialised to the
     identity, plus a learned embedding of its rank. Cross-attention can then copy a candidate's title tokens.
 
+    With ``title_tokens`` (a frozen (V, T, d) table, :func:`first_token_embeddings` of every title) each
+    candidate also enters as its title's first T tokens, one entry each (the token's embedding through its
+    own identity-initialised map, plus the candidate's rank and a learned position-in-title embedding): a
+    mean over a title's tokens is dominated by the year's, which every candidate shares, while a token entry
+    is the very token the answer has to write next. Entries past a title's end are masked.
+
     Example::
 
         cand = EncoderCandidates(title_table, k=10)
-        entries = cand(encoder.item_logits(h_last))                     # (b, 10, d)
+        entries, valid = cand(encoder.item_logits(h_last))             # (b, 10, d), (b, 10)
     """
 
-    def __init__(self, title_table: Tensor, k: int) -> None:
+    def __init__(self, title_table: Tensor, k: int, title_tokens: Tensor | None = None) -> None:
         super().__init__()
         d = title_table.shape[1]
         self.k = k
@@ -105,10 +122,31 @@ class EncoderCandidates(nn.Module):
         self.map = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.map.weight)
         self.rank = nn.Parameter(torch.zeros(k, d))
+        self.tokens = 0 if title_tokens is None else title_tokens.shape[1]
+        if self.tokens:
+            self.register_buffer("table_tokens", title_tokens.float(), persistent=True)
+            self.token_map = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.token_map.weight)
+            self.position = nn.Parameter(torch.zeros(self.tokens, d))
 
-    def forward(self, item_scores: Tensor) -> Tensor:
-        """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen) -> (b, k, d)."""
-        return self.map(self.table_title[top_items(item_scores, self.k)]) + self.rank
+    @property
+    def entries(self) -> int:
+        """Context entries per user: k, plus k * T with title tokens."""
+        return self.k * (1 + self.tokens)
+
+    def forward(self, item_scores: Tensor) -> tuple[Tensor, Tensor]:
+        """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen) -> entries
+        (b, :attr:`entries`, d) and their mask (b, :attr:`entries`), True for real entries."""
+        top = top_items(item_scores, self.k)  # (b, k)
+        entries = self.map(self.table_title[top]) + self.rank  # (b, k, d)
+        valid = torch.ones(top.shape, dtype=torch.bool, device=top.device)
+        if not self.tokens:
+            return entries, valid
+        words = self.table_tokens[top]  # (b, k, T, d)
+        tokens = self.token_map(words) + self.rank[:, None] + self.position  # (b, k, T, d)
+        b = top.shape[0]
+        return (torch.cat([entries, tokens.reshape(b, -1, entries.shape[-1])], 1),
+                torch.cat([valid, words.abs().sum(-1).gt(0).reshape(b, -1)], 1))  # fmt: skip
 
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a module factory, as in flamingo-pytorch)

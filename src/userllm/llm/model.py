@@ -178,7 +178,8 @@ class UserLLM(ConditionedLM):
         if missing:
             raise InputError(f"item_words {sorted(missing)} need their tables (item_words=...; see tasks.train.build)")
         self.item_words = ItemWords({k: item_words[k] for k in cfg.item_words}) if cfg.item_words else None
-        self.candidates = EncoderCandidates(item_words["title"], cfg.candidates) if cfg.candidates else None
+        self.candidates = (EncoderCandidates(item_words["title"], cfg.candidates, item_words.get("title_tokens"))
+                           if cfg.candidates else None)  # fmt: skip
         self.perceiver = (
             PerceiverResampler(dim=d, num_latents=cfg.perceiver_latents, depth=cfg.perceiver_depth, heads=heads)
             if cfg.perceiver_latents else None
@@ -214,8 +215,10 @@ class UserLLM(ConditionedLM):
 
     @staticmethod
     def word_tables_needed(cfg: UserLLMConfig) -> list[str]:
-        """The item-word tables a config needs (``item_words``, and ``title`` for ``candidates``)."""
-        return sorted(set(cfg.item_words) | ({"title"} if cfg.candidates else set()))
+        """The item-word tables a config needs (``item_words``, and ``title`` for ``candidates``, plus
+        ``title_tokens`` for ``candidate_tokens``)."""
+        needed = set(cfg.item_words) | ({"title"} if cfg.candidates else set())
+        return sorted(needed | ({"title_tokens"} if cfg.candidates and cfg.candidate_tokens else set()))
 
     def groups(self) -> dict[str, list[nn.Module]]:
         return {
@@ -242,8 +245,9 @@ class UserLLM(ConditionedLM):
         of events ``items`` (b, n): context (b, n (+ k) or m, d), mask."""
         ctx = self.event_context(h, items)
         if self.candidates is not None:
-            ctx = torch.cat([ctx, self.candidates(self.encoder.item_logits(last_output(h, mask))).to(ctx.dtype)], 1)
-            mask = torch.cat([mask, mask.any(1, keepdim=True).expand(-1, self.candidates.k)], 1)
+            entries, valid = self.candidates(self.encoder.item_logits(last_output(h, mask)))
+            ctx = torch.cat([ctx, entries.to(ctx.dtype)], 1)
+            mask = torch.cat([mask, valid & mask.any(1, keepdim=True)], 1)
         if self.perceiver is not None:
             ctx = self.perceiver(ctx, mask)
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
@@ -358,6 +362,8 @@ class UserLLM(ConditionedLM):
         words = {name: state[f"item_words.table_{name}"] for name in cfg.item_words}
         if cfg.candidates:  # one title table serves both when both are on, and is saved once
             words["title"] = state.get("candidates.table_title", state.get("item_words.table_title"))
+            if cfg.candidate_tokens:
+                words["title_tokens"] = state["candidates.table_tokens"]
         model = cls(cfg, encoder=encoder, llm=llm, item_words=words)
         model.load_trained(path, state)
         return model

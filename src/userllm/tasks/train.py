@@ -38,7 +38,7 @@ from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_
 from userllm.errors import ConfigError, EmptyResultError, InputError
 from userllm.io import source_commit, start_run, write_dir_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
-from userllm.llm.connectors import mean_token_embeddings
+from userllm.llm.connectors import first_token_embeddings, mean_token_embeddings
 from userllm.llm.flops import training_flops
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
 from userllm.progress import console, progress_bar
@@ -64,14 +64,17 @@ def task_encoder(cfg: TrainConfig, ds: PreparedDataset) -> UserEncoder:
     return encoder
 
 
-def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str]) -> dict[str, torch.Tensor]:
-    """For :class:`~userllm.llm.connectors.ItemWords`: per item index (V, d), the mean input embedding of its
-    title's tokens (``title``) and the mean over its categories of their names' (``category``); zeros for the
-    padding and unknown items."""
+def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str], title_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """For :class:`~userllm.llm.connectors.ItemWords` and :class:`~userllm.llm.connectors.EncoderCandidates`: per
+    item index (V, d), the mean input embedding of its title's tokens (``title``) and the mean over its
+    categories of their names' (``category``), and (V, ``title_tokens``, d) the input embeddings of its title's
+    first tokens (``title_tokens``); zeros for the padding and unknown items."""
     embed, tok = backbone.model.get_input_embeddings(), backbone.tokenizer
     tables = {}
     if "title" in names:
         tables["title"] = mean_token_embeddings(tok, embed, ["", "", *ds.item_titles[2:]])
+    if "title_tokens" in names:
+        tables["title_tokens"] = first_token_embeddings(tok, embed, ["", "", *ds.item_titles[2:]], title_tokens)
     if "category" in names:
         per_category = mean_token_embeddings(tok, embed, ["", "", *ds.vocab["category"][2:]])
         rows = [[c for c in cats if c > 1] for cats in ds.item_categories]
@@ -97,7 +100,7 @@ def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = Non
         return TextPromptLM(cfg.llm, llm=backbone.model), data
     if cfg.encoder_dropout is not None:
         encoder.set_dropout(cfg.encoder_dropout)
-    words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm))
+    words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm), cfg.llm.candidate_tokens)
     model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
     tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
     return model, TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
