@@ -200,7 +200,8 @@ class UserLLMConfig(_Config):
     cross_attention_every: int = Field(8, ge=1, description="a gated cross-attention block before every k-th layer "
                                        "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)")
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
-    ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
+    ff_mult: int = Field(2, ge=0, description="feed-forward width multiplier in the cross-attention blocks (0: no "
+                         "feed-forward branch, the blocks only add what they read from the user context)")  # fmt: skip
     gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
     item_words: list[Literal["title", "category"]] = Field(
         default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "

@@ -78,3 +78,17 @@ def test_first_token_embeddings_are_the_first_rows_zero_padded():
     assert out.shape == (3, 3, 4) and out[0].eq(0).all() and out[1, 2].eq(0).all()
     torch.testing.assert_close(out[2], emb.weight[[1, 2, 3]].detach())
     torch.testing.assert_close(out[1, :2], emb.weight[[1, 2]].detach())
+
+
+def test_block_without_feed_forward_adds_only_what_it_reads_from_the_context():
+    """ff_mult=0: with open gates, a context the block cannot read (fully masked) leaves the hidden states
+    exactly as they were; with the feed-forward branch the same block moves them, whoever the user is."""
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    unread = torch.zeros(2, 5, dtype=torch.bool)
+    bare = GatedCrossAttentionBlock(dim=16, heads=4, ff_mult=0, gate_init=0.5)
+    assert bare.ff is None and bare.ff_gate is None and set(bare.gate_report()) == {"attn_gate"}
+    assert torch.equal(bare(x, ctx, context_mask=unread), x)
+    assert not torch.allclose(bare(x, ctx, context_mask=~unread), x)
+    dense = GatedCrossAttentionBlock(dim=16, heads=4, ff_mult=2, gate_init=0.5)
+    assert not torch.allclose(dense(x, ctx, context_mask=unread), x)

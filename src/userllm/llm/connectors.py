@@ -234,21 +234,23 @@ class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's gated xattn-dense block: x + tanh(a) * xattn(x, ctx), then + tanh(f) * ffw(x).
 
     Both gates start at ``gate_init`` (0 by default, as in Flamingo), so the block starts as the identity.
+    ``ff_mult=0``: no feed-forward branch (and no ``ff_gate``): the block's only output is what it read from
+    the context, so it cannot become an adapter that is the same for every user.
     """
 
     def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0) -> None:
         super().__init__()
         self.attn = MaskedCrossAttention(dim=dim, heads=heads)
         self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
-        self.ff = FeedForward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.full((1,), gate_init))
+        self.ff = FeedForward(dim, ff_mult) if ff_mult else None
+        self.ff_gate = nn.Parameter(torch.full((1,), gate_init)) if ff_mult else None
 
     def forward(
         self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: ContextKV | AbsorbedContext | None = None
     ) -> Tensor:
         """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
         a = self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
-        f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype)
+        f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype) if self.ff is not None else torch.zeros_like(a)
         if self.training:  # how much each branch moves the hidden states, for the training log
             with torch.no_grad():
                 size = x.norm(dim=-1).mean().clamp(min=1e-12)
@@ -258,9 +260,12 @@ class GatedCrossAttentionBlock(nn.Module):
     def gate_report(self) -> dict[str, float]:
         """tanh of both gates and, from the last training forward, each gated branch's output norm relative to
         the hidden states' (mean over tokens)."""
-        out = {"attn_gate": self.attn_gate.tanh().item(), "ff_gate": self.ff_gate.tanh().item()}
+        out = {"attn_gate": self.attn_gate.tanh().item()}
+        if self.ff_gate is not None:
+            out["ff_gate"] = self.ff_gate.tanh().item()
         for branch, value in getattr(self, "contribution", {}).items():
-            out[f"{branch}_norm"] = float(value)
+            if branch == "attn" or self.ff is not None:
+                out[f"{branch}_norm"] = float(value)
         return out
 
 
