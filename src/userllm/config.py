@@ -202,6 +202,9 @@ class UserLLMConfig(_Config):
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
     ff_mult: int = Field(2, ge=0, description="feed-forward width multiplier in the cross-attention blocks (0: no "
                          "feed-forward branch, the blocks only add what they read from the user context)")  # fmt: skip
+    scale_to_hidden: bool = Field(False, description="multiply each cross-attention block's gated output by the "
+                                  "token's hidden-state RMS, so it joins the residual stream at its layer's scale "
+                                  "(SmolLM2's hidden RMS grows from ~0.1 at layer 0 to ~90 at layer 24)")  # fmt: skip
     gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
     item_words: list[Literal["title", "category"]] = Field(
         default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "

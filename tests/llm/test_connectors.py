@@ -92,3 +92,20 @@ def test_block_without_feed_forward_adds_only_what_it_reads_from_the_context():
     assert not torch.allclose(bare(x, ctx, context_mask=~unread), x)
     dense = GatedCrossAttentionBlock(dim=16, heads=4, ff_mult=2, gate_init=0.5)
     assert not torch.allclose(dense(x, ctx, context_mask=unread), x)
+
+
+def test_scale_to_hidden_multiplies_the_read_by_each_tokens_hidden_rms():
+    """scale_to_hidden: the gated attention output times the token's hidden-state RMS, so hidden states 100x
+    larger receive a 100x larger read of the same context; closed gates are still the identity."""
+    torch.manual_seed(0)
+    x, ctx, mask = torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    plain = GatedCrossAttentionBlock(dim=16, heads=4, ff_mult=0, gate_init=0.5)
+    scaled = GatedCrossAttentionBlock(dim=16, heads=4, ff_mult=0, gate_init=0.5, scale_to_hidden=True)
+    scaled.load_state_dict(plain.state_dict())
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(scaled(x, ctx, context_mask=mask) - x, (plain(x, ctx, context_mask=mask) - x) * rms)
+    big = x * 100  # LayerNorm'd queries: the same attention, a 100x larger read
+    torch.testing.assert_close(scaled(big, ctx, context_mask=mask) - big, (scaled(x, ctx, context_mask=mask) - x) * 100,
+                               rtol=1e-4, atol=1e-4)
+    closed = GatedCrossAttentionBlock(dim=16, heads=4, scale_to_hidden=True)
+    assert torch.equal(closed(big, ctx, context_mask=mask), big)

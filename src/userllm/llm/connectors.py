@@ -236,10 +236,17 @@ class GatedCrossAttentionBlock(nn.Module):
     Both gates start at ``gate_init`` (0 by default, as in Flamingo), so the block starts as the identity.
     ``ff_mult=0``: no feed-forward branch (and no ``ff_gate``): the block's only output is what it read from
     the context, so it cannot become an adapter that is the same for every user.
+    ``scale_to_hidden``: the gated attention output is multiplied by each token's hidden-state RMS, so what the
+    block reads from the context joins the residual stream at that layer's scale (a decoder's hidden states
+    grow by orders of magnitude with depth, SmolLM2-135M's from RMS ~0.1 at layer 0 to ~90 at layer 24, while
+    context entries stay embedding-sized; unscaled, a block deep in the stack would need ~100x larger weights
+    to move the answer).
     """
 
-    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0) -> None:
+    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0,
+                 scale_to_hidden: bool = False) -> None:  # fmt: skip
         super().__init__()
+        self.scale_to_hidden = scale_to_hidden
         self.attn = MaskedCrossAttention(dim=dim, heads=heads)
         self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
         self.ff = FeedForward(dim, ff_mult) if ff_mult else None
@@ -250,6 +257,8 @@ class GatedCrossAttentionBlock(nn.Module):
     ) -> Tensor:
         """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
         a = self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
+        if self.scale_to_hidden:
+            a = a * x.pow(2).mean(-1, keepdim=True).sqrt()
         f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype) if self.ff is not None else torch.zeros_like(a)
         if self.training:  # how much each branch moves the hidden states, for the training log
             with torch.no_grad():

@@ -193,8 +193,8 @@ class UserLLM(ConditionedLM):
             if bad:
                 raise InputError(f"cross_attention_layers {bad} are outside 0..{len(layers) - 1}")
             for i in where:
-                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult,
-                                                              gate_init=cfg.gate_init)  # fmt: skip
+                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init,
+                                                              scale_to_hidden=cfg.scale_to_hidden)  # fmt: skip
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
 
