@@ -230,7 +230,7 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
         evaluate(tmp_path / "random", users=6, seed=1)
 
 
-def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, tmp_path):
+def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
     """``train_on_shortlist``: the training examples are those whose target is among the stage-1 encoder's
     ``shortlist`` items after their history (the others could never be answered by the reranker), and training
     draws its batches from them alone; refused without a shortlist or outside next_item."""
@@ -260,11 +260,8 @@ def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthet
         seen.extend((ex.user_idx, ex.end) for ex in part)
         return batch(self, part, **kw)
 
-    TaskData.batch = spy
-    try:
-        train(cfg)
-    finally:
-        TaskData.batch = batch
+    monkeypatch.setattr(TaskData, "batch", spy)
+    train(cfg)
     assert len(seen) == 8 and set(seen) <= set(hits)
     for bad in ({"shortlist": 0}, {"task": "favorite_genre"}):
         with pytest.raises(ValueError, match="train_on_shortlist trains a next_item reranker"):
