@@ -162,9 +162,7 @@ def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset
     model = UserLLM(UserLLMConfig(strategy="enc", item_words=[], **METHODS[name]), encoder=encoder, llm=llm).eval()
     with torch.no_grad():
         for block in model.xattn.values():
-            for gate in (block.attn_gate, block.ff_gate):
-                if gate is not None:
-                    gate.fill_(0.5)
+            block.attn_gate.fill_(0.5), block.ff_gate.fill_(0.5)
     return model
 
 

@@ -259,12 +259,15 @@ class GatedCrossAttentionBlock(nn.Module):
         a = self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
         if self.scale_to_hidden:
             a = a * x.pow(2).mean(-1, keepdim=True).sqrt()
-        f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype) if self.ff is not None else torch.zeros_like(a)
+        branches = {"attn": a}
+        if self.ff is not None:
+            branches["ff"] = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype)
         if self.training:  # how much each branch moves the hidden states, for the training log
             with torch.no_grad():
                 size = x.norm(dim=-1).mean().clamp(min=1e-12)
-                self.contribution = {"attn": a.norm(dim=-1).mean() / size, "ff": f.norm(dim=-1).mean() / size}
-        return x + a + f
+                self.contribution = {k: v.norm(dim=-1).mean() / size for k, v in branches.items()}
+        out = x + a
+        return out + branches["ff"] if self.ff is not None else out
 
     def gate_report(self) -> dict[str, float]:
         """tanh of both gates and, from the last training forward, each gated branch's output norm relative to
@@ -273,8 +276,7 @@ class GatedCrossAttentionBlock(nn.Module):
         if self.ff_gate is not None:
             out["ff_gate"] = self.ff_gate.tanh().item()
         for branch, value in getattr(self, "contribution", {}).items():
-            if branch == "attn" or self.ff is not None:
-                out[f"{branch}_norm"] = float(value)
+            out[f"{branch}_norm"] = float(value)
         return out
 
 

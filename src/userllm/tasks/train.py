@@ -127,23 +127,25 @@ def stage1_encoder(cfg: TrainConfig, data: TaskData) -> UserEncoder | None:
     return encoder if encoder.cfg.max_len >= data.max_history else None
 
 
-def _shortlist_encoder(cfg: TrainConfig, data: TaskData, encoder: UserEncoder | None) -> UserEncoder:
+def shortlist_items(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
+                    ) -> list[list[int]]:  # fmt: skip
+    """Each example's stage-1 shortlist: the ``cfg.shortlist`` item indices the run's stage-1 encoder
+    (``encoder``, else :func:`stage1_encoder`) scores highest after its history (:meth:`TaskData.encoder_top`)."""
     encoder = encoder if encoder is not None else stage1_encoder(cfg, data)
     if encoder is None:
         raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
                          f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
                          f"({data.max_history}) as `encoder`")  # fmt: skip
-    return encoder
+    return data.encoder_top(encoder, examples, cfg.shortlist)
 
 
 def shortlists(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
                ) -> dict[str, list[int]] | None:  # fmt: skip
-    """next_item with ``cfg.shortlist`` N: each (test) example's stage-1 shortlist, {user_id: its N item
-    indices} (:meth:`TaskData.encoder_top`); None otherwise."""
+    """next_item with ``cfg.shortlist`` N: each (test) example's :func:`shortlist_items` by user, {user_id: its
+    N item indices}; None otherwise."""
     if data.task != "next_item" or not cfg.shortlist:
         return None
-    top = data.encoder_top(_shortlist_encoder(cfg, data, encoder), examples, cfg.shortlist)
-    return {ex.user_id: row for ex, row in zip(examples, top)}
+    return {ex.user_id: row for ex, row in zip(examples, shortlist_items(cfg, data, examples, encoder))}
 
 
 def shortlisted(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[TaskExample]:
@@ -152,8 +154,7 @@ def shortlisted(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -
     all of ``examples`` otherwise."""
     if not cfg.train_on_shortlist:
         return examples
-    top = data.encoder_top(_shortlist_encoder(cfg, data, None), examples, cfg.shortlist)
-    kept = [ex for ex, row in zip(examples, top) if ex.label in row]
+    kept = [ex for ex, row in zip(examples, shortlist_items(cfg, data, examples)) if ex.label in row]
     if not kept:
         raise EmptyResultError(f"no training example's target is among the stage-1 encoder's {cfg.shortlist} items: "
                                "raise shortlist or leave train_on_shortlist off")  # fmt: skip
