@@ -277,6 +277,12 @@ class TrainConfig(_RunConfig):
                                      "whose target is among the stage-1 encoder's N items after their history, the "
                                      "list the LLM reranks (the others teach titles it can never answer; beyond "
                                      "the paper)")  # fmt: skip
+    rank_negatives: int = Field(0, ge=0, description="next_item with shortlist N: each training example's answer "
+                                "is also scored against this many other titles of its stage-1 shortlist (drawn "
+                                "seeded, per example), and a listwise loss (softmax cross-entropy over the 1 + k "
+                                "titles' summed log-probabilities, the score the constrained search ranks by) is "
+                                "added to the language-model loss; each example then costs 1 + k sequences. 0: the "
+                                "language-model loss only (the paper)")  # fmt: skip
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")
@@ -286,6 +292,10 @@ class TrainConfig(_RunConfig):
         if self.train_on_shortlist and (self.task != "next_item" or not self.shortlist):
             raise ValueError(f"train_on_shortlist trains a next_item reranker of the stage-1 shortlist: it needs "
                              f"task next_item and shortlist > 0 (got task {self.task}, shortlist {self.shortlist})")
+        if self.rank_negatives and (self.task != "next_item" or self.shortlist <= self.rank_negatives):
+            raise ValueError(f"rank_negatives ranks each answer against other titles of its stage-1 shortlist: it needs "
+                             f"task next_item and shortlist > rank_negatives (got task {self.task}, shortlist "
+                             f"{self.shortlist}, rank_negatives {self.rank_negatives})")  # fmt: skip
         return self
 
     @classmethod

@@ -230,38 +230,59 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
         evaluate(tmp_path / "random", users=6, seed=1)
 
 
-def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def stage1(synthetic_ds, tmp_path_factory):
+    """A one-epoch stage-1 encoder of the synthetic dataset (8 time-gap buckets), for shortlists."""
+    from userllm.config import EncoderConfig, PretrainConfig
+    from userllm.encoder.train import pretrain
+
+    out = tmp_path_factory.mktemp("stage1") / "enc"
+    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
+    pretrain(PretrainConfig(dataset=synthetic_ds.root, out=out, encoder=enc, epochs=1, batch_size=16))
+    return out
+
+
+def shortlist_data(synthetic_ds, backbone) -> TaskData:
+    from userllm.encoder.data import Timelines
+
+    return TaskData(synthetic_ds, backbone.tokenizer, task="next_item", method="userllm", max_history=5,
+                    timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
+
+
+def spy_batches(monkeypatch) -> list[list]:
+    """Every list of examples :meth:`TaskData.batch` is given from now on."""
+    seen, batch = [], TaskData.batch
+
+    def spy(self, part, **kw):
+        seen.append(list(part))
+        return batch(self, part, **kw)
+
+    monkeypatch.setattr(TaskData, "batch", spy)
+    return seen
+
+
+def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, backbone, stage1,
+                                                                        tmp_path, monkeypatch):  # fmt: skip
     """``train_on_shortlist``: the training examples are those whose target is among the stage-1 encoder's
     ``shortlist`` items after their history (the others could never be answered by the reranker), and training
     draws its batches from them alone; refused without a shortlist or outside next_item."""
-    from userllm.config import EncoderConfig, PretrainConfig
-    from userllm.encoder.data import Timelines
-    from userllm.encoder.train import load_encoder, pretrain
+    from userllm.encoder.train import load_encoder
     from userllm.errors import ConfigError
     from userllm.tasks.train import shortlisted
 
-    enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
-    pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
-    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(tmp_path / "enc"),
+    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(stage1),
                       max_history=5, shortlist=10, train_on_shortlist=True, train_examples=8, batch_size=4)  # fmt: skip
-    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
-                    max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
+    data = shortlist_data(synthetic_ds, backbone)
     examples = data.examples("train")
-    top = data.encoder_top(load_encoder(tmp_path / "enc"), examples, 10)
+    top = data.encoder_top(load_encoder(stage1), examples, 10)
     hits = [(ex.user_idx, ex.end) for ex, row in zip(examples, top) if ex.label in row]
     assert 0 < len(hits) < len(examples)
     assert [(ex.user_idx, ex.end) for ex in shortlisted(cfg, data, examples)] == hits
     assert shortlisted(cfg.model_copy(update={"train_on_shortlist": False}), data, examples) == examples
-    seen = []
-    batch = TaskData.batch
-
-    def spy(self, part, **kw):
-        seen.extend((ex.user_idx, ex.end) for ex in part)
-        return batch(self, part, **kw)
-
-    monkeypatch.setattr(TaskData, "batch", spy)
+    parts = spy_batches(monkeypatch)
     train(cfg)
+    seen = [(ex.user_idx, ex.end) for part in parts for ex in part]
     assert len(seen) == 8 and set(seen) <= set(hits)
     for bad in ({"shortlist": 0}, {"task": "favorite_genre"}):
         with pytest.raises(ValueError, match="train_on_shortlist trains a next_item reranker"):
@@ -270,6 +291,78 @@ def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthet
         from userllm.config import load_config
 
         load_config(TrainConfig, overrides={"task": "next_item", "train_on_shortlist": True})
+
+
+def test_rank_negatives_score_each_answer_against_other_titles_of_its_shortlist(synthetic_ds, text_lm_dir, backbone,
+                                                                               stage1, tmp_path, monkeypatch):  # fmt: skip
+    """``rank_negatives`` k: each training example brings k other titles of its stage-1 shortlist (seeded, never
+    its own title); training scores the answer and the k titles together under the same prompt and user, and
+    adds the listwise loss -log softmax(s)_0 over their summed log-probabilities; its FLOPs count every
+    sequence; micro-batches give the same step; refused without a shortlist longer than k."""
+    from safetensors.torch import load_file
+
+    from userllm.encoder.train import load_encoder
+    from userllm.tasks.train import rank_negatives, scored_sequences
+
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
+    common = dict(dataset=synthetic_ds.root, task="next_item", llm=llm, encoder=str(stage1), max_history=5, shortlist=6,
+                  train_examples=8, batch_size=4, lr=3e-3, encoder_dropout=0.0)  # fmt: skip
+    cfg = TrainConfig(out=tmp_path / "rank", rank_negatives=2, **common)
+    data = shortlist_data(synthetic_ds, backbone)
+    examples = data.examples("train")
+    negatives = rank_negatives(cfg, data, examples)
+    top = data.encoder_top(load_encoder(stage1), examples, 6)
+    titles = synthetic_ds.item_titles
+    for ex, row, shortlist in zip(examples, negatives, top):
+        assert len(row) == 2 and set(row) <= set(shortlist) and all(titles[j] != ex.answer for j in row)
+    assert rank_negatives(cfg, data, examples) == negatives
+    assert rank_negatives(cfg.model_copy(update={"seed": 1}), data, examples) != negatives
+    assert rank_negatives(cfg.model_copy(update={"rank_negatives": 0}), data, examples) is None
+    groups = scored_sequences(data, examples, negatives)
+    assert [[s.answer for s in g] for g in groups] == [[ex.answer, *(titles[j] for j in row)] for ex, row in zip(examples, negatives)]
+    assert all(s.prompt == g[0].prompt and (s.user_idx, s.start, s.end) == (g[0].user_idx, g[0].start, g[0].end)
+               for g in groups for s in g)  # fmt: skip
+
+    parts = spy_batches(monkeypatch)
+    ranked = train(cfg)
+    assert len(parts) == 2 and all(len(p) == 12 for p in parts)  # 4 examples x (answer + 2 negatives) per step
+    by_example = {(ex.user_idx, ex.end): g for ex, g in zip(examples, groups)}
+    for part in parts:
+        for i in range(0, 12, 3):
+            assert [s.answer for s in part[i : i + 3]] == [s.answer for s in by_example[part[i].user_idx, part[i].end]]
+    plain = train(TrainConfig(out=tmp_path / "plain", **common))
+    assert ranked["train_flops"] > 2.5 * plain["train_flops"]  # 3 sequences per example (titles differ in length)
+    assert ranked["last_loss"] > plain["last_loss"]  # the listwise term is added (>= 0)
+    micro = train(TrainConfig(out=tmp_path / "micro", rank_negatives=2, micro_batch_size=1, **common))
+    assert micro["losses"] == pytest.approx(ranked["losses"], rel=1e-4)
+    a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in ("rank", "micro"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    for bad in ({"shortlist": 2}, {"shortlist": 0}, {"task": "favorite_genre"}):
+        with pytest.raises(ValueError, match="rank_negatives ranks each answer"):
+            TrainConfig(**{**cfg.model_dump(), **bad})
+
+
+def test_listwise_loss_is_the_answers_lm_loss_plus_its_softmax_rank():
+    """:func:`answer_log_probs` sums log p over the answer tokens only (labels shifted by one, prompt and
+    padding -100); :func:`listwise_loss` returns the answers' summed negative log-likelihood and
+    sum over groups of -log softmax(scores)_0, which falls as the answer's score rises above its negatives'."""
+    from userllm.tasks.train import answer_log_probs, listwise_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 1], [IGNORE, IGNORE, IGNORE, 2, 1], [IGNORE, IGNORE, 5, 6, 1],
+                           [IGNORE, IGNORE, IGNORE, IGNORE, 1]])  # fmt: skip
+    logp = logits.log_softmax(-1)
+    expected = torch.stack([sum(logp[r, t - 1, labels[r, t]] for t in range(5) if labels[r, t] != IGNORE) for r in range(4)])
+    scores = answer_log_probs(logits, labels)
+    assert torch.allclose(scores, expected)
+    lm, rank = listwise_loss(logits, labels, 2)
+    assert torch.isclose(lm, -(expected[0] + expected[2]))
+    pairs = expected.view(2, 2)
+    assert torch.isclose(rank, -(pairs.log_softmax(1)[:, 0]).sum())
+    boosted = logits.clone()
+    boosted[0, 1, 3] += 5.0  # the first answer's first token more likely
+    assert listwise_loss(boosted, labels, 2)[1] < rank
 
 
 def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):

@@ -1,7 +1,8 @@
 """``userllm train``: fine-tune User-LLM or the text-prompt baseline on one task (stage 2).
 
 A flat loop over a fixed budget of training examples (``train_examples``, drawn in a seeded order from the
-train split, cycling when the budget exceeds it): the language-model loss on the answer tokens only,
+train split, cycling when the budget exceeds it): the language-model loss on the answer tokens only (with
+``rank_negatives``, plus a listwise loss ranking each answer above other titles of its stage-1 shortlist),
 AdamW over exactly the strategy's trainable parameters (printed with counts at start), linear warmup then
 cosine decay, gradient clipping, optional bf16 autocast. Every ``checkpoint_every`` steps (and at the end)
 an atomic checkpoint (``checkpoint/``: trained weights, optimizer/scheduler state); ``--resume`` continues
@@ -21,12 +22,14 @@ import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.table import Table
 from safetensors.torch import load_file
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from userllm.config import EncoderConfig, TrainConfig, dump_config, save_config
@@ -163,6 +166,50 @@ def shortlisted(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -
     return kept
 
 
+def rank_negatives(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[list[int]] | None:
+    """With ``cfg.rank_negatives`` k: per training example, k item indices drawn from its stage-1 shortlist
+    (:func:`shortlist_items`) among the titles other than its answer, seeded by ``cfg.seed`` and the example's
+    position (with replacement only where fewer than k remain); None without."""
+    if not cfg.rank_negatives:
+        return None
+    titles, out = data.ds.item_titles, []
+    for i, (ex, row) in enumerate(zip(examples, shortlist_items(cfg, data, examples))):
+        pool = [j for j in row if titles[j] != ex.answer]
+        picks = np.random.default_rng([cfg.seed, i]).choice(len(pool), cfg.rank_negatives, replace=len(pool) < cfg.rank_negatives)
+        out.append([pool[j] for j in picks])
+    return out
+
+
+def scored_sequences(data: TaskData, examples: list[TaskExample], negatives: list[list[int]] | None) -> list[list[TaskExample]]:
+    """What training scores of each example: the example itself, followed (with ``negatives``, see
+    :func:`rank_negatives`) by its copies that answer each negative's title instead."""
+    if negatives is None:
+        return [[ex] for ex in examples]
+    titles = data.ds.item_titles
+    return [[ex, *(replace(ex, answer=titles[j], label=j) for j in row)] for ex, row in zip(examples, negatives)]
+
+
+def answer_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Each row's teacher-forced log-probability of its answer, summed over its answer tokens (labels != -100;
+    answer + eos): (b,) from ``logits`` (b, t, V) and ``labels`` (b, t). What the constrained search ranks
+    titles by."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logp = logits[:, :-1][keep].float().log_softmax(-1).gather(1, target[keep][:, None])[:, 0]
+    return torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, keep.nonzero()[:, 0], logp)
+
+
+def listwise_loss(logits: Tensor, labels: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """For rows in groups of ``group`` (an answer, then its negatives, :func:`scored_sequences`): the summed
+    language-model loss of the answers' tokens (the first row of each group), and the summed listwise loss
+
+        -log softmax(s)_0,   s_j = log p(title_j + eos | prompt, user)   (:func:`answer_log_probs`)
+
+    over the groups, which is lowest when each answer outscores its negatives."""
+    scores = answer_log_probs(logits, labels).view(-1, group)
+    return -scores[:, 0].sum(), -scores.log_softmax(1)[:, 0].sum()
+
+
 def print_parameters(model: ConditionedLM, strategy: str) -> None:
     table = Table(title=f"trainable parameters (strategy {strategy})")
     for col in ("group", "trainable", "total"):
@@ -197,7 +244,8 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
     examples = shortlisted(cfg, data, data.examples("train"))
-    steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, examples, cfg)
+    groups = scored_sequences(data, examples, rank_negatives(cfg, data, examples))
+    steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, groups, cfg)
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -217,23 +265,28 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         last = steps if steps_this_run is None else min(steps, state["step"] + steps_this_run)
         for step in range(state["step"], last):
             t0 = time.perf_counter()
-            whole = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            whole = [groups[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             batch = whole[rank::world]
             micro = cfg.micro_batch_size or len(batch)
-            parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
+            parts = [[seq for g in batch[i : i + micro] for seq in g] for i in range(0, len(batch), micro)]
             tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
-            counts = [int((labels != IGNORE).sum()) for _, _, labels in tensors]  # answer tokens per part
+            size = 1 + cfg.rank_negatives  # sequences per example: its answer, then its negatives
+            counts = [int((labels[::size] != IGNORE).sum()) for _, _, labels in tensors]  # answer tokens per part
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
-            state["flops"] += sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, whole, cfg))
+            state["flops"] += sum(training_flops(model, n_events=n, tokens=t) or 0
+                                  for n, t in part_lengths(data, [seq for g in whole for seq in g], cfg))  # fmt: skip
             for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
                 with ddp.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
                     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
-                        # the model's loss is the mean over this part's answer tokens: weight it to the batch mean
-                        loss = ddp(users, ids, mask, labels).loss * (count / sum(counts))
+                        if size == 1:  # the model's loss is the mean over this part's answer tokens: to the batch mean
+                            loss = ddp(users, ids, mask, labels).loss * (count / sum(counts))
+                        else:  # the same language-model loss, plus the listwise loss averaged over the batch
+                            lm, ranking = listwise_loss(ddp(users, ids, mask).logits, labels, size)
+                            loss = lm / sum(counts) + ranking / len(batch)
                     loss.backward()
                 loss_value, tokens = loss_value + loss.item(), tokens + int(mask.sum()) * world
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -287,13 +340,15 @@ def part_lengths(data: TaskData, batch: list, cfg: TrainConfig) -> list[tuple[in
             for ex in batch]  # fmt: skip
 
 
-def flops_steps(model: ConditionedLM, data: TaskData, examples: list, cfg: TrainConfig) -> int:
-    """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs reach ``cfg.train_flops``."""
-    per_example = np.array([training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, examples, cfg)])
+def flops_steps(model: ConditionedLM, data: TaskData, groups: list[list[TaskExample]], cfg: TrainConfig) -> int:
+    """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs (every sequence of each example,
+    :func:`scored_sequences`) reach ``cfg.train_flops``."""
+    per_example = np.array([sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, g, cfg))
+                            for g in groups])  # fmt: skip
     if per_example.max() == 0:
         raise ConfigError(f"train_flops needs the analytic FLOP formula, which does not cover backbone {cfg.llm.backbone}")
     passes = math.ceil(cfg.train_flops / per_example.sum())  # each pass over the examples costs the same
-    order = example_order(len(examples), passes * len(examples), cfg.seed)
+    order = example_order(len(groups), passes * len(groups), cfg.seed)
     done = np.cumsum(per_example[order]) >= cfg.train_flops
     return math.ceil((int(done.argmax()) + 1) / cfg.batch_size)
 
