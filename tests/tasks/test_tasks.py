@@ -619,3 +619,27 @@ def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, t
         gates = train(TrainConfig(out=tmp_path / f"g{scale}", gate_lr_scale=scale, **common))["gates"][-1]
         opened[scale] = max(abs(b["attn_gate"]) for k, b in gates.items() if k != "step")
     assert TrainConfig().gate_lr_scale == 20 and opened[1.0] < 0.01 < 0.05 < opened[20.0]
+
+
+@pytest.mark.parametrize("name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200"])
+def test_shipped_experiment_specs_resolve_every_cell(name, tmp_path):
+    """Every (task, cell) of the specs in experiments/ resolves to a valid TrainConfig (a mistyped key or value
+    fails here, not hours into a grid); match_flops cells read their reference's training FLOPs."""
+    from pathlib import Path
+
+    from userllm.tasks.experiment import cell_config, load_spec
+
+    spec = {**load_spec(Path(__file__).parents[2] / "experiments" / f"{name}.yaml"), "out": str(tmp_path)}
+    resolved = 0
+    for task in spec["tasks"]:
+        for cell in spec["cells"]:
+            if task not in cell.get("tasks", [task]):
+                continue
+            if cell.get("match_flops"):
+                write(tmp_path / task / cell["match_flops"] / "summary.json", json.dumps({"train_flops": 2.5e14}))
+            cfg = cell_config(spec, cell, task, tmp_path / "data", tmp_path / "enc", {})
+            assert cfg.task == task and cfg.out == tmp_path / task / cell["name"]
+            flops = (cell.get("set") or {}).get("train_flops")  # as YAML reads it (2.096e14: a string)
+            assert cfg.train_flops == (2.5e14 if cell.get("match_flops") else flops and float(flops))
+            resolved += 1
+    assert resolved >= len(spec["cells"])
