@@ -268,7 +268,7 @@ def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthet
     draws its batches from them alone; refused without a shortlist or outside next_item."""
     from userllm.encoder.train import load_encoder
     from userllm.errors import ConfigError
-    from userllm.tasks.train import shortlisted
+    from userllm.tasks.train import shortlisted, training_shortlists
 
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
     cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(stage1),
@@ -278,8 +278,10 @@ def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthet
     top = data.encoder_top(load_encoder(stage1), examples, 10)
     hits = [(ex.user_idx, ex.end) for ex, row in zip(examples, top) if ex.label in row]
     assert 0 < len(hits) < len(examples)
-    assert [(ex.user_idx, ex.end) for ex in shortlisted(cfg, data, examples)] == hits
-    assert shortlisted(cfg.model_copy(update={"train_on_shortlist": False}), data, examples) == examples
+    kept, rows = shortlisted(cfg, examples, training_shortlists(cfg, data, examples))
+    assert [(ex.user_idx, ex.end) for ex in kept] == hits and all(ex.label in row for ex, row in zip(kept, rows))
+    off = cfg.model_copy(update={"train_on_shortlist": False})
+    assert training_shortlists(off, data, examples) is None and shortlisted(off, examples, None) == (examples, None)
     parts = spy_batches(monkeypatch)
     train(cfg)
     seen = [(ex.user_idx, ex.end) for part in parts for ex in part]
@@ -302,7 +304,7 @@ def test_rank_negatives_score_each_answer_against_other_titles_of_its_shortlist(
     from safetensors.torch import load_file
 
     from userllm.encoder.train import load_encoder
-    from userllm.tasks.train import rank_negatives, scored_sequences
+    from userllm.tasks.train import rank_negatives, scored_sequences, training_shortlists
 
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
     common = dict(dataset=synthetic_ds.root, task="next_item", llm=llm, encoder=str(stage1), max_history=5, shortlist=6,
@@ -310,14 +312,15 @@ def test_rank_negatives_score_each_answer_against_other_titles_of_its_shortlist(
     cfg = TrainConfig(out=tmp_path / "rank", rank_negatives=2, **common)
     data = shortlist_data(synthetic_ds, backbone)
     examples = data.examples("train")
-    negatives = rank_negatives(cfg, data, examples)
     top = data.encoder_top(load_encoder(stage1), examples, 6)
+    assert training_shortlists(cfg, data, examples) == top
+    negatives = rank_negatives(cfg, data, examples, top)
     titles = synthetic_ds.item_titles
     for ex, row, shortlist in zip(examples, negatives, top):
         assert len(row) == 2 and set(row) <= set(shortlist) and all(titles[j] != ex.answer for j in row)
-    assert rank_negatives(cfg, data, examples) == negatives
-    assert rank_negatives(cfg.model_copy(update={"seed": 1}), data, examples) != negatives
-    assert rank_negatives(cfg.model_copy(update={"rank_negatives": 0}), data, examples) is None
+    assert rank_negatives(cfg, data, examples, top) == negatives
+    assert rank_negatives(cfg.model_copy(update={"seed": 1}), data, examples, top) != negatives
+    assert rank_negatives(cfg.model_copy(update={"rank_negatives": 0}), data, examples, top) is None
     groups = scored_sequences(data, examples, negatives)
     assert [[s.answer for s in g] for g in groups] == [[ex.answer, *(titles[j] for j in row)] for ex, row in zip(examples, negatives)]
     assert all(s.prompt == g[0].prompt and (s.user_idx, s.start, s.end) == (g[0].user_idx, g[0].start, g[0].end)
@@ -332,7 +335,8 @@ def test_rank_negatives_score_each_answer_against_other_titles_of_its_shortlist(
             assert [s.answer for s in part[i : i + 3]] == [s.answer for s in by_example[part[i].user_idx, part[i].end]]
     plain = train(TrainConfig(out=tmp_path / "plain", **common))
     assert ranked["train_flops"] > 2.5 * plain["train_flops"]  # 3 sequences per example (titles differ in length)
-    assert ranked["last_loss"] > plain["last_loss"]  # the listwise term is added (>= 0)
+    # the same first batch from the same model: the same language-model loss plus a listwise term (> 0)
+    assert ranked["losses"][0] > plain["losses"][0]
     micro = train(TrainConfig(out=tmp_path / "micro", rank_negatives=2, micro_batch_size=1, **common))
     assert micro["losses"] == pytest.approx(ranked["losses"], rel=1e-4)
     a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in ("rank", "micro"))

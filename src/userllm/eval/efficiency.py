@@ -162,7 +162,8 @@ def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset
     model = UserLLM(UserLLMConfig(strategy="enc", item_words=[], **METHODS[name]), encoder=encoder, llm=llm).eval()
     with torch.no_grad():
         for block in model.xattn.values():
-            block.attn_gate.fill_(0.5), block.ff_gate.fill_(0.5)
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
     return model
 
 

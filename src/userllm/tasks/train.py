@@ -151,29 +151,37 @@ def shortlists(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], en
     return {ex.user_id: row for ex, row in zip(examples, shortlist_items(cfg, data, examples, encoder))}
 
 
-def shortlisted(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[TaskExample]:
-    """With ``cfg.train_on_shortlist``: the training examples whose target is among the stage-1 encoder's
-    ``cfg.shortlist`` items after their history window, the only answers a reranker of that list can give;
-    all of ``examples`` otherwise."""
+def training_shortlists(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[list[int]] | None:
+    """The training examples' :func:`shortlist_items`, computed once for what needs them
+    (``train_on_shortlist``, ``rank_negatives``); None when nothing does."""
+    return shortlist_items(cfg, data, examples) if cfg.train_on_shortlist or cfg.rank_negatives else None
+
+
+def shortlisted(cfg: TrainConfig, examples: list[TaskExample], rows: list[list[int]] | None
+                ) -> tuple[list[TaskExample], list[list[int]] | None]:  # fmt: skip
+    """With ``cfg.train_on_shortlist``: the training examples whose target is among their stage-1 shortlist
+    ``rows`` (:func:`training_shortlists`), the only answers a reranker of that list can give, with their rows;
+    ``examples`` and ``rows`` as given otherwise."""
     if not cfg.train_on_shortlist:
-        return examples
-    kept = [ex for ex, row in zip(examples, shortlist_items(cfg, data, examples)) if ex.label in row]
+        return examples, rows
+    kept = [(ex, row) for ex, row in zip(examples, rows) if ex.label in row]
     if not kept:
         raise EmptyResultError(f"no training example's target is among the stage-1 encoder's {cfg.shortlist} items: "
                                "raise shortlist or leave train_on_shortlist off")  # fmt: skip
     console.print(f"train_on_shortlist: {len(kept):,} of {len(examples):,} training examples have their target "
                   f"among the stage-1 encoder's top {cfg.shortlist}")  # fmt: skip
-    return kept
+    return [ex for ex, _ in kept], [row for _, row in kept]
 
 
-def rank_negatives(cfg: TrainConfig, data: TaskData, examples: list[TaskExample]) -> list[list[int]] | None:
+def rank_negatives(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], rows: list[list[int]] | None
+                   ) -> list[list[int]] | None:  # fmt: skip
     """With ``cfg.rank_negatives`` k: per training example, k item indices drawn from its stage-1 shortlist
-    (:func:`shortlist_items`) among the titles other than its answer, seeded by ``cfg.seed`` and the example's
-    position (with replacement only where fewer than k remain); None without."""
+    (``rows``, :func:`training_shortlists`) among the titles other than its answer, seeded by ``cfg.seed`` and
+    the example's position (with replacement only where fewer than k remain); None without."""
     if not cfg.rank_negatives:
         return None
     titles, out = data.ds.item_titles, []
-    for i, (ex, row) in enumerate(zip(examples, shortlist_items(cfg, data, examples))):
+    for i, (ex, row) in enumerate(zip(examples, rows)):
         pool = [j for j in row if titles[j] != ex.answer]
         picks = np.random.default_rng([cfg.seed, i]).choice(len(pool), cfg.rank_negatives, replace=len(pool) < cfg.rank_negatives)
         out.append([pool[j] for j in picks])
@@ -243,8 +251,10 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         write_json(out / "config.json", dump_config(cfg))
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
-    examples = shortlisted(cfg, data, data.examples("train"))
-    groups = scored_sequences(data, examples, rank_negatives(cfg, data, examples))
+    examples = data.examples("train")
+    examples, rows = shortlisted(cfg, examples, training_shortlists(cfg, data, examples))
+    groups = scored_sequences(data, examples, rank_negatives(cfg, data, examples, rows))
+    size = 1 + cfg.rank_negatives  # sequences per example: its answer, then its negatives
     steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, groups, cfg)
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -270,7 +280,6 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             micro = cfg.micro_batch_size or len(batch)
             parts = [[seq for g in batch[i : i + micro] for seq in g] for i in range(0, len(batch), micro)]
             tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
-            size = 1 + cfg.rank_negatives  # sequences per example: its answer, then its negatives
             counts = [int((labels[::size] != IGNORE).sum()) for _, _, labels in tensors]  # answer tokens per part
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
