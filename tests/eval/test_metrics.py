@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
-from userllm.eval.metrics import bootstrap_interval, estimate, mrr_at, ndcg_at, ranking_metrics, recall_at, target_ranks
+from userllm.eval.metrics import bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, ranking_metrics, recall_at, target_ranks
 
 
 def test_ranks_hand_computed():
@@ -48,3 +50,27 @@ def test_bootstrap_interval_is_seeded_and_shrinks_with_users():
     # binomial: half-width 1.96 sqrt(p (1 - p) / N) = 0.098 for N = 100
     assert abs((wide[1] - wide[0]) / 2 - 0.098) < 0.015
     assert bootstrap_interval([0.25] * 10) == (0.25, 0.25)
+
+
+def test_paired_estimate_one_run_a_side_is_the_paired_bootstrap():
+    """One run a side: exactly :func:`estimate` of the per-user differences (same draws, same interval)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 300).astype(float), rng.integers(0, 2, 300).astype(float)
+    assert paired_estimate(a, b, seed=4) == estimate(a - b, seed=4)
+    assert paired_estimate([a, a, a], [b, b], seed=4) == estimate(a - b, seed=4)  # copies of a run add no spread
+
+
+def test_paired_estimate_resamples_training_runs():
+    """Several runs a side: the value is the mean of each side's mean over runs, and runs that disagree (the
+    spread between training seeds) widen the interval beyond the one a single pair of runs gives."""
+    rng = np.random.default_rng(1)
+    b = rng.integers(0, 2, 400).astype(float)
+    a = [np.clip(b + rng.integers(0, 2, 400) * s, 0, 1) for s in (0, 1, 1)]  # runs of A that differ by a lot
+    got = paired_estimate(a, [b], seed=0)
+    assert got["value"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert got["low"] <= got["value"] <= got["high"] and paired_estimate(a, [b], seed=0) == got
+    single = paired_estimate(np.mean(a, 0), b, seed=0)  # the same mean, the runs' spread ignored
+    assert single["value"] == pytest.approx(got["value"])
+    assert got["high"] - got["low"] > 2 * (single["high"] - single["low"])
+    with pytest.raises(ValueError, match="same users"):
+        paired_estimate([a[0]], [b[:10]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tests.conftest import write
 from userllm.config import PrepareConfig, TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.data.prepare import prepare_dataset
+from userllm.encoder.train import load_encoder
 from userllm.errors import EmptyResultError, InputError, OutputExistsError
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
@@ -466,6 +468,13 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     code, shown, err = run_cli("compare", runs / "xattn", runs / "tp")
     assert code == 0, err
     assert "paired over 3 users" in shown and f"{diff['accuracy']['value']:+.3f}" in shown
+    # a side of several runs (a recipe's seeds): each user's mean over them, and the runs resampled too
+    users, two = paired_difference([runs / "xattn", runs / "xattn-equal"], runs / "tp")
+    _, other = paired_difference(runs / "xattn-equal", runs / "tp")
+    assert users == 3 and two["accuracy"]["value"] == pytest.approx((diff["accuracy"]["value"] + other["accuracy"]["value"]) / 2)
+    code, shown, err = run_cli("compare", f"{runs / 'xattn'},{runs / 'xattn-equal'}", runs / "tp")
+    assert code == 0, err
+    assert "2 vs 1 runs resampled too" in " ".join(shown.split()) and f"{two['accuracy']['value']:+.3f}" in shown
     tops = Counter(json.loads(line)["ranked"][0] for line in (runs / "tp" / "records.jsonl").read_text().splitlines())
     top, n = tops.most_common(1)[0]
     assert answer_summary(runs / "tp") == f"{len(tops)} distinct; top '{top}' {n / 3:.0%}"
@@ -647,3 +656,28 @@ def test_shipped_experiment_specs_resolve_every_cell(name, tmp_path):
             assert cfg.train_flops == (2.5e14 if cell.get("match_flops") else flops and float(flops))
             resolved += 1
     assert resolved >= len(spec["cells"])
+
+
+def test_item_text_writes_titles_in_the_llms_words_for_the_encoder(synthetic_ds, text_lm_dir, tmp_path, run_cli):
+    """`userllm item-text`: row i is the backbone's mean input embedding of item i's title tokens (zeros for
+    padding and unknown), refused over an existing file without --force; a stage-1 encoder with the `text`
+    feature pretrains on it."""
+    out = tmp_path / "titles.npy"
+    code, shown, err = run_cli("item-text", synthetic_ds.root, "--out", out, "--backbone", text_lm_dir)
+    assert code == 0, err
+    table = np.load(out)
+    backbone = load_backbone(str(text_lm_dir))
+    ids = backbone.tokenizer(synthetic_ds.item_titles[2], add_special_tokens=False).input_ids
+    want = backbone.model.get_input_embeddings().weight.detach()[ids].mean(0).numpy()
+    assert table.shape == (synthetic_ds.num_items, want.shape[0]) and table.dtype == np.float32
+    assert np.allclose(table[2], want, atol=1e-6) and not table[:2].any()
+    code, _, err = run_cli("item-text", synthetic_ds.root, "--out", out, "--backbone", text_lm_dir)
+    assert code != 0 and "already exists" in err and "--force" in err
+    code, _, err = run_cli("item-text", synthetic_ds.root, "--out", tmp_path / "titles.txt", "--backbone", text_lm_dir)
+    assert code != 0 and ".npy" in err
+    code, _, err = run_cli("pretrain", synthetic_ds.root, "--out", tmp_path / "enc", "--epochs", "1",
+                           "-s", f"item_text_path={out}", "-s", "encoder.features=[item,rating,category,text]",
+                           "-s", "batch_size=16", "-s", "warmup_steps=1")  # fmt: skip
+    assert code == 0, err
+    encoder = load_encoder(tmp_path / "enc")
+    assert "text" in encoder.cfg.features and encoder.cfg.text_dim == table.shape[1]

@@ -41,7 +41,7 @@ import torch
 from userllm.config import dump_config
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.eval.metrics import estimate, list_ranks, rouge_per_example
+from userllm.eval.metrics import estimate, list_ranks, paired_estimate, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill
@@ -343,15 +343,26 @@ def answer_summary(run_dir: Path, user_ids: set[str] | None = None) -> str:
     return f"{len(answers)} distinct; top '{top[:40]}' {n / len(records):.0%}"
 
 
-def paired_difference(run_a: Path, run_b: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
+def paired_difference(run_a: Path | list[Path], run_b: Path | list[Path], seed: int = 0) -> tuple[int, dict[str, dict]]:
     """Run A minus run B on the test users both were scored on: the number of users and, per metric, the mean
     per-user difference with its 95% bootstrap interval (users resampled with both runs' answers together,
-    so the interval is that of the difference itself, narrower than two separate intervals suggest)."""
-    a, b = ({r["user_id"]: r for r in read_records(run)} for run in (run_a, run_b))
-    users = sorted(set(a) & set(b))
+    so the interval is that of the difference itself, narrower than two separate intervals suggest).
+
+    Either side may be several runs of one recipe (e.g. its training seeds): each user's metric is then the
+    mean over that side's runs, over the users all runs were scored on, and the interval also resamples the
+    runs (:func:`~userllm.eval.metrics.paired_estimate`), so it includes the spread between training runs that
+    a single pair of runs cannot show."""
+    sides = [[Path(r) for r in ([run] if isinstance(run, (str, Path)) else run)] for run in (run_a, run_b)]
+    if not all(sides):
+        raise InputError("compare needs at least one run on each side")
+    records = [[{r["user_id"]: r for r in read_records(run)} for run in side] for side in sides]
+    users = sorted(set.intersection(*(set(recs) for side in records for recs in side)))
     if not users:
-        raise InputError(f"{run_a} and {run_b} were scored on no common test user")
-    return len(users), _paired(run_a, [a[u] for u in users], [b[u] for u in users], seed)
+        raise InputError(f"{' / '.join(str(r) for side in sides for r in side)} were scored on no common test user")
+    tasks = {json.loads((r / "config.json").read_text())["task"] for side in sides for r in side}
+    if len(tasks) > 1:
+        raise InputError(f"the runs compared are of different tasks ({sorted(tasks)}): compare runs of one task")
+    return len(users), _paired(sides[0][0], *([[recs[u] for u in users] for recs in side] for side in records), seed)
 
 
 def paired_vs_encoder(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
@@ -362,16 +373,18 @@ def paired_vs_encoder(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
         raise InputError(f"{run}: its records hold no encoder answers (no stage-1 encoder, or scored before "
                          "userllm kept them): score it again with --force")  # fmt: skip
     alone = [{"ranked": r["encoder_ranked"], "truth": r["truth"]} for r in records]
-    return len(records), _paired(run, records, alone, seed)
+    return len(records), _paired(run, [records], [alone], seed)
 
 
-def _paired(run: Path, a: list[dict], b: list[dict], seed: int) -> dict[str, dict]:
-    """Per metric (both record lists have), the mean per-user difference a - b with its bootstrap interval."""
+def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> dict[str, dict]:
+    """Per metric (both sides' records have), the mean per-user difference a - b with its bootstrap interval;
+    ``a`` and ``b`` hold one record list per run, each over the same users in the same order."""
     cfg = json.loads((Path(run) / "config.json").read_text())
     beams = cfg["beams"] if cfg["task"] == "next_item" else 1
     catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
-    va, vb = (per_example(cfg["task"], recs, catalogue, beams) for recs in (a, b))
-    return {m: estimate(np.subtract(va[m], vb[m]), seed=seed) for m in va if m in vb}
+    va, vb = ([per_example(cfg["task"], recs, catalogue, beams) for recs in side] for side in (a, b))
+    return {m: paired_estimate([v[m] for v in va], [v[m] for v in vb], seed=seed)
+            for m in va[0] if all(m in v for v in va + vb)}  # fmt: skip
 
 
 def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskExample:
