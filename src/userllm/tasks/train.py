@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -38,7 +39,7 @@ from userllm.distributed import barrier, setup_distributed
 from userllm.encoder.data import Timelines
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
-from userllm.errors import ConfigError, EmptyResultError, InputError
+from userllm.errors import ConfigError, EmptyResultError, InputError, OutputExistsError
 from userllm.io import source_commit, start_run, write_dir_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.connectors import first_token_embeddings, mean_token_embeddings
@@ -84,6 +85,25 @@ def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str], 
         tables["category"] = torch.stack([per_category[r].mean(0) if r else per_category[0] for r in rows])
         tables["category"][:2] = 0.0
     return tables
+
+
+def write_title_embeddings(dataset: Path, out: Path, *, backbone: str = "smollm2-135m", force: bool = False) -> tuple[int, int]:
+    """The stage-1 encoder's ``text`` feature in the LLM's own words: the backbone's frozen mean input embedding
+    of each item's title (``item_word_tables``' ``title`` table; zeros for padding and unknown), (V, d) float32,
+    saved as ``out`` (.npy) for ``userllm pretrain -s item_text_path=OUT`` with ``text`` among
+    ``encoder.features``, so the user embeddings carry the words the LLM has to write. Returns its shape."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ConfigError(f"--out {out}: the item-text table is a .npy file (item_text_path); name it *.npy")
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
+    ds = PreparedDataset(dataset)
+    table = item_word_tables(ds, load_backbone(backbone), ["title"])["title"].numpy().astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, table)
+    os.replace(tmp, out)
+    return table.shape
 
 
 def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = None) -> tuple[ConditionedLM, TaskData]:
