@@ -208,8 +208,8 @@ def item_text(
     force: Annotated[bool, typer.Option("--force", help="replace an existing output")] = False,
 ) -> None:
     """Write every item's title in the LLM's own words (the backbone's mean input embedding of its title's
-    tokens) as the encoder's item-text table: `userllm pretrain DATASET -s item_text_path=OUT -s
-    'encoder.features=[item,rating,category,time_gap,text]'`."""
+    tokens) as the encoder's item-text table: `userllm pretrain DATASET --features
+    item,rating,category,time_gap,text -s item_text_path=OUT`."""
     from userllm.tasks.train import write_title_embeddings
 
     rows, width = write_title_embeddings(dataset, out_file, backbone=backbone, force=force)

@@ -90,8 +90,8 @@ def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str], 
 def write_title_embeddings(dataset: Path, out: Path, *, backbone: str = "smollm2-135m", force: bool = False) -> tuple[int, int]:
     """The stage-1 encoder's ``text`` feature in the LLM's own words: the backbone's frozen mean input embedding
     of each item's title (``item_word_tables``' ``title`` table; zeros for padding and unknown), (V, d) float32,
-    saved as ``out`` (.npy) for ``userllm pretrain -s item_text_path=OUT`` with ``text`` among
-    ``encoder.features``, so the user embeddings carry the words the LLM has to write. Returns its shape."""
+    saved as ``out`` (.npy) for ``userllm pretrain --features ...,text -s item_text_path=OUT``, so the user
+    embeddings carry the words the LLM has to write. Returns its shape."""
     out = Path(out)
     if out.suffix != ".npy":
         raise ConfigError(f"--out {out}: the item-text table is a .npy file (item_text_path); name it *.npy")
