@@ -356,12 +356,12 @@ def paired_difference(run_a: Path | list[Path], run_b: Path | list[Path], seed: 
     if not all(sides):
         raise InputError("compare needs at least one run on each side")
     records = [[{r["user_id"]: r for r in read_records(run)} for run in side] for side in sides]
-    users = sorted(set.intersection(*(set(recs) for side in records for recs in side)))
-    if not users:
-        raise InputError(f"{' / '.join(str(r) for side in sides for r in side)} were scored on no common test user")
     tasks = {json.loads((r / "config.json").read_text())["task"] for side in sides for r in side}
     if len(tasks) > 1:
         raise InputError(f"the runs compared are of different tasks ({sorted(tasks)}): compare runs of one task")
+    users = sorted(set.intersection(*(set(recs) for side in records for recs in side)))
+    if not users:
+        raise InputError(f"{' / '.join(str(r) for side in sides for r in side)} were scored on no common test user")
     return len(users), _paired(sides[0][0], *([[recs[u] for u in users] for recs in side] for side in records), seed)
 
 
