@@ -681,3 +681,16 @@ def test_item_text_writes_titles_in_the_llms_words_for_the_encoder(synthetic_ds,
     assert code == 0, err
     encoder = load_encoder(tmp_path / "enc")
     assert "text" in encoder.cfg.features and encoder.cfg.text_dim == table.shape[1]
+
+
+def test_paired_difference_refuses_runs_of_different_tasks(tmp_path):
+    from userllm.tasks.evaluate import paired_difference
+
+    for name, task in (("genre", "favorite_genre"), ("item", "next_item")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"task": task}))
+        (tmp_path / name / "records.jsonl").write_text(json.dumps({"user_id": "1", "ranked": ["a"], "truth": "a"}) + "\n")
+    with pytest.raises(InputError, match="different tasks"):
+        paired_difference([tmp_path / "genre"], [tmp_path / "genre", tmp_path / "item"])
+    with pytest.raises(InputError, match="at least one run"):
+        paired_difference([], tmp_path / "genre")
