@@ -694,3 +694,16 @@ def test_paired_difference_refuses_runs_of_different_tasks(tmp_path):
         paired_difference([tmp_path / "genre"], [tmp_path / "genre", tmp_path / "item"])
     with pytest.raises(InputError, match="at least one run"):
         paired_difference([], tmp_path / "genre")
+
+
+def test_history_line_compares_lengths_at_a_shared_budget():
+    """The history-length line takes each length's best cell among those within the budget every length
+    reached: a longer training at one length only does not stand in for that length."""
+    from userllm.tasks.experiment import best_by_history
+
+    def cell(history, flops, acc):
+        return {"history": history, "train_flops": flops, "metrics": {"accuracy": {"value": acc, "low": acc, "high": acc}}}
+
+    cells = [cell(50, 2.0e14, 0.83), cell(50, 7.4e14, 0.86), cell(50, 4.6e13, 0.72), cell(200, 2.2e14, 0.82)]
+    assert [(h, m["value"]) for h, m in best_by_history(cells, "accuracy")] == [(50, 0.83), (200, 0.82)]
+    assert [(h, m["value"]) for h, m in best_by_history(cells[:3], "accuracy")] == [(50, 0.86)]  # one length: its best

@@ -357,9 +357,25 @@ def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None) ->
     return len(rows)
 
 
+def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[tuple[int, dict]]:
+    """(history, metric) of the best of ``cells`` (one method and mode) at each history length, among the
+    cells trained on at most the largest budget that every length reached (times ``slack``: a cell matched to
+    another's FLOPs overshoots by up to one step). A longer training at one length only (e.g. 16k examples at
+    50 events) would otherwise make the line compare budgets, not history lengths."""
+    lengths = sorted({r["history"] for r in cells})
+    shared = min(max(r["train_flops"] or 0 for r in cells if r["history"] == h) for h in lengths) * slack
+    out = []
+    for h in lengths:
+        fit = [r for r in cells if r["history"] == h and (r["train_flops"] or 0) <= shared]
+        if fit:
+            out.append((h, max(fit, key=lambda r: r["metrics"][metric]["value"])["metrics"][metric]))
+    return out
+
+
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     """Per task, with 95% intervals as error bars: the main metric vs history length (per method and mode,
-    its best cell at each length; references dashed) and vs training compute (every cell, one marker each
+    its best cell at each length within the budget every length reached, :func:`best_by_history`; references
+    dashed) and vs training compute (every cell, one marker each
     in the legend; references as shaded bands)."""
     import matplotlib
 
@@ -381,11 +397,8 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             ax.errorbar(x, m, yerr=err, capsize=3, **kw)
 
         for label in sorted({(r["method"], r["mode"]) for r in part}):
-            same = [r for r in part if (r["method"], r["mode"]) == label]
-            best = {h: max((r for r in same if r["history"] == h), key=lambda r: r["metrics"][metric]["value"])
-                    for h in {r["history"] for r in same}}  # fmt: skip
-            line = [(h, best[h]["metrics"][metric]) for h in sorted(best)]
-            bars(ax_row[0], line, marker="o", label=f"{label[0]} {label[1]} (best cell)")
+            line = best_by_history([r for r in part if (r["method"], r["mode"]) == label], metric)
+            bars(ax_row[0], line, marker="o", label=f"{label[0]} {label[1]} (best cell, shared budget)")
         for name in sorted({r["method"] for r in refs}):
             line = sorted(((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"]),
                           key=lambda p: p[0])  # fmt: skip
