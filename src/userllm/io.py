@@ -49,12 +49,21 @@ def write_dir_atomically(out: Path, write: Callable[[Path], None], *, force: boo
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and ``os.replace``."""
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (same directory, so the rename is atomic), then
+    ``os.replace`` it into place: a reader sees the old file or the whole new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a text file through :func:`write_file_atomically`."""
+    write_file_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, data: object) -> None:

@@ -15,7 +15,6 @@ values) instead of re-encoding the timeline; past ``max_len`` events the window 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
 from userllm.encoder.train import encoder_weights, load_encoder
 from userllm.errors import OutputExistsError
-from userllm.io import sha256, write_dir_atomically, write_json
+from userllm.io import sha256, write_dir_atomically, write_file_atomically, write_json
 from userllm.progress import progress_bar
 
 SHARD_USERS = 4096
@@ -86,10 +85,7 @@ def write_parquet(out: Path, batches: list, tl: Timelines, ds: PreparedDataset, 
             "item_id": item_ids[tl.item[tl.offsets[u] + pos]], "embedding": h[rows, cols].numpy(),
         }))  # fmt: skip
     table = pl.concat(frames)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    table.write_parquet(tmp)
-    os.replace(tmp, out)
+    write_file_atomically(out, table.write_parquet)
     write_json(out.with_suffix(".manifest.json"), manifest)
     return table.height
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -40,7 +39,7 @@ from userllm.encoder.data import Timelines
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
 from userllm.errors import ConfigError, EmptyResultError, InputError, OutputExistsError
-from userllm.io import source_commit, start_run, write_dir_atomically, write_json
+from userllm.io import source_commit, start_run, write_dir_atomically, write_file_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.connectors import first_token_embeddings, mean_token_embeddings
 from userllm.llm.flops import training_flops
@@ -99,10 +98,12 @@ def write_title_embeddings(dataset: Path, out: Path, *, backbone: str = "smollm2
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
     ds = PreparedDataset(dataset)
     table = item_word_tables(ds, load_backbone(backbone), ["title"])["title"].numpy().astype(np.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npy")
-    np.save(tmp, table)
-    os.replace(tmp, out)
+
+    def save(tmp: Path) -> None:  # through a file object: np.save would append .npy to the temporary name
+        with open(tmp, "wb") as f:
+            np.save(f, table)
+
+    write_file_atomically(out, save)
     return table.shape
 
 
