@@ -90,8 +90,13 @@ def bootstrap_interval(values, *, seed: int = 0, resamples: int = 1000, level: f
     if x.size == 0:
         return float("nan"), float("nan")
     means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(1)
+    return percentile_interval(means, level)
+
+
+def percentile_interval(resampled: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` range of bootstrap-resampled statistics (the percentile method)."""
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = np.percentile(resampled, [tail, 100 - tail])
     return float(low), float(high)
 
 
@@ -124,10 +129,8 @@ def paired_estimate(a, b, *, seed: int = 0, resamples: int = 1000, level: float 
     def side(x: np.ndarray) -> np.ndarray:  # (resamples, n): each user's mean over this resample's runs
         if len(x) == 1:
             return np.broadcast_to(x, (resamples, n))
-        weights = np.stack([np.bincount(r, minlength=len(x)) for r in rng.integers(0, len(x), size=(resamples, len(x)))])
-        return weights @ x / len(x)
+        counts = np.eye(len(x))[rng.integers(0, len(x), size=(resamples, len(x)))].sum(1)  # times each run is drawn
+        return counts @ x / len(x)
 
-    diffs = np.take_along_axis(side(a) - side(b), users, axis=1).mean(1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(diffs, [tail, 100 - tail])
-    return {"value": value, "low": float(low), "high": float(high)}
+    low, high = percentile_interval(np.take_along_axis(side(a) - side(b), users, axis=1).mean(1), level)
+    return {"value": value, "low": low, "high": high}
