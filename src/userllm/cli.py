@@ -261,13 +261,16 @@ def evaluate(
     force: Annotated[bool, typer.Option("--force", help="replace an existing metrics.json")] = False,
     shortlist: Annotated[Optional[int], typer.Option(min=0, help="next_item: rank only the stage-1 encoder's top N "
                                                      "items per user (0: the whole catalogue) [default: the run's]")] = None,
+    shortlist_ranking: Annotated[Optional[str], typer.Option(help="next_item with a shortlist: 'exact' (every title "
+                                                             "by log p(title + eos)) or 'beams' [default: the run's]")] = None,
 ) -> None:
     """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""
     from rich.table import Table
 
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
-    m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist)
+    m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist,
+                     shortlist_ranking=shortlist_ranking)  # fmt: skip
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):
         table.add_column(col, justify="left" if not col else "right")

@@ -273,6 +273,10 @@ class TrainConfig(_RunConfig):
                            "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
                            "same list, from `encoder`; 0: the whole catalogue). Scoring, and training with "
                            "train_on_shortlist")  # fmt: skip
+    shortlist_ranking: Literal["exact", "beams"] = Field(
+        "exact", description="next_item with shortlist N: 'exact' ranks all N titles by the log-probability of "
+        "title + eos, teacher-forced after one run of the prompt; 'beams' by the constrained beam search with "
+        "`beams` beams (exact only with beams >= N; runs saved before this field existed ranked by 'beams')")
     train_on_shortlist: bool = Field(False, description="next_item with shortlist N: train only on the examples "
                                      "whose target is among the stage-1 encoder's N items after their history, the "
                                      "list the LLM reranks (the others teach titles it can never answer; beyond "
@@ -300,7 +304,8 @@ class TrainConfig(_RunConfig):
 
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> TrainConfig:
-        """A run's saved config (its random encoder read as :meth:`EncoderConfig.from_saved`)."""
+        """A run's saved config (its random encoder read as :meth:`EncoderConfig.from_saved`; one saved before
+        ``shortlist_ranking`` existed ranked its shortlist by beams)."""
         if "random_encoder" in data:
             data = {**data, "random_encoder": EncoderConfig.from_saved(data["random_encoder"])}
-        return cls.model_validate(data)
+        return cls.model_validate({"shortlist_ranking": "beams", **data})

@@ -84,7 +84,7 @@ def test_forward_without_gradients_matches_training_forward(events):
 
 
 def test_beam_search_over_an_absorbed_context_matches_keys_and_values():
-    """Beams repeat the absorbed context row by row (UserContext.repeat keeps its kind)."""
+    """Beams repeat the absorbed context row by row (UserContext.select keeps its kind)."""
     from userllm.llm.decoding import TokenTrie, constrained_beam_search
 
     model = build(perceiver_latents=3)
@@ -127,6 +127,37 @@ def test_beam_search_with_a_trie_per_row_ranks_each_rows_own_sequences():
         torch.testing.assert_close(torch.tensor([s for _, s in alone]), torch.tensor([s for _, s in both[r]]))
     with pytest.raises(ValueError, match="1 tries for 2 rows"):
         constrained_beam_search(model, embeds.expand(2, -1, -1), m.expand(2, -1), tries[:1], beams=2)
+
+
+@pytest.mark.parametrize("arch", MAKERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_cached", [1 << 16, 1])  # all rows at once; one row per chunk
+def test_exact_ranking_equals_beam_search_with_a_beam_per_sequence(arch, mode, max_cached):
+    """rank_sequences scores every sequence of a row by the log-probability of sequence + eos after the
+    prefix: the ranking and scores a constrained beam search with as many beams as sequences finds, for
+    left-padded rows of different lengths, each with its own sequences (a shortlist per user), whether the
+    rows run together or one chunk at a time, and the absorbed context's rows follow the chunk."""
+    from userllm.llm.decoding import TokenTrie, constrained_beam_search, prefill, rank_sequences
+
+    model = build(arch, mode=mode, perceiver_latents=3)  # 3 latents: the blocks read an absorbed context
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
+    ids, mask = prompts(b=3, t=12, lengths=[12, 7, 9])
+    users = random_batch(3, 5, lengths=[5, 2, 4])
+    rows = [[[5, 6], [9], [5, 7, 8], [10, 11, 12, 13]], [[5, 7, 8], [10, 11], [12]], [[9], [14, 15], [5, 6], [16]]]
+    tries = [TokenTrie(r, eos_token_id=2) for r in rows]
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        beams = constrained_beam_search(model, embeds, m, tries, beams=4)
+    with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+        exact = rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=prefill(model, embeds, m)[0],
+                               max_cached=max_cached)  # fmt: skip
+    assert [[i for i, _ in row] for row in exact] == [[i for i, _ in row] for row in beams]
+    assert [len(row) for row in exact] == [4, 3, 4]
+    for a, b in zip(exact, beams):
+        torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one non-empty list of sequences per prefix row"):
+        rank_sequences(model, embeds, m, rows[:2], eos_token_id=2)
 
 
 @pytest.mark.parametrize("arch", MAKERS)

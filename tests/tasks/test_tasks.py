@@ -224,6 +224,15 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     want = m["metrics"]["recall@1"]["value"] - m["references"]["encoder alone"]["recall@1"]["value"]
     assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want)
     assert "| ul | 6 | " in "\n".join(encoder_difference_lines([{"cell": "ul", "run": str(tmp_path / "run")}], "next_item", 0))
+    # the default ranks the shortlist exactly; the beam search with beams >= N ranks it the same way
+    assert m["config"]["shortlist_ranking"] == "exact"
+    beamed = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="beams")
+    assert beamed["config"]["shortlist_ranking"] == "beams"
+    assert [r["ranked"] for r in read_records(tmp_path / "run")] == [r["ranked"] for r in recs]
+    saved_before = {k: v for k, v in json.loads((tmp_path / "run" / "config.json").read_text()).items() if k != "shortlist_ranking"}
+    assert TrainConfig.from_saved(saved_before).shortlist_ranking == "beams"  # runs saved before the field existed
+    with pytest.raises(ConfigError, match="shortlist_ranking"):
+        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist_ranking="best")
     full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
     assert full["config"]["shortlist"] == 0
     random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})

@@ -1,8 +1,9 @@
 """Decoding for conditioned LLMs: greedy/sampled generation and beam search constrained to a token trie.
 
 Both work on a *prefix* (embeddings (b, t, d) and attention mask (b, t), left-padded) and a model that
-offers ``llm`` (the backbone, called step by step with its KV cache) and ``repeat_context(k)`` (repeat any
-per-row user context, e.g. cross-attention keys/values, ``k`` times per row). ``UserLLM.conditioned`` and
+offers ``llm`` (the backbone, called step by step with its KV cache) and ``context_rows(rows)`` (a context
+manager under which the decoded batch is those rows of the prefix batch, e.g. each row once per beam: any
+per-row user context, such as cross-attention keys/values, is selected to match). ``UserLLM.conditioned`` and
 ``TextPromptLM.conditioned`` provide both, so User-LLM and the text-prompt baseline decode with the same code.
 
 Example::
@@ -10,6 +11,7 @@ Example::
     trie = TokenTrie([tokenizer(t, add_special_tokens=False).input_ids for t in titles], eos_token_id=eos)
     with model.conditioned(user_batch, input_ids, attention_mask) as (embeds, mask):
         ranked = constrained_beam_search(model, embeds, mask, trie, beams=10)   # [[(title index, log p), ...]]
+        exact = rank_sequences(model, embeds, mask, [trie.sequences] * len(mask), eos_token_id=eos)  # every title
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
 
     Scores are summed token log-probabilities (eos included). The prefix is run once per row (or given,
     ``prefilled``, see :func:`prefill`); its KV cache (and the model's user context, via
-    ``model.repeat_context``) is then repeated for the beams.
+    ``model.context_rows``) is then repeated for the beams. :func:`rank_sequences` ranks every sequence
+    exactly, at the cost of one batched forward of all of them.
     """
     llm, embed = model.llm, model.llm.get_input_embeddings()
     b, device, k = embeds.shape[0], embeds.device, beams
@@ -185,42 +188,91 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
     score[::k] = 0.0
     logp = logp.repeat_interleave(k, 0)
     cache.batch_repeat_interleave(k)
-    model.repeat_context(k)
     mask = mask.repeat_interleave(k, 0)
     limit = max_steps or 1 + max(len(s) for t in tries for s in t.sequences)
-    for _ in range(limit):
-        allowed = torch.full_like(logp, float("-inf"))
-        for r in range(b * k):
-            if score[r] > float("-inf"):
-                allowed[r, tries[r // k].children(int(node[r]))] = 0.0
-        total = (score.to(device)[:, None] + logp + allowed).view(b, -1).cpu()  # (b, k*V)
-        top = total.topk(min(2 * k, total.shape[1]), dim=1)
-        new_node = torch.zeros(b * k, dtype=torch.long)
-        new_score = torch.full((b * k,), float("-inf"))
-        source = torch.arange(b * k)  # the beam each new beam continues (for the cache)
-        new_token = torch.full((b * k,), eos, dtype=torch.long)
-        for i in range(b):
-            filled = 0
-            for s, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
-                if s == float("-inf") or filled == k:
-                    break
-                beam, token = divmod(flat, logp.shape[1])
-                parent = i * k + beam
-                if token == eos:
-                    finished[i].append((s, tries[i].ends[int(node[parent])]))
-                    continue
-                r = i * k + filled
-                new_node[r] = tries[i].nodes[int(node[parent])][token]
-                new_score[r], source[r], new_token[r] = s, parent, token
-                filled += 1
-        node, score = new_node, new_score
-        # stop when every row has k answers that no live beam can beat (scores only fall)
-        best_live = score.view(b, k).max(1).values
-        if all(best_live[i] == float("-inf") or (len(f) >= k and sorted(f, reverse=True)[k - 1][0] >= best_live[i])
-               for i, f in enumerate(finished)):  # fmt: skip
-            break
-        cache.reorder_cache(source.to(device))
-        mask = _append(mask)
-        logits, cache = llm_step(llm, embed(new_token.to(device)[:, None]), mask, cache)
-        logp = logits.log_softmax(-1)
+    with model.context_rows(torch.arange(b, device=device).repeat_interleave(k)):
+        for _ in range(limit):
+            allowed = torch.full_like(logp, float("-inf"))
+            for r in range(b * k):
+                if score[r] > float("-inf"):
+                    allowed[r, tries[r // k].children(int(node[r]))] = 0.0
+            total = (score.to(device)[:, None] + logp + allowed).view(b, -1).cpu()  # (b, k*V)
+            top = total.topk(min(2 * k, total.shape[1]), dim=1)
+            new_node = torch.zeros(b * k, dtype=torch.long)
+            new_score = torch.full((b * k,), float("-inf"))
+            source = torch.arange(b * k)  # the beam each new beam continues (for the cache)
+            new_token = torch.full((b * k,), eos, dtype=torch.long)
+            for i in range(b):
+                filled = 0
+                for s, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                    if s == float("-inf") or filled == k:
+                        break
+                    beam, token = divmod(flat, logp.shape[1])
+                    parent = i * k + beam
+                    if token == eos:
+                        finished[i].append((s, tries[i].ends[int(node[parent])]))
+                        continue
+                    r = i * k + filled
+                    new_node[r] = tries[i].nodes[int(node[parent])][token]
+                    new_score[r], source[r], new_token[r] = s, parent, token
+                    filled += 1
+            node, score = new_node, new_score
+            # stop when every row has k answers that no live beam can beat (scores only fall)
+            best_live = score.view(b, k).max(1).values
+            if all(best_live[i] == float("-inf") or (len(f) >= k and sorted(f, reverse=True)[k - 1][0] >= best_live[i])
+                   for i, f in enumerate(finished)):  # fmt: skip
+                break
+            cache.reorder_cache(source.to(device))
+            mask = _append(mask)
+            logits, cache = llm_step(llm, embed(new_token.to(device)[:, None]), mask, cache)
+            logp = logits.log_softmax(-1)
     return [[(index, s) for s, index in sorted(f, reverse=True)[:k]] for f in finished]
+
+
+@torch.no_grad()
+def rank_sequences(model, embeds: Tensor, mask: Tensor, sequences: Sequence[Sequence[Sequence[int]]], *,
+                   eos_token_id: int, prefilled: tuple[Tensor, object] | None = None,
+                   max_cached: int = 1 << 16) -> list[list[tuple[int, float]]]:  # fmt: skip
+    """Every sequence of each prefix row, ranked exactly: per row ``[(index, log p), ...]`` over all of
+    ``sequences[row]``, best first, where log p is the teacher-forced log-probability of the sequence followed
+    by ``eos_token_id`` after the prefix (embeds (b, t, d), mask (b, t)): the score
+    :func:`constrained_beam_search` ranks by, which it finds exactly only with as many beams as sequences.
+
+    The prefix is run once (or given, ``prefilled``, see :func:`prefill`; its cache is used up); its KV cache
+    is then copied once per sequence and all the sequences of a chunk of rows (at most ``max_cached`` cached
+    positions in all) run as one batch, right-padded. Cost: the prefix once plus one forward of the sequences'
+    tokens, instead of one step per token for every beam."""
+    llm, embed = model.llm, model.llm.get_input_embeddings()
+    b, t = mask.shape
+    if len(sequences) != b or any(len(row) == 0 for row in sequences):
+        raise ValueError(f"rank_sequences needs one non-empty list of sequences per prefix row ({b} rows)")
+    logits, cache = prefilled if prefilled is not None else llm_step(llm, embeds, mask, None)
+    first = logits.log_softmax(-1)  # (b, V): the log-probability of each sequence's first token
+    n = max(len(row) for row in sequences)
+    per = max(1, max_cached // (n * t))  # prefix rows per chunk
+    out: list[list[tuple[int, float]]] = []
+    for r0 in range(0, b, per):
+        rows = list(range(r0, min(b, r0 + per)))
+        seqs = [list(s) + [eos_token_id] for r in rows for s in sequences[r]]
+        index = torch.tensor([r for r in rows for _ in sequences[r]], device=mask.device)
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), eos_token_id, dtype=torch.long, device=mask.device)
+        valid = torch.zeros(len(seqs), width, dtype=torch.bool, device=mask.device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)], valid[i, : len(s)] = torch.tensor(s), True
+        chunk = cache if r0 + per >= b else copy.deepcopy(cache)  # the last chunk may use the cache up
+        chunk.batch_select_indices(index)
+        lp = first.index_select(0, index).gather(1, tokens[:, :1])  # (n_seq, 1)
+        if width > 1:  # the tokens after the first, each predicted from the prefix and the tokens before it
+            full = torch.cat([mask.index_select(0, index), valid[:, :-1].long()], 1)
+            with model.context_rows(index):
+                step = llm(inputs_embeds=embed(tokens[:, :-1]), attention_mask=full, position_ids=positions(full)[:, t:],
+                           cache=chunk, use_cache=True).logits.float()  # fmt: skip
+            lp = torch.cat([lp, step.gather(2, tokens[:, 1:, None])[..., 0] - step.logsumexp(-1)], 1)
+        total = (lp * valid).sum(1).tolist()
+        at = 0
+        for r in rows:
+            scores = total[at : at + len(sequences[r])]
+            at += len(sequences[r])
+            out.append(sorted(((i, s) for i, s in enumerate(scores)), key=lambda x: -x[1]))
+    return out

@@ -55,10 +55,10 @@ class UserContext:
     mask: Tensor
     kv: dict[str, ContextKV | AbsorbedContext]
 
-    def repeat(self, k: int) -> UserContext:
-        """Each row ``k`` times in a row (for beams)."""
-        return UserContext(self.ctx.repeat_interleave(k, 0), self.mask.repeat_interleave(k, 0),
-                           {key: t._make(x.repeat_interleave(k, 0) for x in t) for key, t in self.kv.items()})  # fmt: skip
+    def select(self, rows: Tensor) -> UserContext:
+        """The context of ``rows`` (b',), indices into this batch, repeats allowed (e.g. each row once per beam)."""
+        pick = lambda x: x.index_select(0, rows.to(x.device))  # noqa: E731
+        return UserContext(pick(self.ctx), pick(self.mask), {key: t._make(map(pick, t)) for key, t in self.kv.items()})
 
     @staticmethod
     def stack(contexts: list[UserContext]) -> UserContext:
@@ -92,7 +92,7 @@ def apply_llm_strategy(llm: nn.Module, cfg: UserLLMConfig) -> nn.Module:
 class ConditionedLM(nn.Module):
     """What User-LLM and the text-prompt baseline share: generation, trainable groups, saving.
 
-    Subclasses set ``cfg``, ``llm`` and implement ``forward``, ``conditioned`` and ``repeat_context``.
+    Subclasses set ``cfg``, ``llm`` and implement ``forward``, ``conditioned`` and ``context_rows``.
     """
 
     cfg: UserLLMConfig
@@ -332,11 +332,17 @@ class UserLLM(ConditionedLM):
             embeds, mask, _, _ = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, None)
             yield embeds, mask
 
-    def repeat_context(self, k: int) -> None:
-        """Repeat the active cross-attention context ``k`` times per row (for beams); soft prompts live in the
-        KV cache, so there is nothing to do for them."""
-        if self._active is not None:
-            self._active = self._active.repeat(k)
+    @contextmanager
+    def context_rows(self, rows: Tensor):
+        """Within it, a decoding call's batch is ``rows`` (b',) of the conditioned batch (e.g. each row once per
+        beam): the active cross-attention context is selected to match (:meth:`UserContext.select`) and
+        restored on exit. Soft prompts live in the KV cache, so there is nothing to do for them."""
+        saved = self._active
+        self._active = saved.select(rows) if saved is not None else None
+        try:
+            yield
+        finally:
+            self._active = saved
 
     # ----------------------------------------------------------------- saving and loading
     def save_config(self) -> dict:
@@ -397,6 +403,8 @@ class TextPromptLM(ConditionedLM):
     def conditioned(self, user_batch, input_ids: Tensor, attention_mask: Tensor, *, context=None):
         yield self.llm.get_input_embeddings()(input_ids), attention_mask.long()
 
-    def repeat_context(self, k: int) -> None:
+    @contextmanager
+    def context_rows(self, rows: Tensor):
         """No user context besides the prompt, which lives in the KV cache."""
+        yield
 

@@ -5,8 +5,9 @@ task             metrics (test split; all users, or a seeded subset of N users)
 ===============  =========================================================================================
 next_item        Recall@{1,5,10} of the titles from a beam search constrained to the catalogue's titles
                  (token trie; beams = the largest K), a hit when the target's title is in the top K; with
-                 ``shortlist`` N, constrained to the titles of the stage-1 encoder's top N items per user
-                 (the LLM reranks the encoder's shortlist; the encoder alone ranks the same list);
+                 ``shortlist`` N, of the titles of the stage-1 encoder's top N items per user (the LLM
+                 reranks the encoder's shortlist; the encoder alone ranks the same list), all N ranked
+                 exactly by log p(title + eos) (``shortlist_ranking: exact``) or by the beam search;
                  ``exact_match`` and ``valid_title``: unconstrained greedy generation equals the target's
                  title / equals some catalogue title
 favorite_genre   accuracy of the top answer of a beam search constrained to the category vocabulary
@@ -38,13 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from userllm.config import dump_config
+from userllm.config import TrainConfig, dump_config, load_config
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
 from userllm.eval.metrics import estimate, list_ranks, paired_estimate, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
-from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill
+from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
@@ -85,12 +86,12 @@ def answer_trie(data: TaskData) -> TokenTrie:
 def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
                  shortlists: dict[str, list[int]] | None = None) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:  # fmt: skip
     """What the constrained search may answer for a batch, and each row's answers in trie order: ``trie``
-    (the whole answer vocabulary) for every row, or per row a trie of the titles of the user's shortlist
-    (item indices, :func:`shortlists`)."""
+    (the whole answer vocabulary) for every row, or per row a trie of the distinct titles of the user's
+    shortlist (item indices, :func:`shortlists`; two items may share a title)."""
     vocab = data.answer_vocabulary()
     if shortlists is None:
         return trie, [vocab[2:]] * len(examples)
-    names = [[vocab[i] for i in shortlists[ex.user_id]] for ex in examples]
+    names = [list(dict.fromkeys(vocab[i] for i in shortlists[ex.user_id])) for ex in examples]
     eos = data.tokenizer.eos_token_id
     return [TokenTrie([data.tokens(t) for t in row], eos_token_id=eos) for row in names], names
 
@@ -121,7 +122,8 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     """One record per example: the prediction(s) of the task, the truth and the LLM's input length. With
     ``partial``, each batch's records are appended to that file as they are made, and the examples of users
     in ``done`` (records read back from it, see :func:`load_partial`) are not scored again. With
-    ``shortlist`` ({user_id: item indices}) next_item ranks only each user's shortlisted titles."""
+    ``shortlist`` ({user_id: item indices}) next_item ranks only each user's shortlisted titles: all of them
+    exactly with ``cfg.shortlist_ranking`` 'exact' (:func:`rank_sequences`), else by the beam search."""
     done = done or {}
     todo = [ex for ex in examples if ex.user_id not in done]
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
@@ -154,8 +156,12 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                               for row in new.tolist()]  # fmt: skip
                 if rank:
                     tries, names = answer_space(data, trie, batch, shortlist)
-                    found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
-                    ranked = [[names[r][i] for i, _ in row] for r, row in enumerate(found)]
+                    if shortlist is not None and cfg.shortlist_ranking == "exact":
+                        found = rank_sequences(model, embeds, prefix_mask, [t.sequences for t in tries], eos_token_id=eos,
+                                               prefilled=prefixes.pop())  # fmt: skip
+                    else:
+                        found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
+                    ranked = [[names[r][i] for i, _ in row[:beams]] for r, row in enumerate(found)]
             scored = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
                        "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
                       for i, ex in enumerate(batch)]  # fmt: skip
@@ -261,16 +267,18 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 
 
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
-             force: bool = False, device: str | None = None, shortlist: int | None = None) -> dict:  # fmt: skip
-    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
-    overrides the run's ``shortlist`` (next_item)."""
+             force: bool = False, device: str | None = None, shortlist: int | None = None,
+             shortlist_ranking: str | None = None) -> dict:  # fmt: skip
+    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist`` and
+    ``shortlist_ranking`` override the run's (next_item)."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again")
     cfg, model, data = load_run(run_dir, device or "cpu")
-    if shortlist is not None:
-        cfg = cfg.model_copy(update={"shortlist": shortlist})
+    overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking}.items() if v is not None}
+    if overrides:
+        cfg = load_config(TrainConfig, None, {**dump_config(cfg), **overrides})  # validated: a clear error
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
@@ -278,7 +286,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    partial, done = load_partial(run_dir, f"+shortlist{cfg.shortlist}" if listed else "")
+    scoring = f"+shortlist{cfg.shortlist}" + ("+exact" if cfg.shortlist_ranking == "exact" else "") if listed else ""
+    partial, done = load_partial(run_dir, scoring)
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1

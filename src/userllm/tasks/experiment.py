@@ -169,6 +169,8 @@ def collect(spec: dict) -> list[dict]:
                 "references": m.get("references") or {}, "run": str(run),
                 "subset": bool((cell.get("evaluate") or {}).get("users")),  # scored on users of its own
                 "shortlist": c.get("shortlist", 0) if task == "next_item" else 0,
+                # configs saved before shortlist_ranking existed ranked the shortlist by beams
+                "shortlist_ranking": c.get("shortlist_ranking", "beams") if task == "next_item" and c.get("shortlist") else None,
             })  # fmt: skip
     return rows
 
@@ -313,7 +315,7 @@ def write_results(spec: dict) -> Path:
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             cost = ("-" if ref else answer_summary(Path(r["run"]), users)) + " | " + cost
-            mode = f"{r['mode']}, shortlist {r['shortlist']}" if r.get("shortlist") else r["mode"]
+            mode = f"{r['mode']}, shortlist {r['shortlist']} ({r.get('shortlist_ranking') or 'beams'})" if r.get("shortlist") else r["mode"]
             lines.append(f"| {r['cell']} | {r['method']} | {mode} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
                          + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
@@ -324,7 +326,8 @@ def write_results(spec: dict) -> Path:
                   "stage-1 encoder's own top items as titles. Answers: how many distinct top answers the cell gave "
                   "and its most frequent one. Train FLOPs: analytic, 3 forwards per example."
                   + (" Shortlist N: the LLM ranked only the titles of the stage-1 encoder's N highest-scoring items "
-                     "for each user (the encoder alone ranks the same list)." if any(r.get("shortlist") for r in part) else ""),
+                     "for each user (the encoder alone ranks the same list), all N exactly by log p(title + eos) "
+                     "(exact) or with the beam search (beams)." if any(r.get("shortlist") for r in part) else ""),
                   ""]  # fmt: skip
         if title == f"### {task}":
             lines += difference_lines(rows, task, seed)
