@@ -131,12 +131,11 @@ def test_beam_search_with_a_trie_per_row_ranks_each_rows_own_sequences():
 
 @pytest.mark.parametrize("arch", MAKERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("max_cached", [1 << 16, 1])  # all rows at once; one row per chunk
-def test_exact_ranking_equals_beam_search_with_a_beam_per_sequence(arch, mode, max_cached):
+def test_exact_ranking_equals_beam_search_with_a_beam_per_sequence(arch, mode):
     """rank_sequences scores every sequence of a row by the log-probability of sequence + eos after the
     prefix: the ranking and scores a constrained beam search with as many beams as sequences finds, for
-    left-padded rows of different lengths, each with its own sequences (a shortlist per user), whether the
-    rows run together or one chunk at a time, and the absorbed context's rows follow the chunk."""
+    left-padded rows of different lengths, each with its own sequences (a shortlist per user), packed into
+    one continuation per row, under an absorbed cross-attention context."""
     from userllm.llm.decoding import TokenTrie, constrained_beam_search, prefill, rank_sequences
 
     model = build(arch, mode=mode, perceiver_latents=3)  # 3 latents: the blocks read an absorbed context
@@ -150,13 +149,12 @@ def test_exact_ranking_equals_beam_search_with_a_beam_per_sequence(arch, mode, m
     with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
         beams = constrained_beam_search(model, embeds, m, tries, beams=4)
     with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
-        exact = rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=prefill(model, embeds, m)[0],
-                               max_cached=max_cached)  # fmt: skip
+        exact = rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=prefill(model, embeds, m)[0])
     assert [[i for i, _ in row] for row in exact] == [[i for i, _ in row] for row in beams]
     assert [len(row) for row in exact] == [4, 3, 4]
     for a, b in zip(exact, beams):
         torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="one non-empty list of sequences per prefix row"):
+    with pytest.raises(ValueError, match="one non-empty list of non-empty sequences per prefix row"):
         rank_sequences(model, embeds, m, rows[:2], eos_token_id=2)
 
 

@@ -231,48 +231,47 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
 
 @torch.no_grad()
 def rank_sequences(model, embeds: Tensor, mask: Tensor, sequences: Sequence[Sequence[Sequence[int]]], *,
-                   eos_token_id: int, prefilled: tuple[Tensor, object] | None = None,
-                   max_cached: int = 1 << 16) -> list[list[tuple[int, float]]]:  # fmt: skip
+                   eos_token_id: int, prefilled: tuple[Tensor, object] | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
     """Every sequence of each prefix row, ranked exactly: per row ``[(index, log p), ...]`` over all of
     ``sequences[row]``, best first, where log p is the teacher-forced log-probability of the sequence followed
     by ``eos_token_id`` after the prefix (embeds (b, t, d), mask (b, t)): the score
     :func:`constrained_beam_search` ranks by, which it finds exactly only with as many beams as sequences.
 
-    The prefix is run once (or given, ``prefilled``, see :func:`prefill`; its cache is used up); its KV cache
-    is then copied once per sequence and all the sequences of a chunk of rows (at most ``max_cached`` cached
-    positions in all) run as one batch, right-padded. Cost: the prefix once plus one forward of the sequences'
-    tokens, instead of one step per token for every beam."""
+    The prefix is run once (or given, ``prefilled``, see :func:`prefill`; its cache is used up). Then each
+    row's sequences are packed into one continuation (b, w) and run in one forward after the prefix's cache,
+    under a 4D attention mask where each sequence sees the prefix and its own earlier tokens only, at the
+    positions right after the prefix: no copy of the prefix's cache per sequence, and each token is computed
+    once (a beam search runs one step per token for every beam)."""
     llm, embed = model.llm, model.llm.get_input_embeddings()
     b, t = mask.shape
-    if len(sequences) != b or any(len(row) == 0 for row in sequences):
-        raise ValueError(f"rank_sequences needs one non-empty list of sequences per prefix row ({b} rows)")
+    if len(sequences) != b or any(len(row) == 0 or any(len(s) == 0 for s in row) for row in sequences):
+        raise ValueError(f"rank_sequences needs one non-empty list of non-empty sequences per prefix row ({b} rows)")
     logits, cache = prefilled if prefilled is not None else llm_step(llm, embeds, mask, None)
-    first = logits.log_softmax(-1)  # (b, V): the log-probability of each sequence's first token
-    n = max(len(row) for row in sequences)
-    per = max(1, max_cached // (n * t))  # prefix rows per chunk
-    out: list[list[tuple[int, float]]] = []
-    for r0 in range(0, b, per):
-        rows = list(range(r0, min(b, r0 + per)))
-        seqs = [list(s) + [eos_token_id] for r in rows for s in sequences[r]]
-        index = torch.tensor([r for r in rows for _ in sequences[r]], device=mask.device)
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), eos_token_id, dtype=torch.long, device=mask.device)
-        valid = torch.zeros(len(seqs), width, dtype=torch.bool, device=mask.device)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)], valid[i, : len(s)] = torch.tensor(s), True
-        chunk = cache if r0 + per >= b else copy.deepcopy(cache)  # the last chunk may use the cache up
-        chunk.batch_select_indices(index)
-        lp = first.index_select(0, index).gather(1, tokens[:, :1])  # (n_seq, 1)
-        if width > 1:  # the tokens after the first, each predicted from the prefix and the tokens before it
-            full = torch.cat([mask.index_select(0, index), valid[:, :-1].long()], 1)
-            with model.context_rows(index):
-                step = llm(inputs_embeds=embed(tokens[:, :-1]), attention_mask=full, position_ids=positions(full)[:, t:],
-                           cache=chunk, use_cache=True).logits.float()  # fmt: skip
-            lp = torch.cat([lp, step.gather(2, tokens[:, 1:, None])[..., 0] - step.logsumexp(-1)], 1)
-        total = (lp * valid).sum(1).tolist()
+    first = logits.float().log_softmax(-1)  # (b, V): the log-probability of each sequence's first token
+    w, device = max(sum(map(len, row)) for row in sequences), mask.device
+    tokens = torch.full((b, w), eos_token_id, dtype=torch.long)
+    target = torch.full((b, w), eos_token_id, dtype=torch.long)  # the token each position predicts
+    seq = torch.full((b, w), -1, dtype=torch.long)  # which sequence of its row a position holds (-1: padding)
+    offset = torch.zeros(b, w, dtype=torch.long)  # its place in that sequence
+    for r, row in enumerate(sequences):
         at = 0
-        for r in rows:
-            scores = total[at : at + len(sequences[r])]
-            at += len(sequences[r])
-            out.append(sorted(((i, s) for i, s in enumerate(scores)), key=lambda x: -x[1]))
-    return out
+        for j, s in enumerate(row):
+            n = len(s)
+            tokens[r, at : at + n], target[r, at : at + n] = torch.tensor(s), torch.tensor([*s[1:], eos_token_id])
+            seq[r, at : at + n], offset[r, at : at + n] = j, torch.arange(n)
+            at += n
+    # (b, w, w): a query sees the keys of its own sequence up to itself; padding sees only itself
+    own = (seq[:, :, None] == seq[:, None, :]) & (offset[:, None, :] <= offset[:, :, None]) & (seq[:, :, None] >= 0)
+    own |= torch.eye(w, dtype=torch.bool)
+    seen = torch.cat([mask.bool().cpu()[:, None, :].expand(b, w, t), own], 2)[:, None]  # (b, 1, w, t + w)
+    bias = torch.zeros(seen.shape, dtype=embeds.dtype).masked_fill(~seen, torch.finfo(embeds.dtype).min)
+    pos = positions(mask)[:, -1:] + 1 + offset.to(device)
+    out = llm(inputs_embeds=embed(tokens.to(device)), attention_mask=bias.to(device), position_ids=pos, cache=cache,
+              use_cache=True).logits.float()  # fmt: skip
+    later = (out.gather(2, target.to(device)[..., None])[..., 0] - out.logsumexp(-1)).cpu()  # (b, w)
+    ranked = []
+    for r, row in enumerate(sequences):
+        total = torch.zeros(len(row)).index_add_(0, seq[r].clamp(min=0), later[r] * (seq[r] >= 0))
+        total += first[r, [s[0] for s in row]].cpu()
+        ranked.append(sorted(enumerate(total.tolist()), key=lambda x: -x[1]))
+    return ranked
