@@ -14,7 +14,6 @@ search, so scoring all test users is affordable for TP.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -286,7 +286,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    scoring = f"+shortlist{cfg.shortlist}" + ("+exact" if cfg.shortlist_ranking == "exact" else "") if listed else ""
+    scoring = (f"+shortlist{cfg.shortlist}" + ("+exact" if cfg.shortlist_ranking == "exact" else "")) if listed else ""
     partial, done = load_partial(run_dir, scoring)
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
