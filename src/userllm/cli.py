@@ -263,6 +263,8 @@ def evaluate(
                                                      "items per user (0: the whole catalogue) [default: the run's]")] = None,
     shortlist_ranking: Annotated[Optional[str], typer.Option(help="next_item with a shortlist: 'exact' (every title "
                                                              "by log p(title + eos)) or 'beams' [default: the run's]")] = None,
+    shortlist_score: Annotated[Optional[str], typer.Option(help="next_item ranked exactly: 'sum' (log p(title + eos)) "
+                                                           "or 'mean' (per token) [default: the run's]")] = None,
 ) -> None:
     """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""
     from rich.table import Table
@@ -270,7 +272,7 @@ def evaluate(
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist,
-                     shortlist_ranking=shortlist_ranking)  # fmt: skip
+                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score)  # fmt: skip
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):
         table.add_column(col, justify="left" if not col else "right")

@@ -277,6 +277,10 @@ class TrainConfig(_RunConfig):
         "exact", description="next_item with shortlist N: 'exact' ranks all N titles by the log-probability of "
         "title + eos, teacher-forced after one run of the prompt; 'beams' by the constrained beam search with "
         "`beams` beams (exact only with beams >= N; runs saved before this field existed ranked by 'beams')")
+    shortlist_score: Literal["sum", "mean"] = Field(
+        "sum", description="next_item with shortlist_ranking 'exact': rank each title by the sum of the "
+        "log-probabilities of its tokens + eos (the sequence's probability, what the beam search ranks by) or by "
+        "their mean (length-normalised, as multiple-choice scoring often is: a sum favours short titles)")
     train_on_shortlist: bool = Field(False, description="next_item with shortlist N: train only on the examples "
                                      "whose target is among the stage-1 encoder's N items after their history, the "
                                      "list the LLM reranks (the others teach titles it can never answer; beyond "
@@ -300,6 +304,11 @@ class TrainConfig(_RunConfig):
             raise ValueError(f"rank_negatives ranks each answer against other titles of its stage-1 shortlist: it needs "
                              f"task next_item and shortlist > rank_negatives (got task {self.task}, shortlist "
                              f"{self.shortlist}, rank_negatives {self.rank_negatives})")  # fmt: skip
+        if self.shortlist_score == "mean" and (self.task != "next_item" or not self.shortlist
+                                               or self.shortlist_ranking != "exact"):
+            raise ValueError(f"shortlist_score 'mean' normalises the exact ranking of a next_item shortlist: it needs "
+                             f"task next_item, shortlist > 0 and shortlist_ranking 'exact' (got task {self.task}, "
+                             f"shortlist {self.shortlist}, shortlist_ranking {self.shortlist_ranking!r})")  # fmt: skip
         return self
 
     @classmethod

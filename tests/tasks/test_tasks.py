@@ -229,6 +229,16 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     beamed = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="beams")
     assert beamed["config"]["shortlist_ranking"] == "beams"
     assert [r["ranked"] for r in read_records(tmp_path / "run")] == [r["ranked"] for r in recs]
+    # the exact ranking keeps every title's [title, log p(title + eos), tokens]; 'mean' ranks by log p / tokens
+    for r in recs:
+        assert [t for t, _, _ in r["shortlist_scores"]] == r["ranked"] and all(n >= 2 for _, _, n in r["shortlist_scores"])
+    mean = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="exact", shortlist_score="mean")
+    assert mean["config"]["shortlist_score"] == "mean"
+    for r, before in zip(read_records(tmp_path / "run"), recs):
+        assert r["shortlist_scores"] == before["shortlist_scores"]  # the same model scores the same titles
+        assert r["ranked"] == [t for t, lp, n in sorted(before["shortlist_scores"], key=lambda x: -x[1] / x[2])]
+    with pytest.raises(ConfigError, match="shortlist_score 'mean' normalises the exact ranking"):
+        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist_ranking="beams", shortlist_score="mean")
     saved_before = {k: v for k, v in json.loads((tmp_path / "run" / "config.json").read_text()).items() if k != "shortlist_ranking"}
     assert TrainConfig.from_saved(saved_before).shortlist_ranking == "beams"  # runs saved before the field existed
     with pytest.raises(ConfigError, match="shortlist_ranking"):

@@ -123,7 +123,9 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     ``partial``, each batch's records are appended to that file as they are made, and the examples of users
     in ``done`` (records read back from it, see :func:`load_partial`) are not scored again. With
     ``shortlist`` ({user_id: item indices}) next_item ranks only each user's shortlisted titles: all of them
-    exactly with ``cfg.shortlist_ranking`` 'exact' (:func:`rank_sequences`), else by the beam search."""
+    exactly with ``cfg.shortlist_ranking`` 'exact' (:func:`rank_sequences`; by the sum or the per-token mean of
+    log p(title + eos), ``cfg.shortlist_score``; each record keeps every title's ``[title, log p, tokens]`` as
+    ``shortlist_scores``), else by the beam search."""
     done = done or {}
     todo = [ex for ex in examples if ex.user_id not in done]
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
@@ -143,7 +145,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
             context = model.user_state(users) if users is not None else None  # once for both decodings
             ranked: list[list[str]] = [[] for _ in batch]
-            greedy = []
+            greedy, scores = [], None
             with model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
                 input_tokens = prefix_mask.sum(1).tolist()
                 # the prompt is run once for both decodings (TP's next_item prompts: ~20% of its scoring time)
@@ -157,14 +159,22 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                 if rank:
                     tries, names = answer_space(data, trie, batch, shortlist)
                     if shortlist is not None and cfg.shortlist_ranking == "exact":
-                        found = rank_sequences(model, embeds, prefix_mask, [t.sequences for t in tries], eos_token_id=eos,
-                                               prefilled=prefixes.pop())  # fmt: skip
+                        sequences = [t.sequences for t in tries]
+                        found = rank_sequences(model, embeds, prefix_mask, sequences, eos_token_id=eos, prefilled=prefixes.pop())
+                        # every title's log p(title + eos) and its tokens (+ eos), for any normalisation afterwards
+                        scores = [[[names[r][i], round(lp, 4), len(sequences[r][i]) + 1] for i, lp in row]
+                                  for r, row in enumerate(found)]  # fmt: skip
+                        if cfg.shortlist_score == "mean":
+                            found = [sorted(((i, lp / (len(sequences[r][i]) + 1)) for i, lp in row), key=lambda x: -x[1])
+                                     for r, row in enumerate(found)]  # fmt: skip
                     else:
                         found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
                     ranked = [[names[r][i] for i, _ in row[:beams]] for r, row in enumerate(found)]
             scored = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
                        "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
                       for i, ex in enumerate(batch)]  # fmt: skip
+            for record, row in zip(scored, scores or []):
+                record["shortlist_scores"] = row
             if partial is not None:
                 with open(partial, "a") as f:
                     f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
@@ -268,15 +278,16 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
              force: bool = False, device: str | None = None, shortlist: int | None = None,
-             shortlist_ranking: str | None = None) -> dict:  # fmt: skip
-    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist`` and
-    ``shortlist_ranking`` override the run's (next_item)."""
+             shortlist_ranking: str | None = None, shortlist_score: str | None = None) -> dict:  # fmt: skip
+    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
+    ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item)."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again")
     cfg, model, data = load_run(run_dir, device or "cpu")
-    overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking}.items() if v is not None}
+    overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking,
+                                   "shortlist_score": shortlist_score}.items() if v is not None}  # fmt: skip
     if overrides:
         cfg = load_config(TrainConfig, None, {**dump_config(cfg), **overrides})  # validated: a clear error
     device = device or cfg.device
@@ -286,7 +297,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    scoring = (f"+shortlist{cfg.shortlist}" + ("+exact" if cfg.shortlist_ranking == "exact" else "")) if listed else ""
+    exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
+    scoring = f"+shortlist{cfg.shortlist}{exact}" if listed else ""
     partial, done = load_partial(run_dir, scoring)
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])

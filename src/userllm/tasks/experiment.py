@@ -171,6 +171,7 @@ def collect(spec: dict) -> list[dict]:
                 "shortlist": c.get("shortlist", 0) if task == "next_item" else 0,
                 # configs saved before shortlist_ranking existed ranked the shortlist by beams
                 "shortlist_ranking": c.get("shortlist_ranking", "beams") if task == "next_item" and c.get("shortlist") else None,
+                "shortlist_score": c.get("shortlist_score", "sum") if task == "next_item" and c.get("shortlist") else None,
             })  # fmt: skip
     return rows
 
@@ -315,7 +316,8 @@ def write_results(spec: dict) -> Path:
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             cost = ("-" if ref else answer_summary(Path(r["run"]), users)) + " | " + cost
-            mode = f"{r['mode']}, shortlist {r['shortlist']} ({r.get('shortlist_ranking') or 'beams'})" if r.get("shortlist") else r["mode"]
+            ranking = (r.get("shortlist_ranking") or "beams") + (", mean" if r.get("shortlist_score") == "mean" else "")
+            mode = f"{r['mode']}, shortlist {r['shortlist']} ({ranking})" if r.get("shortlist") else r["mode"]
             lines.append(f"| {r['cell']} | {r['method']} | {mode} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
                          + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
