@@ -717,12 +717,17 @@ def test_paired_difference_refuses_runs_of_different_tasks(tmp_path):
 
 def test_history_line_compares_lengths_at_a_shared_budget():
     """The history-length line takes each length's best cell among those within the budget every length
-    reached: a longer training at one length only does not stand in for that length."""
+    reached: a longer training at one length only does not stand in for that length, and a cell scored on a
+    subset of users does not stand in for one scored on more."""
     from userllm.tasks.experiment import best_by_history
 
-    def cell(history, flops, acc):
-        return {"history": history, "train_flops": flops, "metrics": {"accuracy": {"value": acc, "low": acc, "high": acc}}}
+    def cell(history, flops, acc, users=943):
+        return {"history": history, "train_flops": flops, "users": users,
+                "metrics": {"accuracy": {"value": acc, "low": acc, "high": acc}}}  # fmt: skip
 
     cells = [cell(50, 2.0e14, 0.83), cell(50, 7.4e14, 0.86), cell(50, 4.6e13, 0.72), cell(200, 2.2e14, 0.82)]
     assert [(h, m["value"]) for h, m in best_by_history(cells, "accuracy")] == [(50, 0.83), (200, 0.82)]
     assert [(h, m["value"]) for h, m in best_by_history(cells[:3], "accuracy")] == [(50, 0.86)]  # one length: its best
+    lucky = [*cells, cell(50, 2.0e14, 0.90, users=200), cell(200, 2.2e14, 0.70, users=100)]
+    assert [(h, m["value"]) for h, m in best_by_history(lucky, "accuracy")] == [(50, 0.83), (200, 0.82)]
+    assert [(h, m["value"]) for h, m in best_by_history(lucky[-2:], "accuracy")] == [(50, 0.90), (200, 0.70)]

@@ -366,13 +366,17 @@ def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[
     """(history, metric) of the best of ``cells`` (one method and mode) at each history length, among the
     cells trained on at most the largest budget that every length reached (times ``slack``: a cell matched to
     another's FLOPs overshoots by up to one step). A longer training at one length only (e.g. 16k examples at
-    50 events) would otherwise make the line compare budgets, not history lengths."""
+    50 events) would otherwise make the line compare budgets, not history lengths. Among those, only the
+    cells scored on the most users count: a cell scored on a seeded subset has a wider interval, and taking
+    the best of noisy cells favours the luckiest."""
     lengths = sorted({r["history"] for r in cells})
     shared = min(max(r["train_flops"] or 0 for r in cells if r["history"] == h) for h in lengths) * slack
     out = []
     for h in lengths:
         fit = [r for r in cells if r["history"] == h and (r["train_flops"] or 0) <= shared]
         if fit:
+            most = max(r.get("users", 0) for r in fit)
+            fit = [r for r in fit if r.get("users", 0) == most]
             out.append((h, max(fit, key=lambda r: r["metrics"][metric]["value"])["metrics"][metric]))
     return out
 
