@@ -17,7 +17,7 @@ from userllm.data.prepare import prepare_dataset
 from userllm.encoder.train import load_encoder
 from userllm.errors import EmptyResultError, InputError, OutputExistsError
 from userllm.llm.backbone import load_backbone
-from userllm.llm.decoding import TokenTrie, constrained_beam_search
+from userllm.llm.decoding import TokenTrie, constrained_beam_search, rank_sequences
 from userllm.llm.model import TextPromptLM
 from userllm.tasks import prompts
 from userllm.tasks.data import IGNORE, TaskData
@@ -175,7 +175,7 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
     assert isinstance(answer, str)
 
 
-def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path):
+def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
     """With ``shortlist`` N the LLM ranks only the titles of the stage-1 encoder's top N items per user:
     with beams >= N it returns all of them (the encoder alone ranks the same list), for User-LLM and for TP
     (whose timelines use the default time-gap buckets, not the encoder's 8); without a pretrained encoder a
@@ -237,6 +237,22 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     for r, before in zip(read_records(tmp_path / "run"), recs):
         assert r["shortlist_scores"] == before["shortlist_scores"]  # the same model scores the same titles
         assert r["ranked"] == [t for t, lp, n in sorted(before["shortlist_scores"], key=lambda x: -x[1] / x[2])]
+    # this tiny model's per-token log-probabilities are near equal, so both orders agree here; with log p = -sqrt(tokens)
+    # they are opposite (the sum puts the shortest title first, the mean the longest), so 'mean' must reach the ranking
+    import userllm.tasks.evaluate as ev
+
+    def sqrt_scores(model, embeds, mask, sequences, **kw):
+        found = rank_sequences(model, embeds, mask, sequences, **kw)  # uses up the prefilled cache as the real one does
+        return [sorted(((i, -((len(sequences[r][i]) + 1) ** 0.5)) for i, _ in row), key=lambda x: -x[1]) for r, row in enumerate(found)]
+
+    monkeypatch.setattr(ev, "rank_sequences", sqrt_scores)
+    by = {}
+    for how in ("sum", "mean"):
+        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_score=how)
+        by[how] = [[n for _, _, n in sorted(r["shortlist_scores"], key=lambda x: r["ranked"].index(x[0]))] for r in read_records(tmp_path / "run")]
+    assert all(row == sorted(row) for row in by["sum"]) and all(row == sorted(row, reverse=True) for row in by["mean"])
+    assert by["sum"] != by["mean"]
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="shortlist_score 'mean' normalises the exact ranking"):
         evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist_ranking="beams", shortlist_score="mean")
     saved_before = {k: v for k, v in json.loads((tmp_path / "run" / "config.json").read_text()).items() if k != "shortlist_ranking"}

@@ -161,11 +161,11 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                     if shortlist is not None and cfg.shortlist_ranking == "exact":
                         sequences = [t.sequences for t in tries]
                         found = rank_sequences(model, embeds, prefix_mask, sequences, eos_token_id=eos, prefilled=prefixes.pop())
-                        # every title's log p(title + eos) and its tokens (+ eos), for any normalisation afterwards
-                        scores = [[[names[r][i], round(lp, 4), len(sequences[r][i]) + 1] for i, lp in row]
-                                  for r, row in enumerate(found)]  # fmt: skip
+                        tokens = [[len(s) + 1 for s in row] for row in sequences]  # each title's tokens + eos
+                        # every title's [title, log p(title + eos), tokens], best sum first, for any normalisation afterwards
+                        scores = [[[names[r][i], round(lp, 4), tokens[r][i]] for i, lp in row] for r, row in enumerate(found)]
                         if cfg.shortlist_score == "mean":
-                            found = [sorted(((i, lp / (len(sequences[r][i]) + 1)) for i, lp in row), key=lambda x: -x[1])
+                            found = [sorted(((i, lp / tokens[r][i]) for i, lp in row), key=lambda x: -x[1])
                                      for r, row in enumerate(found)]  # fmt: skip
                     else:
                         found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
