@@ -205,6 +205,10 @@ class UserLLMConfig(_Config):
     scale_to_hidden: bool = Field(False, description="multiply each cross-attention block's gated output by the "
                                   "token's hidden-state RMS, so it joins the residual stream at its layer's scale "
                                   "(SmolLM2's hidden RMS grows from ~0.1 at layer 0 to ~90 at layer 24)")  # fmt: skip
+    xattn_identity_values: bool = Field(False, description="each cross-attention block's value and output "
+                                        "projections start as the identity, so its read is the attention-weighted "
+                                        "mean of the context entries in the LLM's own embedding space, ready to copy "
+                                        "a candidate's title tokens (False: random, as Flamingo; beyond the paper)")  # fmt: skip
     gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
     item_words: list[Literal["title", "category"]] = Field(
         default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "
@@ -218,6 +222,9 @@ class UserLLMConfig(_Config):
                                   "first N tokens, one context entry each (token embedding + rank + position in the "
                                   "title), so cross-attention can point at the token to write next; 0 = off (one "
                                   "entry per candidate, its title's mean embedding)")  # fmt: skip
+    candidate_rank_init: float = Field(0.0, ge=0, description="with candidates: the rank embeddings start as "
+                                       "normal noise of this many times a title entry's RMS per coordinate, so "
+                                       "attention can tell the ranks apart from the first step (0: zeros)")  # fmt: skip
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(

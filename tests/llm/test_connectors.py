@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from userllm.llm.connectors import GatedCrossAttentionBlock, PerceiverResampler, Projector, first_token_embeddings
+from userllm.llm.connectors import (GatedCrossAttentionBlock, MaskedCrossAttention, PerceiverResampler, Projector,
+                                    first_token_embeddings)
 
 
 def test_projector_shape():
@@ -51,6 +52,28 @@ def test_absorbed_context_equals_keys_and_values():
     assert torch.equal(attn(x, None, mask, absorbed)[2], torch.zeros(7, 32))
     # d = 32, 4 heads: only while 4 n < 32, and only for enough tokens to pay for absorbing (11 t > 7 x 32)
     assert attn.absorbs(7, tokens=21) and not attn.absorbs(7, tokens=20) and not attn.absorbs(8, tokens=1000)
+
+
+def test_identity_values_read_the_attention_weighted_mean_of_the_entries():
+    """identity_values: at init the block's read is sum_j p_j ctx_j (every head's share of the entries' own
+    coordinates), with the queries and keys, and so the random state after the block, as without."""
+    torch.manual_seed(0)
+    plain = GatedCrossAttentionBlock(dim=16, heads=4).attn
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    attn = GatedCrossAttentionBlock(dim=16, heads=4, identity_values=True).attn
+    assert torch.equal(torch.rand(1), after_plain) and torch.equal(attn.to_q.weight, plain.to_q.weight)
+    assert torch.equal(attn.to_kv.weight[:16], plain.to_kv.weight[:16])
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    q = attn.to_q(attn.norm(x)).view(2, 3, 4, 4).transpose(1, 2)
+    k = attn.to_kv(ctx)[..., :16].view(2, 5, 4, 4).transpose(1, 2)
+    p = ((q @ k.transpose(-1, -2)) / 2).masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # (b, h, t, n)
+    expected = torch.einsum("bhtn,bnhe->bthe", p, ctx.view(2, 5, 4, 4)).reshape(2, 3, 16)
+    torch.testing.assert_close(attn(x, ctx, mask), expected)
+    assert not torch.allclose(plain(x, ctx, mask), expected)
+    with pytest.raises(ValueError, match="identity_values"):
+        MaskedCrossAttention(dim=16, heads=4, dim_context=8, identity_values=True)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

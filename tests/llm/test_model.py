@@ -368,6 +368,21 @@ def test_candidates_are_the_encoders_top_items_in_words():
         torch.testing.assert_close(ctx[row, 5:], expected)
 
 
+def test_candidate_rank_init_draws_ranks_at_the_title_entries_scale():
+    """candidate_rank_init 0 keeps the rank embeddings at zero; > 0 draws them, seeded, with that many times
+    the title entries' RMS per coordinate, so the k ranks' entries differ from the first step."""
+    assert build(candidates=3).candidates.rank.abs().sum() == 0
+    model = build(candidates=3, candidate_rank_init=1.0)
+    table = model.candidates.table_title
+    title_rms = table[table.abs().sum(-1) > 0].pow(2).mean().sqrt()
+    rank = model.candidates.rank.detach()
+    assert rank.pow(2).mean().sqrt() == pytest.approx(title_rms.item(), rel=0.5)
+    assert torch.cdist(rank, rank).masked_select(~torch.eye(3, dtype=torch.bool)).min() > 0.5 * title_rms
+    torch.testing.assert_close(build(candidates=3, candidate_rank_init=1.0).candidates.rank, model.candidates.rank)
+    half = build(candidates=3, candidate_rank_init=0.5).candidates.rank.detach()
+    torch.testing.assert_close(half, rank * 0.5)  # the same seeded draw, scaled
+
+
 def test_candidate_tokens_are_each_titles_first_tokens_by_rank_and_position():
     """With candidate_tokens T, each of the k candidates adds T entries after the k title entries: its title's
     token embeddings (identity map at the start) plus its rank and the position in the title; entries past a

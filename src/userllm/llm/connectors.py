@@ -108,13 +108,17 @@ class EncoderCandidates(nn.Module):
     mean over a title's tokens is dominated by the year's, which every candidate shares, while a token entry
     is the very token the answer has to write next. Entries past a title's end are masked.
 
+    ``rank_init`` > 0 draws the rank embeddings from a normal of that many times the title entries' RMS per
+    coordinate (0: zeros). Zero-initialised, they grow to ~4% of an entry's norm in a thousand examples, too
+    little for attention to tell the first candidate from the twentieth (benchmarks/copy_probe.py).
+
     Example::
 
         cand = EncoderCandidates(title_table, k=10)
         entries, valid = cand(encoder.item_logits(h_last))             # (b, 10, d), (b, 10)
     """
 
-    def __init__(self, title_table: Tensor, k: int, title_tokens: Tensor | None = None) -> None:
+    def __init__(self, title_table: Tensor, k: int, title_tokens: Tensor | None = None, rank_init: float = 0.0) -> None:
         super().__init__()
         d = title_table.shape[1]
         self.k = k
@@ -122,6 +126,9 @@ class EncoderCandidates(nn.Module):
         self.map = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.map.weight)
         self.rank = nn.Parameter(torch.zeros(k, d))
+        if rank_init:
+            real = title_table[title_table.abs().sum(-1) > 0].float()  # rows 0 and 1 (padding, unknown) are zeros
+            nn.init.normal_(self.rank, std=rank_init * real.pow(2).mean().sqrt().item())
         self.tokens = 0 if title_tokens is None else title_tokens.shape[1]
         if self.tokens:
             self.register_buffer("table_tokens", title_tokens.float(), persistent=True)
@@ -176,17 +183,28 @@ class MaskedCrossAttention(nn.Module):
 
     ``kv`` (precomputed keys/values from :meth:`context_kv`, or their :meth:`absorb`-ed form) lets a decoder
     reuse them at every step. A query whose context is entirely masked receives zeros.
+
+    ``identity_values``: the value and output projections start as the identity (after their default draw,
+    so the random state is as without), so the output is at once the attention-weighted mean of the context
+    entries themselves: a block over entries in the LLM's embedding space (a candidate title's tokens) can
+    copy one by learning only where to attend. Needs ``dim_context == dim``.
     """
 
-    def __init__(self, *, dim: int, heads: int, dim_context: int | None = None) -> None:
+    def __init__(self, *, dim: int, heads: int, dim_context: int | None = None, identity_values: bool = False) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if identity_values and (dim_context or dim) != dim:
+            raise ValueError(f"identity_values needs the context's width {dim_context} to equal dim={dim}")
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(dim_context or dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
+        if identity_values:
+            with torch.no_grad():
+                self.to_kv.weight[dim:].copy_(torch.eye(dim))
+                self.to_out.weight.copy_(torch.eye(dim))
 
     def context_kv(self, context: Tensor) -> ContextKV:
         """Keys and values of a context (b, n, d) -> two (b, heads, n, d/heads)."""
@@ -241,13 +259,14 @@ class GatedCrossAttentionBlock(nn.Module):
     grow by orders of magnitude with depth, SmolLM2-135M's from RMS ~0.1 at layer 0 to ~90 at layer 24, while
     context entries stay embedding-sized; unscaled, a block deep in the stack would need ~100x larger weights
     to move the answer).
+    ``identity_values``: see :class:`MaskedCrossAttention`.
     """
 
     def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0,
-                 scale_to_hidden: bool = False) -> None:  # fmt: skip
+                 scale_to_hidden: bool = False, identity_values: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.scale_to_hidden = scale_to_hidden
-        self.attn = MaskedCrossAttention(dim=dim, heads=heads)
+        self.attn = MaskedCrossAttention(dim=dim, heads=heads, identity_values=identity_values)
         self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
         self.ff = FeedForward(dim, ff_mult) if ff_mult else None
         self.ff_gate = nn.Parameter(torch.full((1,), gate_init)) if ff_mult else None

@@ -178,8 +178,8 @@ class UserLLM(ConditionedLM):
         if missing:
             raise InputError(f"item_words {sorted(missing)} need their tables (item_words=...; see tasks.train.build)")
         self.item_words = ItemWords({k: item_words[k] for k in cfg.item_words}) if cfg.item_words else None
-        self.candidates = (EncoderCandidates(item_words["title"], cfg.candidates, item_words.get("title_tokens"))
-                           if cfg.candidates else None)  # fmt: skip
+        self.candidates = (EncoderCandidates(item_words["title"], cfg.candidates, item_words.get("title_tokens"),
+                                             rank_init=cfg.candidate_rank_init) if cfg.candidates else None)  # fmt: skip
         self.perceiver = (
             PerceiverResampler(dim=d, num_latents=cfg.perceiver_latents, depth=cfg.perceiver_depth, heads=heads)
             if cfg.perceiver_latents else None
@@ -194,7 +194,8 @@ class UserLLM(ConditionedLM):
                 raise InputError(f"cross_attention_layers {bad} are outside 0..{len(layers) - 1}")
             for i in where:
                 self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init,
-                                                              scale_to_hidden=cfg.scale_to_hidden)  # fmt: skip
+                                                              scale_to_hidden=cfg.scale_to_hidden,
+                                                              identity_values=cfg.xattn_identity_values)  # fmt: skip
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
 
