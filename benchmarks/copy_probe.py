@@ -9,9 +9,10 @@ not can at best learn the titles' overall frequency.
 Trains ``--examples`` (default 1,024) with stage2.yaml's next_item recipe (``shortlist20-proj``: strategy
 proj, 20 candidates, gates at 20x the learning rate, no category words) plus the overrides, then ranks the
 20 titles of ``--users`` seeded test users exactly and prints how often the LLM's first title is the
-encoder's ``--rank``-th (the target the probe trained for; chance 1/20) and where that title lands in the
-LLM's order. Writes ``copy_probe.json`` in the run directory. Target: well above chance, or the
-architecture cannot carry the encoder's candidates into the answer at this budget.
+encoder's ``--rank``-th (the target the probe trained for; chance 1/20) and its mean position in the LLM's
+order (the records keep the top 10; a title below them counts as 21). Writes ``copy_probe.json`` in the
+run directory. Target: well above chance, or the architecture cannot carry the encoder's candidates into
+the answer at this budget.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--encoder", default="runs/enc50", help="stage-1 run (stage2.yaml's pretrain)")
     p.add_argument("-s", "--set", action="append", default=[], help="config override KEY=VALUE (as `userllm train -s`)")
     args = p.parse_args()
+    if not 1 <= args.rank <= 10:
+        raise SystemExit(f"error: --rank {args.rank}: expected 1-10 (the records keep the encoder's top 10)")
     try:
         run(args)
     except UserError as e:
@@ -83,11 +86,12 @@ def run(args: argparse.Namespace) -> None:
     records = read_records(args.out)
     target = [r["encoder_ranked"][args.rank - 1] for r in records]
     first = np.array([r["ranked"][0] == t for r, t in zip(records, target)], dtype=float)
-    where = [r["ranked"].index(t) + 1 if t in r["ranked"] else 21 for r, t in zip(records, target)]
+    n = cfg.shortlist  # titles ranked per user; a target beyond the records' top list counts as n + 1
+    where = [r["ranked"].index(t) + 1 if t in r["ranked"] else n + 1 for r, t in zip(records, target)]
     losses = json.loads((args.out / "summary.json").read_text())["losses"]
     summary = {
         "rank": args.rank, "users": len(records), "train_examples": args.examples, "overrides": args.set,
-        "llm_first_is_target": estimate(first), "chance": 1 / 20,
+        "llm_first_is_target": estimate(first), "chance": 1 / n,
         "target_position_mean": float(np.mean(where)),
         "loss_first20": float(np.mean(losses[:20])), "loss_last20": float(np.mean(losses[-20:])),
     }  # fmt: skip
