@@ -265,6 +265,8 @@ def evaluate(
                                                              "by log p(title + eos)) or 'beams' [default: the run's]")] = None,
     shortlist_score: Annotated[Optional[str], typer.Option(help="next_item ranked exactly: 'sum' (log p(title + eos)) "
                                                            "or 'mean' (per token) [default: the run's]")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="score under bf16 autocast (~4x faster for "
+                                                 "long prompts on a CPU with AMX) [default: as the run trained]")] = None,
 ) -> None:
     """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""
     from rich.table import Table
@@ -272,7 +274,7 @@ def evaluate(
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist,
-                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score)  # fmt: skip
+                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16)  # fmt: skip
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):
         table.add_column(col, justify="left" if not col else "right")

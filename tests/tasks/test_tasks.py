@@ -148,6 +148,29 @@ def test_trie_search_only_yields_vocabulary(synthetic_ds, backbone):
     assert abs(logp.gather(1, torch.tensor(seq)[:, None]).sum().item() - s) < 1e-3
 
 
+def test_bf16_autocast_decoding_ranks_as_fp32_does(synthetic_ds, backbone):
+    """Under bf16 autocast (``userllm evaluate --bf16``) the beam search and the exact ranking run (their
+    float32 attention bias meets bf16 activations) and give log-probabilities within bf16's rounding of
+    the float32 ones (|difference| <= 0.05 + 2% of the magnitude)."""
+    data = task_data(synthetic_ds, backbone, "next_item")
+    titles = synthetic_ds.item_titles[2:12]
+    sequences = [[data.tokens(t) for t in titles]] * 2
+    trie = TokenTrie(sequences[0], eos_token_id=backbone.tokenizer.eos_token_id)
+    model = TextPromptLM(UserLLMConfig(strategy="full"), llm=backbone.model).eval()
+    ids, mask, _ = data.batch(data.examples("test")[:2], with_answers=False)
+    out = {}
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), model.conditioned(None, ids, mask) as (e, m):
+            out[bf16] = (rank_sequences(model, e, m, sequences, eos_token_id=backbone.tokenizer.eos_token_id),
+                         constrained_beam_search(model, e, m, trie, beams=3))  # fmt: skip
+    assert out[False][0] != out[True][0]  # autocast took effect
+    for kind in range(2):
+        for exact, low in zip(out[False][kind], out[True][kind]):
+            a, b = dict(exact), dict(low)
+            assert all(abs(a[i] - b[i]) <= 0.05 + 0.02 * abs(a[i]) for i in set(a) & set(b))
+            assert len(set(a) & set(b)) >= len(a) - 1  # at most the last place changes hands
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,mode", [("userllm", "cross_attention"), ("userllm", "soft_prompt"), ("textprompt", None)])
 def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, method, mode):
@@ -444,6 +467,11 @@ def test_interrupted_evaluation_resumes_from_its_partial_records(synthetic_ds, t
     (run / "records.partial.jsonl").write_text("\n".join([stale, json.dumps(marked)]) + "\n")
     evaluate(run, users=6, seed=1, force=True)
     assert [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()] == full
+    # a bf16 scoring is a scoring of its own: it does not take the records of an interrupted fp32 one
+    (run / "records.partial.jsonl").write_text("\n".join([header, json.dumps(marked)]) + "\n")
+    m = evaluate(run, users=6, seed=1, force=True, bf16=True)
+    assert m["precision"] == "bf16" and m["config"]["bf16"] is True
+    assert all(r["ranked"] != marked["ranked"] for r in m["predictions"])
 
 
 @pytest.mark.parametrize("method", ["textprompt", "userllm"])

@@ -180,7 +180,7 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
         raise ValueError(f"{len(tries)} tries for {b} rows")
     eos = tries[0].eos_token_id
     logits, cache = prefilled if prefilled is not None else llm_step(llm, embeds, mask, None)
-    logp = logits.log_softmax(-1)
+    logp = logits.float().log_softmax(-1)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(b)]
     # beam state per row r of (b*k): trie node, score; start: all k beams of a prefix at the root, one alive
     node = torch.zeros(b * k, dtype=torch.long)
@@ -225,7 +225,7 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
             cache.reorder_cache(source.to(device))
             mask = _append(mask)
             logits, cache = llm_step(llm, embed(new_token.to(device)[:, None]), mask, cache)
-            logp = logits.log_softmax(-1)
+            logp = logits.float().log_softmax(-1)
     return [[(index, s) for s, index in sorted(f, reverse=True)[:k]] for f in finished]
 
 

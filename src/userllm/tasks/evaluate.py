@@ -127,7 +127,9 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     log p(title + eos), ``cfg.shortlist_score``; each record keeps every title's ``[title, log p, tokens]`` as
     ``shortlist_scores``), else by the beam search."""
     done = done or {}
-    todo = [ex for ex in examples if ex.user_id not in done]
+    # longest prompts first: a batch pads to its longest prompt (TP's: up to ~3,700 tokens at 200 events), so
+    # prompts of like length are batched together
+    todo = sorted((ex for ex in examples if ex.user_id not in done), key=lambda ex: (-len(ex.prompt), -ex.history_len))
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     vocab = data.answer_vocabulary()
@@ -143,10 +145,12 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             batch = todo[c : c + cfg.eval_batch_size]
             ids, mask, _ = data.batch(batch, with_answers=False, device=device)
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
-            context = model.user_state(users) if users is not None else None  # once for both decodings
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                context = model.user_state(users) if users is not None else None  # once for both decodings
             ranked: list[list[str]] = [[] for _ in batch]
             greedy, scores = [], None
-            with model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
+            with (torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16),
+                  model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask)):  # fmt: skip
                 input_tokens = prefix_mask.sum(1).tolist()
                 # the prompt is run once for both decodings (TP's next_item prompts: ~20% of its scoring time)
                 rank, write = trie is not None, data.task != "favorite_genre"
@@ -278,16 +282,18 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
              force: bool = False, device: str | None = None, shortlist: int | None = None,
-             shortlist_ranking: str | None = None, shortlist_score: str | None = None) -> dict:  # fmt: skip
+             shortlist_ranking: str | None = None, shortlist_score: str | None = None,
+             bf16: bool | None = None) -> dict:  # fmt: skip
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
-    ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item)."""
+    ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
+    autocast (default: as the run trained), ~4x faster on a CPU with AMX for TP's long prompts."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again")
     cfg, model, data = load_run(run_dir, device or "cpu")
     overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking,
-                                   "shortlist_score": shortlist_score}.items() if v is not None}  # fmt: skip
+                                   "shortlist_score": shortlist_score, "bf16": bf16}.items() if v is not None}  # fmt: skip
     if overrides:
         cfg = load_config(TrainConfig, None, {**dump_config(cfg), **overrides})  # validated: a clear error
     device = device or cfg.device
@@ -298,7 +304,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
     exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
-    scoring = f"+shortlist{cfg.shortlist}{exact}" if listed else ""
+    scoring = (f"+shortlist{cfg.shortlist}{exact}" if listed else "") + ("+bf16" if cfg.bf16 else "")
     partial, done = load_partial(run_dir, scoring)
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
@@ -308,7 +314,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         part = [r for r in records if history_bucket(r["history_len"]) == name]
         buckets[name] = {"examples": len(part), **score(cfg.task, part, catalogue, beams, seed)}
     metrics = {
-        "task": cfg.task, "method": cfg.method, "examples": len(records),
+        "task": cfg.task, "method": cfg.method, "examples": len(records), "precision": "bf16" if cfg.bf16 else "fp32",
         "users": {"subset": users, "seed": seed} if users else "all",
         "metrics": score(cfg.task, records, catalogue, beams, seed),
         "references": references(cfg, data, examples, subset, seed, records, encoder),

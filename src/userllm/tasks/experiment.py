@@ -6,7 +6,8 @@ The spec (see ``experiments/movielens100k.yaml``)::
     prepare: {source: movielens-100k, out: outputs/ml-100k}     # PrepareConfig; skipped if the dataset exists
     pretrain: {out: runs/movielens100k/encoder, epochs: 20}     # PretrainConfig; skipped if finished
     tasks: [next_item, favorite_genre]
-    evaluate: {users: 40, seed: 0, general: false}             # users: omit to score every test user
+    evaluate: {users: 40, seed: 0, general: false}             # users: omit to score every test user;
+                                                               # bf16: true scores under bf16 autocast
     defaults: {train_examples: 128, batch_size: 4}              # TrainConfig fields of every cell
     cells:
       - {name: xattn-h50, set: {method: userllm, llm.mode: cross_attention, max_history: 50}}
@@ -136,7 +137,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
                 train(cfg.model_copy(update={"resume": resume, "force": not resume}))
             cell_ev = {**ev, **(cell.get("evaluate") or {})}
             evaluate(run, users=cell_ev.get("users"), seed=cell_ev.get("seed", 0), general=cell_ev.get("general", False),
-                     force=True)  # fmt: skip
+                     bf16=cell_ev.get("bf16"), force=True)  # fmt: skip
     return write_results(spec)
 
 
