@@ -551,6 +551,8 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert prior["metrics"]["accuracy"]["value"] == pytest.approx(sum(e.answer == top for e in test) / len(test))
     cells = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert all(set(c) == set(experiment.RESULT_KEYS) for c in cells)
+    assert {c["precision"] for c in cells if c["method"] in ("userllm", "textprompt")} == {"fp32"}  # no cell asked for bf16
+    assert {c["precision"] for c in cells if c["method"] == "label prior"} == {"-"}
     assert all(c["train_flops"] > 0 for c in cells if c["method"] in ("userllm", "textprompt"))
     flops = {c["cell"]: c["train_flops"] for c in cells}
     equal = json.loads((tmp_path / "exp" / "favorite_genre" / "xattn-equal" / "summary.json").read_text())

@@ -286,7 +286,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
              bf16: bool | None = None) -> dict:  # fmt: skip
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
     ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
-    autocast (default: as the run trained), ~4x faster on a CPU with AMX for TP's long prompts."""
+    autocast (default: as the run trained): 1.4-1.6X faster for TP's prompts on a CPU with AMX, with
+    log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``)."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not force:

@@ -162,7 +162,7 @@ def collect(spec: dict) -> list[dict]:
                 "mode": c["llm"]["mode"] if c["method"] == "userllm" else "text", "history": c["max_history"],
                 "train_examples": summary["examples"], "train_flops": summary.get("train_flops"),
                 "train_seconds": summary["train_seconds"], "users": m["examples"], "commit": summary.get("commit"),
-                "metrics": m["metrics"],
+                "metrics": m["metrics"], "precision": m.get("precision", "fp32"),  # scored in; fp32 before --bf16
                 "strategy": c["llm"]["strategy"], "perceiver": c["llm"]["perceiver_latents"] if c["method"] == "userllm" else 0,
                 "item_words": ",".join(c["llm"].get("item_words") or []) if c["method"] == "userllm" else "",
                 "xattn_layers": (f"{layers}" if layers else f"every {c['llm']['cross_attention_every']}") if xattn else "-",
@@ -193,7 +193,7 @@ def reference_rows(rows: list[dict]) -> list[dict]:
             out.append({
                 "dataset": cell["dataset"], "task": task, "cell": f"{short}-h{history}", "method": name, "mode": "-",
                 "history": history, "train_examples": 0, "train_flops": 0, "train_seconds": 0.0, "users": cell["users"],
-                "commit": cell["commit"], "metrics": cell["references"][name], "strategy": "-", "perceiver": 0,
+                "precision": "-", "commit": cell["commit"], "metrics": cell["references"][name], "strategy": "-", "perceiver": 0,
                 "item_words": "", "xattn_layers": "-", "encoder": "-", "llm_input_tokens": 0.0, "general": None,
                 "references": {}, "run": cell["run"], "subset": cell["subset"],
             })  # fmt: skip
@@ -275,7 +275,7 @@ def signed(m: dict) -> str:
 
 
 RESULT_KEYS = ("dataset", "task", "cell", "method", "mode", "history", "train_examples", "train_flops", "train_seconds",
-               "users", "commit", "metrics")  # fmt: skip
+               "users", "precision", "commit", "metrics")  # fmt: skip
 
 
 def interval(m: dict) -> str:
