@@ -449,3 +449,35 @@ def test_one_prefill_serves_greedy_then_beam_search_as_two_separate_decodings():
     assert [[i for i, _ in row] for row in beams] == [[i for i, _ in row] for row in alone_beams]
     for a, b in zip(beams, alone_beams):
         torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]))
+
+
+@pytest.mark.parametrize("arch", MAKERS)
+@pytest.mark.parametrize("mode", MODES)
+def test_row_by_row_prefill_equals_the_padded_batch(arch, mode):
+    """From ``per_row_from`` positions (TP's long prompts) ``prefill`` runs a left-padded batch row by row
+    without its padding (each row under its own user context) and pads the caches back: the logits, and every
+    decoding after it (greedy answer, beam search, exact ranking), equal those of one padded call."""
+    from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
+
+    model = build(arch, mode=mode, perceiver_latents=3)
+    with torch.no_grad():
+        for block in model.xattn.values():
+            block.attn_gate.fill_(0.8), block.ff_gate.fill_(0.5)
+    ids, mask = prompts(b=3, t=12, lengths=[12, 5, 9])
+    users = random_batch(3, 5, lengths=[5, 2, 4])
+    rows = [[[5, 6], [9], [5, 7, 8]], [[5, 7, 8], [10, 11], [12]], [[9], [14, 15], [5, 6]]]
+    trie = TokenTrie(rows[0], eos_token_id=2)
+    out = {}
+    for per_row_from in (10_000, 0):  # one padded call; row by row
+        with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
+            a, b, c = prefill(model, embeds, m, copies=3, per_row_from=per_row_from)
+            out[per_row_from] = (a[0].clone(), generate_tokens(model, embeds, m, max_new_tokens=6, prefilled=a),
+                                 constrained_beam_search(model, embeds, m, trie, beams=3, prefilled=b),
+                                 rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=c))  # fmt: skip
+    (logits, greedy, beams, exact), (logits1, greedy1, beams1, exact1) = out[10_000], out[0]
+    torch.testing.assert_close(logits1, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy1, greedy)
+    for found, found1 in ((beams, beams1), (exact, exact1)):
+        assert [[i for i, _ in row] for row in found1] == [[i for i, _ in row] for row in found]
+        for x, y in zip(found1, found):
+            torch.testing.assert_close(torch.tensor([s for _, s in x]), torch.tensor([s for _, s in y]), rtol=1e-4, atol=1e-4)
