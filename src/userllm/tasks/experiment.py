@@ -350,9 +350,11 @@ def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None) ->
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"{path}: cannot read it as results.json: {e}") from None
-        bad = not isinstance(data, list) or any(not isinstance(r, dict) or set(RESULT_KEYS) - set(r) for r in data)
+        # "precision" is optional: results.json written before it existed holds cells scored in float32
+        bad = not isinstance(data, list) or any(not isinstance(r, dict) or set(RESULT_KEYS) - set(r) - {"precision"} for r in data)
         if bad:
-            raise InputError(f"{path}: expected a list of cells, each with the keys {', '.join(RESULT_KEYS)}")
+            raise InputError(f"{path}: expected a list of cells, each with the keys {', '.join(RESULT_KEYS)} "
+                             "(precision may be absent: fp32)")
         for r in data:
             if dataset is None or r["dataset"] == dataset:
                 cells[(r["dataset"], r["task"], r["cell"], r["history"])] = r
