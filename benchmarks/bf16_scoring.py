@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from userllm.io import write_json
-from userllm.tasks.evaluate import predict
+from userllm.tasks.evaluate import predict, scoring_order
 from userllm.tasks.train import load_run, shortlists, stage1_encoder
 
 OUT = Path(__file__).parent / "results"
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=0, help="the batch's first place in prompt-length order, 0 = longest")
     args = p.parse_args()
     cfg, model, data = load_run(args.run)
-    ordered = sorted(data.examples("test"), key=lambda ex: (-len(ex.prompt), -ex.history_len))
+    ordered = scoring_order(data.examples("test"))
     if not 0 <= args.rank < len(ordered):
         raise SystemExit(f"--rank {args.rank}: the run has {len(ordered)} test users")
     examples = ordered[args.rank : args.rank + args.batch]

@@ -20,6 +20,7 @@ import torch
 
 from userllm.io import write_json
 from userllm.llm.decoding import prefill
+from userllm.tasks.evaluate import scoring_order
 from userllm.tasks.train import load_run
 
 OUT = Path(__file__).parent / "results" / "prefill_rows.json"
@@ -34,7 +35,7 @@ def main() -> None:
     p.add_argument("--fp32", action="store_true", help="float32 instead of bf16 autocast")
     args = p.parse_args()
     cfg, model, data = load_run(args.run)
-    ordered = sorted(data.examples("test"), key=lambda ex: (-len(ex.prompt), -ex.history_len))
+    ordered = scoring_order(data.examples("test"))
     rows = []
     print(f"| batch | positions | padded s | row by row s | speedup | max abs(d logit) |\n|---|---|---|---|---|---|")
     for rank in args.rank:

@@ -69,9 +69,9 @@ def prefill(model, embeds: Tensor, mask: Tensor, *, copies: int = 1,
     batch's layout (the padded entries are masked by ``mask`` in every later step): the same logits and
     cache as one padded call, up to float rounding."""
     b, t = mask.shape
-    lengths = mask.sum(1).tolist()
-    left_padded = all(bool(mask[r, t - n :].all()) for r, n in enumerate(lengths))
-    if b == 1 or t < per_row_from or min(lengths) == t or not left_padded:
+    lengths = mask.sum(1).tolist() if b > 1 and t >= per_row_from else [t]  # short prompts: no check per row
+    padded = min(lengths) < t and all(bool(mask[r, t - n :].all()) for r, n in enumerate(lengths))  # on the left
+    if not padded:
         logits, cache = llm_step(model.llm, embeds, mask, None)
     else:
         rows = []

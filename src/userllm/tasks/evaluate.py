@@ -69,6 +69,12 @@ def eval_users(run_dir: Path, num_users: int, n: int, seed: int) -> list[int]:
     return users
 
 
+def scoring_order(examples: list[TaskExample]) -> list[TaskExample]:
+    """Longest prompts first, the order :func:`predict` scores in: a batch pads to its longest prompt (TP's: up
+    to ~4,300 tokens at 200 events), so prompts of like length are batched together."""
+    return sorted(examples, key=lambda ex: (-len(ex.prompt), -ex.history_len))
+
+
 def history_bucket(length: int) -> str:
     low = 0
     for high in HISTORY_BUCKETS:
@@ -127,9 +133,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     log p(title + eos), ``cfg.shortlist_score``; each record keeps every title's ``[title, log p, tokens]`` as
     ``shortlist_scores``), else by the beam search."""
     done = done or {}
-    # longest prompts first: a batch pads to its longest prompt (TP's: up to ~3,700 tokens at 200 events), so
-    # prompts of like length are batched together
-    todo = sorted((ex for ex in examples if ex.user_id not in done), key=lambda ex: (-len(ex.prompt), -ex.history_len))
+    todo = scoring_order([ex for ex in examples if ex.user_id not in done])
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     vocab = data.answer_vocabulary()
@@ -138,6 +142,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
         trie = answer_trie(data)
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)  # re-entered for each part of each batch
     resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
         task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))
@@ -145,12 +150,11 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             batch = todo[c : c + cfg.eval_batch_size]
             ids, mask, _ = data.batch(batch, with_answers=False, device=device)
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+            with amp:
                 context = model.user_state(users) if users is not None else None  # once for both decodings
             ranked: list[list[str]] = [[] for _ in batch]
             greedy, scores = [], None
-            with (torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16),
-                  model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask)):  # fmt: skip
+            with amp, model.conditioned(users, ids, mask, context=context) as (embeds, prefix_mask):
                 input_tokens = prefix_mask.sum(1).tolist()
                 # the prompt is run once for both decodings (TP's next_item prompts: ~20% of its scoring time)
                 rank, write = trie is not None, data.task != "favorite_genre"
