@@ -223,17 +223,34 @@ def test_refreshes_due_together_are_computed_in_one_batch(tmp_path, ul_run, synt
 
 
 def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, ul_run, synthetic_ds):
+    """The first append refreshes at once; appends within the interval wait for it and coalesce into one
+    refresh. The engine's clock is the test's, advanced by hand: nothing depends on how fast this machine is."""
+    now = [100.0]
     store = EventStore(f"sqlite:///{tmp_path / 'events.db'}")
-    engine = Engine(ul_run, store, refresh_interval=0.5)
+    engine = Engine(ul_run, store, refresh_interval=0.5, clock=lambda: now[0])
     item = synthetic_ds.items.get_column("item_id")[0]
-    for t in range(3):  # a burst: the first append refreshes at once, the next two together half a second later
+
+    def refreshed_to(count):
+        for _ in range(400):
+            if engine.fingerprints.get("streamer") == store.fingerprint("streamer"):
+                return engine.fingerprints["streamer"].count == count
+            time.sleep(0.05)
+        return False
+
+    def append(t):
         store.append("streamer", [{"item_id": item, "rating": 4, "timestamp": t}])
         engine.schedule_refresh("streamer")
-    for _ in range(200):
-        if engine.fingerprints.get("streamer") == store.fingerprint("streamer"):
-            break
-        time.sleep(0.05)
-    assert engine.fingerprints["streamer"].count == 3 and engine.cache.stats["miss"] + engine.cache.stats["append"] == 2
+
+    append(0)
+    assert refreshed_to(1)
+    append(1), append(2)  # within the interval: one refresh, due half a second after the first
+    engine.executor.submit(lambda: None).result()
+    assert engine.fingerprints["streamer"].count == 1 and engine.due[0] == (100.5, "streamer")
+    with engine.lock:
+        now[0] = 100.5
+        engine.lock.notify_all()
+    assert refreshed_to(3)
+    assert engine.cache.stats["miss"] + engine.cache.stats["append"] == 2
     engine.close()
 
 

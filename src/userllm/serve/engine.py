@@ -90,12 +90,14 @@ class Row:
 class Engine:
     """A trained run (User-LLM or TP) over an event store. A request reads the user's newest ``max_history``
     events (the run's); ``cache_dir``: keep the users' contexts on disk as well; ``refresh_interval``: the
-    shortest time between two refreshes of one user's context after appends (:meth:`schedule_refresh`);
+    shortest time between two refreshes of one user's context after appends (:meth:`schedule_refresh`), in
+    seconds of ``clock`` (monotonic time; tests pass one they advance by hand);
     ``weights``: ``float32`` (as trained and evaluated) or ``int4`` (the backbone's decoder layers as 4-bit
     weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report)."""
 
     def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
-                 metrics: Metrics | None = None, refresh_interval: float = 1.0, weights: str = "float32") -> None:  # fmt: skip
+                 metrics: Metrics | None = None, refresh_interval: float = 1.0, weights: str = "float32",
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         check_weights(weights)
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.data = load_run(self.run_dir)
@@ -118,6 +120,7 @@ class Engine:
         self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
         self.refresh_interval = refresh_interval
+        self.clock = clock
         self.pending: set[str] = set()  # users with a refresh scheduled
         self.ready: set[str] = set()  # users whose refresh is due, for the next batch (:meth:`_refresh`)
         self.refresh_queued = False  # a batch of refreshes waits on the model thread
@@ -180,9 +183,9 @@ class Engine:
             if user in self.pending:
                 return
             self.pending.add(user)
-            delay = self.refreshed.get(user, -float("inf")) + self.refresh_interval - time.monotonic()
+            delay = self.refreshed.get(user, -float("inf")) + self.refresh_interval - self.clock()
             if delay > 0:  # later: one timer thread serves every delayed refresh (not a thread per user)
-                heapq.heappush(self.due, (time.monotonic() + delay, user))
+                heapq.heappush(self.due, (self.clock() + delay, user))
                 if self.timer is None:
                     self.timer = threading.Thread(target=self._timer, name="userllm-refresh-timer", daemon=True)
                     self.timer.start()
@@ -193,8 +196,8 @@ class Engine:
     def _timer(self) -> None:
         while True:
             with self.lock:
-                while not self.closed and (not self.due or self.due[0][0] > time.monotonic()):
-                    self.lock.wait(self.due[0][0] - time.monotonic() if self.due else None)
+                while not self.closed and (not self.due or self.due[0][0] > self.clock()):
+                    self.lock.wait(self.due[0][0] - self.clock() if self.due else None)
                 if self.closed:
                     return
                 user = heapq.heappop(self.due)[1]
@@ -216,7 +219,7 @@ class Engine:
     def _refresh(self) -> None:
         with self.lock:
             users, self.ready, self.refresh_queued = sorted(self.ready), set(), False
-            now = time.monotonic()
+            now = self.clock()
             for user in users:
                 self.pending.discard(user)
                 self.refreshed[user] = now
