@@ -20,6 +20,15 @@ from userllm.serve.store import EventStore, import_dataset
 KEY = "test-key"
 
 
+def eventually(condition, polls: int = 400) -> bool:
+    """Whether ``condition()`` holds within ``polls`` checks 50 ms apart (work on the engine's threads)."""
+    for _ in range(polls):
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture
 def serve(tmp_path, synthetic_ds):
     """``serve(run, **config)`` -> (engine, TestClient, openai client), the store holding the dataset's users."""
@@ -169,11 +178,7 @@ def test_delayed_refreshes_of_many_users_share_one_timer_thread(tmp_path, ul_run
     users = [f"s{i}" for i in range(20)]
 
     def wait_current():
-        for _ in range(400):
-            if all(engine.fingerprints.get(u) == store.fingerprint(u) for u in users):
-                return True
-            time.sleep(0.05)
-        return False
+        return eventually(lambda: all(engine.fingerprints.get(u) == store.fingerprint(u) for u in users))
 
     for t in range(2):  # the first appends refresh at once; the second ones, within the interval, later
         before = threading.active_count()
@@ -231,11 +236,8 @@ def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, u
     item = synthetic_ds.items.get_column("item_id")[0]
 
     def refreshed_to(count):
-        for _ in range(400):
-            if engine.fingerprints.get("streamer") == store.fingerprint("streamer"):
-                return engine.fingerprints["streamer"].count == count
-            time.sleep(0.05)
-        return False
+        current = eventually(lambda: engine.fingerprints.get("streamer") == store.fingerprint("streamer"))
+        return current and engine.fingerprints["streamer"].count == count
 
     def append(t):
         store.append("streamer", [{"item_id": item, "rating": 4, "timestamp": t}])
@@ -244,9 +246,9 @@ def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, u
     append(0)
     assert refreshed_to(1)
     append(1), append(2)  # within the interval: one refresh, due half a second after the first
-    engine.executor.submit(lambda: None).result()
-    assert engine.fingerprints["streamer"].count == 1 and engine.due[0] == (100.5, "streamer")
+    engine.executor.submit(lambda: None).result()  # nothing was queued on the model thread meanwhile
     with engine.lock:
+        assert engine.fingerprints["streamer"].count == 1 and engine.due == [(100.5, "streamer")]
         now[0] = 100.5
         engine.lock.notify_all()
     assert refreshed_to(3)

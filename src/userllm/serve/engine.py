@@ -183,9 +183,9 @@ class Engine:
             if user in self.pending:
                 return
             self.pending.add(user)
-            delay = self.refreshed.get(user, -float("inf")) + self.refresh_interval - self.clock()
-            if delay > 0:  # later: one timer thread serves every delayed refresh (not a thread per user)
-                heapq.heappush(self.due, (self.clock() + delay, user))
+            due = self.refreshed.get(user, -float("inf")) + self.refresh_interval
+            if due > self.clock():  # later: one timer thread serves every delayed refresh (not a thread per user)
+                heapq.heappush(self.due, (due, user))
                 if self.timer is None:
                     self.timer = threading.Thread(target=self._timer, name="userllm-refresh-timer", daemon=True)
                     self.timer.start()
