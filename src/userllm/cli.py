@@ -374,6 +374,7 @@ def plot_command(
     results: Annotated[list[Path], typer.Argument(help="results.json files (`userllm experiment` output, docs/results.json)")],
     out_path: Annotated[Path, typer.Option("--out", help="the PNG to write")],
     dataset: Annotated[Optional[str], typer.Option(help="only this dataset's cells, e.g. ml-100k")] = None,
+    history: Annotated[Optional[int], typer.Option(help="only the cells at this history length (events), e.g. 50")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """Quality vs history length and vs training compute, with 95% intervals, from one or more results.json."""
@@ -381,7 +382,7 @@ def plot_command(
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path} already exists; pass --force to draw it again")
-    n = plot_results(results, out_path, dataset=dataset)
+    n = plot_results(results, out_path, dataset=dataset, history=history)
     out.print(f"wrote {out_path} ({n} cells)")
 
 

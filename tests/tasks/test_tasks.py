@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
 from collections import Counter
 
 import numpy as np
@@ -567,6 +570,27 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert experiment.run_experiment(path) == tmp_path / "exp" / "results.md"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_release_memory_trims_the_glibc_heap():
+    """Between cells the experiment hands freed heap pages back (malloc_trim): a freed large tensor's
+    pages stop counting in the resident set."""
+    from userllm.tasks.experiment import release_memory
+
+    big = torch.ones(1024 * 1024)
+    del big  # a freed 4 MiB block raises glibc's mmap threshold above the blocks below
+    release_memory()
+    x = [torch.ones(64 * 1024) for _ in range(2048)]  # 512 MiB in 256 KiB blocks, now from the heap
+    del x[::2]  # every other block freed: holes in the heap that only a trim returns
+    before = rss_bytes()
+    assert release_memory()
+    assert rss_bytes() < before - 128 * 2**20
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc)."""
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def test_plot_draws_cells_of_several_results_files(tmp_path, run_cli):
     """``userllm plot``: two experiments at different history lengths in one figure, one dataset's cells."""
     def cell(name, method, history, value, dataset="ml-100k"):
@@ -586,6 +610,11 @@ def test_plot_draws_cells_of_several_results_files(tmp_path, run_cli):
     assert "(5 cells)" in " ".join(shown.split()) and out.stat().st_size > 0  # the gift_cards cell left out
     code, _, err = run_cli("plot", h50, "--out", out)
     assert code != 0 and "--force" in err
+    code, shown, err = run_cli("plot", h50, h200, "--out", out, "--dataset", "ml-100k", "--history", "200", "--force")
+    assert code == 0, err
+    assert "(2 cells)" in " ".join(shown.split())  # only the 200-event cells
+    code, _, err = run_cli("plot", h50, "--out", out, "--history", "100", "--force")
+    assert code != 0 and "at 100 events" in err
     bad = write(tmp_path / "bad.json", json.dumps([{"dataset": "ml-100k"}]))
     code, _, err = run_cli("plot", bad, "--out", tmp_path / "p2.png")
     assert code != 0 and "bad.json" in err and "train_flops" in err and not (tmp_path / "p2.png").exists()
