@@ -1,0 +1,71 @@
+"""User-LLM's lead over TP at two history lengths, paired over the same test users (issue 13, target 3).
+
+    python benchmarks/paired_lengths.py [--short runs/stage2/next_item] [--long runs/stage2-h200/next_item]
+
+Each test user is scored at both lengths on the same next item (their last event; only the window before it
+differs), so the lead at each length (User-LLM minus TP) and the change of the lead between the lengths are
+differences of per-user values, each with its 95% bootstrap interval over the users scored in all four runs
+(:func:`userllm.eval.metrics.estimate`). Target: the lead at the long length is at least as large as at the
+short one (the paper: gains grow with history length), i.e. long lead minus short lead >= 0. Writes
+``benchmarks/results/paired_lengths.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from userllm.errors import InputError
+from userllm.eval.metrics import estimate
+from userllm.io import write_json
+from userllm.tasks.evaluate import per_example, read_records
+
+OUT = Path(__file__).parent / "results" / "paired_lengths.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--short", type=Path, default=Path("runs/stage2/next_item"), help="the 50-event cells' folder")
+    ap.add_argument("--long", type=Path, default=Path("runs/stage2-h200/next_item"), help="the 200-event cells' folder")
+    ap.add_argument("--short-cells", default="shortlist20-proj-tpflops-exact,tp-256-shortlist20-exact",
+                    help="User-LLM cell,TP cell at the short length")  # fmt: skip
+    ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
+                    help="User-LLM cell,TP cell at the long length")  # fmt: skip
+    args = ap.parse_args()
+    runs = {f"{method} {length}": folder / cell
+            for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
+            for method, cell in zip(("User-LLM", "TP"), cells.split(","))}  # fmt: skip
+    records = {name: {r["user_id"]: r for r in read_records(run)} for name, run in runs.items()}
+    users = sorted(set.intersection(*(set(r) for r in records.values())), key=str)
+    if not users:
+        raise InputError(f"no test user is scored in all of {', '.join(map(str, runs.values()))}")
+    for u in users:
+        if len({records[name][u]["truth"] for name in records}) != 1:
+            raise InputError(f"user {u} has different next items across {', '.join(map(str, runs.values()))}: "
+                             "the runs are not of the same test split")  # fmt: skip
+    fmt = lambda m, sign: f"{m['value']:{sign}.3f} [{m['low']:{sign}.3f}, {m['high']:{sign}.3f}]"  # noqa: E731
+    out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "metrics": {}}
+    print(f"{len(users)} users scored in all four runs: " + ", ".join(f"{k} = {v}" for k, v in runs.items()))
+    for k in (1, 5, 10):
+        v = {name: np.array(per_example("next_item", [records[name][u] for u in users], set(), 10)[f"recall@{k}"])
+             for name in records}  # fmt: skip
+        rows = {
+            **{name: estimate(x) for name, x in v.items()},
+            "lead short (User-LLM - TP)": estimate(v["User-LLM short"] - v["TP short"]),
+            "lead long (User-LLM - TP)": estimate(v["User-LLM long"] - v["TP long"]),
+            "lead long - lead short (target >= 0)": estimate((v["User-LLM long"] - v["TP long"]) - (v["User-LLM short"] - v["TP short"])),
+            "User-LLM long - short": estimate(v["User-LLM long"] - v["User-LLM short"]),
+            "TP long - short": estimate(v["TP long"] - v["TP short"]),
+        }  # fmt: skip
+        out["metrics"][f"recall@{k}"] = rows
+        print(f"\nrecall@{k}")
+        for name, m in rows.items():
+            print(f"  {name:<40} {fmt(m, '' if name in v else '+')}")
+    write_json(OUT, out)
+    print(f"\nwrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
