@@ -26,7 +26,7 @@ import numpy as np
 
 from userllm.cli import parse_sets
 from userllm.config import TrainConfig, load_config
-from userllm.errors import UserError
+from userllm.errors import run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
 from userllm.tasks import train as train_module
@@ -69,10 +69,7 @@ def main() -> None:
     args = p.parse_args()
     if not 1 <= args.rank <= 10:
         raise SystemExit(f"error: --rank {args.rank}: expected 1-10 (the records keep the encoder's top 10)")
-    try:
-        run(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    run(args)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -100,4 +97,4 @@ def run(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """A problem with the user's input, files or flags. ``str(err)`` is the whole message to print."""
@@ -27,3 +30,13 @@ class OutputExistsError(UserError):
 
 class ConfigError(UserError):
     """An invalid configuration value (from YAML or the command line)."""
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a script's ``main()`` as the CLI runs a command: a :class:`UserError` prints ``error: <message>`` on
+    stderr and exits with its ``exit_code``, without a traceback (``benchmarks/*.py``)."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
