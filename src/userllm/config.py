@@ -128,7 +128,12 @@ class EncoderConfig(_Config):
         False, description="a linear map of the output before scoring it against the item embeddings (always there "
         "when d_model != d_feature); without it the output itself is scored, as in SASRec",
     )
-    max_len: int = Field(50, ge=2, description="longest timeline the encoder reads (learned positions)")
+    max_len: int = Field(50, ge=2, description="longest timeline the encoder reads")
+    positions: Literal["learned", "alibi"] = Field(
+        "learned", description="learned: an embedding per position from the window's start (SASRec); alibi: none, "
+        "each head's attention biased by -slope x the distance between events (Press et al., 2022), so recency "
+        "reads the same however long the window",
+    )
     time_gap_buckets: int = Field(24, ge=3, description="log2 buckets of seconds since the previous event")
     text_dim: int = Field(0, ge=0, description="width of the fixed item-text embeddings ('text' feature)")
     # filled from the dataset at training time

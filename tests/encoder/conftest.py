@@ -36,9 +36,11 @@ def random_batch(b: int, n: int, lengths: list[int] | None = None, seed: int = 0
 
 ALL = ["item", "rating", "category", "time_gap", "text"]
 CONFIGS = [dict(fusion="early"), dict(fusion="late"), dict(fusion="early", features=ALL),
-           dict(fusion="late", features=ALL), dict(features=["item"]), dict(d_model=8)]  # fmt: skip  # last: no item head
+           dict(fusion="late", features=ALL), dict(features=["item"]), dict(d_model=8),  # no item head
+           dict(positions="alibi"), dict(fusion="late", positions="alibi")]  # fmt: skip
 
 
-@pytest.fixture(params=CONFIGS, ids=lambda c: f"{c.get('fusion', 'early')}-{len(c.get('features', [1, 2, 3]))}f-d{c.get('d_model', 16)}")
+@pytest.fixture(params=CONFIGS, ids=lambda c: f"{c.get('fusion', 'early')}-{len(c.get('features', [1, 2, 3]))}f-d{c.get('d_model', 16)}"
+                                              f"-{c.get('positions', 'learned')}")
 def encoder(request) -> UserEncoder:
     return tiny_encoder(**request.param)

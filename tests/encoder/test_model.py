@@ -50,6 +50,21 @@ def test_incremental_equals_full(encoder):
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_alibi_replaces_the_position_table_by_a_recency_bias():
+    """ALiBi has no learned positions; with steep slopes each event attends to itself alone, so its embedding
+    is the one it has as a timeline of one event; at slope 0 the same weights read the earlier events."""
+    enc = tiny_encoder(positions="alibi")
+    assert not any(".pos." in k for k in enc.state_dict()) and "stacks.fused.pos.weight" in tiny_encoder().state_dict()
+    batch = random_batch(1, 6)
+    alone = torch.cat([enc({k: v[:, t : t + 1] for k, v in batch.items()})[0] for t in range(6)], 1)
+    for block in enc.stacks["fused"].blocks:
+        block.attn.slopes.fill_(1e4)
+    torch.testing.assert_close(enc(batch)[0], alone, rtol=1e-5, atol=1e-5)
+    for block in enc.stacks["fused"].blocks:
+        block.attn.slopes.zero_()
+    assert not torch.allclose(enc(batch)[0][:, 1:], alone[:, 1:], atol=1e-3)
+
+
 def test_too_long_timeline_is_an_error():
     enc = tiny_encoder()
     with pytest.raises(ValueError, match="longer than max_len=12"):

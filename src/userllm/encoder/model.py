@@ -45,39 +45,53 @@ class EncoderState:
     length: int = 0
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with an optional key/value cache."""
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's per-head slopes, the geometric sequence 2^(-8 h / H) for h = 1..H (Press et al., 2022): (H,)."""
+    return torch.tensor([2.0 ** (-8.0 * h / n_heads) for h in range(1, n_heads + 1)])
 
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float) -> None:
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with an optional key/value cache.
+
+    With ``alibi``, head h's score of query i for key j <= i is lowered by ``slope_h * (i - j)``: a recency
+    bias that depends only on the distance, so a cached prefix and a shifted window read alike."""
+
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float, alibi: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        self.register_buffer("slopes", alibi_slopes(n_heads) if alibi else None, persistent=False)
 
     def forward(self, x: Tensor, past: KV | None = None) -> tuple[Tensor, KV]:
         """x: (b, n, d); past: cached (k, v) of earlier events. Returns (b, n, d) and the updated (k, v)."""
         b, n, d = x.shape
         q, k, v = (t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in self.qkv(x).split(d, 2))
         p = self.dropout if self.training else 0.0
-        if past is None:
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        if past is None and self.slopes is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
             start = k.shape[2] - n  # new queries sit at positions start..start+n-1
-            allowed = torch.arange(k.shape[2], device=x.device)[None, :] <= start + torch.arange(n, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+            dist = start + torch.arange(n, device=x.device)[:, None] - torch.arange(k.shape[2], device=x.device)[None, :]
+            mask = dist >= 0  # (n, length)
+            if self.slopes is not None:  # (H, n, length): -slope x distance where allowed, -inf elsewhere
+                bias = -self.slopes.to(q.dtype)[:, None, None] * dist.to(q.dtype)
+                mask = bias.masked_fill(~mask, float("-inf"))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(b, n, d)), (k, v)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float, alibi: bool = False) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model=d_model, n_heads=n_heads, dropout=dropout)
+        self.attn = CausalSelfAttention(d_model=d_model, n_heads=n_heads, dropout=dropout, alibi=alibi)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
@@ -88,23 +102,28 @@ class Block(nn.Module):
 
 
 class CausalTransformer(nn.Module):
-    """Input projection, learned positions, causal blocks, final LayerNorm: (b, n, d_in) -> (b, n, d_model)."""
+    """Input projection, positions (learned embeddings, or ALiBi biases inside attention), causal blocks, final
+    LayerNorm: (b, n, d_in) -> (b, n, d_model)."""
 
-    def __init__(self, *, d_in: int, d_model: int, n_layers: int, n_heads: int, dropout: float, max_len: int):
+    def __init__(self, *, d_in: int, d_model: int, n_layers: int, n_heads: int, dropout: float, max_len: int,
+                 positions: str = "learned"):  # fmt: skip
         super().__init__()
         self.max_len = max_len
         self.proj = nn.Linear(d_in, d_model) if d_in != d_model else nn.Identity()
-        self.pos = nn.Embedding(max_len, d_model)
+        self.pos = nn.Embedding(max_len, d_model) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model=d_model, n_heads=n_heads, dropout=dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model=d_model, n_heads=n_heads, dropout=dropout, alibi=positions == "alibi")
+                                    for _ in range(n_layers))  # fmt: skip
         self.ln_f = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, past: list[KV | None] | None = None, start: int = 0) -> tuple[Tensor, list[KV]]:
         n = x.shape[1]
         if start + n > self.max_len:
             raise ValueError(f"timeline of {start + n} events is longer than max_len={self.max_len}")
-        pos = torch.arange(start, start + n, device=x.device)
-        x = self.drop(self.proj(x) + self.pos(pos))
+        x = self.proj(x)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + n, device=x.device))
+        x = self.drop(x)
         cache = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, past[i] if past else None)
@@ -181,7 +200,7 @@ class UserEncoder(nn.Module):
         self.cfg = cfg
         self.embed = EventFeatures(cfg, item_categories, item_text)
         kw = dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                  max_len=cfg.max_len)  # fmt: skip
+                  max_len=cfg.max_len, positions=cfg.positions)  # fmt: skip
         if cfg.fusion == "early":
             self.stacks = nn.ModuleDict({"fused": CausalTransformer(d_in=len(cfg.features) * cfg.d_feature, **kw)})
             self.fuse = nn.Identity()

@@ -36,12 +36,22 @@ def target_ranks(scores: Tensor, targets: Tensor) -> Tensor:
     return ahead.sum(1)
 
 
+def recall_values(ranks: Tensor, k: int) -> Tensor:
+    """Recall@K of each example: (b,) ranks -> (b,) values (their mean is :func:`recall_at`)."""
+    return (ranks < k).float()
+
+
+def ndcg_values(ranks: Tensor, k: int) -> Tensor:
+    """NDCG@K of each example: (b,) ranks -> (b,) values (their mean is :func:`ndcg_at`)."""
+    return (ranks < k).float() / torch.log2(ranks.float() + 2)
+
+
 def recall_at(ranks: Tensor, k: int) -> float:
-    return (ranks < k).float().mean().item()
+    return recall_values(ranks, k).mean().item()
 
 
 def ndcg_at(ranks: Tensor, k: int) -> float:
-    return ((ranks < k).float() / torch.log2(ranks.float() + 2)).mean().item()
+    return ndcg_values(ranks, k).mean().item()
 
 
 def mrr_at(ranks: Tensor, k: int) -> float:
