@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 from collections import Counter
 
 import numpy as np
@@ -571,27 +568,6 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     monkeypatch.setattr("userllm.tasks.train.train", refuse)
     monkeypatch.setattr("userllm.tasks.evaluate.evaluate", refuse)
     assert experiment.run_experiment(path) == tmp_path / "exp" / "results.md"
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_release_memory_trims_the_glibc_heap():
-    """Between cells the experiment hands freed heap pages back (malloc_trim): a freed large tensor's
-    pages stop counting in the resident set."""
-    from userllm.tasks.experiment import release_memory
-
-    big = torch.ones(1024 * 1024)
-    del big  # a freed 4 MiB block raises glibc's mmap threshold above the blocks below
-    release_memory()
-    x = [torch.ones(64 * 1024) for _ in range(2048)]  # 512 MiB in 256 KiB blocks, now from the heap
-    del x[::2]  # every other block freed: holes in the heap that only a trim returns
-    before = rss_bytes()
-    assert release_memory()
-    assert rss_bytes() < before - 128 * 2**20
-
-
-def rss_bytes() -> int:
-    """This process's resident set size (Linux /proc)."""
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_plot_draws_cells_of_several_results_files(tmp_path, run_cli):

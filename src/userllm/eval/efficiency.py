@@ -19,7 +19,6 @@ The analytic count is :func:`userllm.llm.flops.analytic_flops` (its module gives
 
 from __future__ import annotations
 
-import ctypes
 import statistics
 import tempfile
 import threading
@@ -42,6 +41,7 @@ from userllm.llm.cache import UserContextCache
 from userllm.llm.decoding import generate_tokens, llm_step
 from userllm.llm.flops import analytic_flops
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserContext, UserLLM
+from userllm.memory import release_memory, rss_bytes
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData
@@ -75,33 +75,20 @@ class PeakRSS:
     def __init__(self, device: str) -> None:
         self.device, self.peak, self._stop = device, 0, threading.Event()
 
-    @staticmethod
-    def trim() -> None:
-        """Return freed heap memory to the OS (glibc), so the base is the live working set, not old peaks."""
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
     def __enter__(self):
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        self.trim()
-        self.base = self.rss()
+        release_memory()  # the base is the live working set, not old peaks
+        self.base = rss_bytes()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss() - self.base)
+            self.peak = max(self.peak, rss_bytes() - self.base)
             time.sleep(0.002)
 
     def __exit__(self, *exc) -> None:
@@ -110,7 +97,7 @@ class PeakRSS:
             return
         self._stop.set()
         self.thread.join()
-        self.peak = max(self.peak, self.rss() - self.base)
+        self.peak = max(self.peak, rss_bytes() - self.base)
 
 
 def timed(fn, repeats: int, device: str) -> dict[str, float]:

@@ -27,8 +27,6 @@ every metric carries its 95% bootstrap interval over users.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, load_conf
 from userllm.data.dataset import FILES
 from userllm.errors import ConfigError, InputError
 from userllm.io import write_json, write_text_atomically
+from userllm.memory import release_memory
 from userllm.progress import console
 
 MAIN_METRIC = {"next_item": "recall@10", "favorite_genre": "accuracy", "review": "rougeLsum"}
@@ -140,21 +139,8 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
             cell_ev = {**ev, **(cell.get("evaluate") or {})}
             evaluate(run, users=cell_ev.get("users"), seed=cell_ev.get("seed", 0), general=cell_ev.get("general", False),
                      bf16=cell_ev.get("bf16"), force=True)  # fmt: skip
-            release_memory()
+            release_memory()  # the next cell's peak does not stack on this one's freed heap (make demo: ~0.6 GB)
     return write_results(spec)
-
-
-def release_memory() -> bool:
-    """Return the memory a finished cell freed to the operating system, so that the next cell's peak does not
-    stack on the last one's leftovers: glibc keeps freed heap pages mapped (once large tensors have been
-    freed, its dynamic mmap threshold rises and later ones come from the heap), and ``make demo``'s second
-    cell peaked ~0.6 GB higher after the first than alone. True where there was a glibc to trim."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return False
-    return True
 
 
 def collect(spec: dict) -> list[dict]:

@@ -1,0 +1,30 @@
+"""Process memory on Linux: the resident set, and handing freed heap pages back to the operating system.
+
+Used below every layer that measures or bounds memory: ``eval.efficiency`` (a request's peak above the live
+working set) and ``tasks.experiment`` (each cell's peak not stacked on the last one's freed heap).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+
+def release_memory() -> bool:
+    """Collect garbage, then return freed heap pages to the OS (glibc ``malloc_trim``): glibc keeps freed
+    pages mapped (once large blocks have been freed its dynamic mmap threshold rises and later ones come from
+    the heap), so without a trim they count in the resident set until reused. True where there was a glibc
+    to trim; False elsewhere (macOS, musl), where there is nothing to do."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def rss_bytes() -> int:
+    """This process's resident set size in bytes (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
