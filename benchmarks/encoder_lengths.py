@@ -32,14 +32,18 @@ OUT = Path(__file__).parent / "results" / "encoder_lengths.json"
 SPLIT_AT = 50  # history length separating the two groups of users
 
 
-def score(run: Path) -> tuple[dict[str, np.ndarray], np.ndarray, str, str]:
+def score(run: Path, timelines: dict[tuple[str, int], Timelines]) -> tuple[dict[str, np.ndarray], np.ndarray, str, str]:
     """Per-user test Recall@10 and NDCG@10 of one pretraining run, each user's history length, the run's
-    dataset and a description of its window and positions."""
+    dataset and a description of its window and positions. ``timelines`` holds each (dataset, time-gap
+    buckets) read so far, so runs of one dataset read it once."""
     if not (run / "config.json").exists():
         raise InputError(f"{run} is not a pretraining run (no config.json); create one with `userllm pretrain`")
     dataset = json.loads((run / "config.json").read_text())["dataset"]
     model = load_encoder(run, "cpu").eval()
-    tl = Timelines.from_dataset(PreparedDataset(dataset), model.cfg.time_gap_buckets)
+    key = (dataset, model.cfg.time_gap_buckets)
+    if key not in timelines:
+        timelines[key] = Timelines.from_dataset(PreparedDataset(dataset), model.cfg.time_gap_buckets)
+    tl = timelines[key]
     ranks, ends = rank_split(encoder_scores(model, tl, "cpu"), tl, "test", model.cfg.max_len, masked=False)
     values = {"recall@10": recall_values(ranks, 10).numpy(), "ndcg@10": ndcg_values(ranks, 10).numpy()}
     return values, ends, dataset, f"window {model.cfg.max_len}, {model.cfg.positions} positions"
@@ -54,9 +58,9 @@ def main() -> None:
     if len(recipes) < 2 or not all(recipes.values()):
         raise InputError("give at least two recipes, each one or more pretraining runs joined by commas")
     values: dict[str, dict[str, np.ndarray]] = {}
-    history, datasets = None, set()
+    history, datasets, timelines = None, set(), {}
     for name, runs in recipes.items():
-        scored = [score(run) for run in runs]
+        scored = [score(run, timelines) for run in runs]
         for run, (_, ends, dataset, desc) in zip(runs, scored):
             print(f"{run}: {desc}", flush=True)
             datasets.add(dataset)

@@ -59,9 +59,10 @@ def main() -> None:
     fmt = lambda m, sign: f"{m['value']:{sign}.3f} [{m['low']:{sign}.3f}, {m['high']:{sign}.3f}]"  # noqa: E731
     out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "metrics": {}}
     print(f"{len(users)} users scored in all four runs: " + ", ".join(f"{k} = {v}" for k, v in runs.items()))
+    recalls = {name: per_example("next_item", [recs[u] for u in users], set(), 10)
+               for name, recs in {**records, **encoder}.items()}  # fmt: skip
     for k in (1, 5, 10):
-        v = {name: np.array(per_example("next_item", [recs[u] for u in users], set(), 10)[f"recall@{k}"])
-             for name, recs in {**records, **encoder}.items()}  # fmt: skip
+        v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
         lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")}
                 for m in ("User-LLM", "encoder")}  # fmt: skip
         rows = {

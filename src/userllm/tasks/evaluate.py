@@ -42,7 +42,7 @@ import torch
 from userllm.config import TrainConfig, dump_config, load_config
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.eval.metrics import estimate, list_ranks, paired_estimate, rouge_per_example
+from userllm.eval.metrics import estimate, list_ranks, paired_estimate, recall_values, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
@@ -199,8 +199,8 @@ def per_example(task: str, records: list[dict], catalogue: set[str], beams: int)
         return rouge_per_example([r["greedy"] for r in records], [r["truth"] for r in records])
     ranks = list_ranks([r["ranked"] for r in records], [r["truth"] for r in records])
     if task == "favorite_genre":
-        return {"accuracy": (ranks < 1).float().tolist()}
-    out = {f"recall@{k}": (ranks < k).float().tolist() for k in (1, 5, 10) if k <= beams}
+        return {"accuracy": recall_values(ranks, 1).tolist()}
+    out = {f"recall@{k}": recall_values(ranks, k).tolist() for k in (1, 5, 10) if k <= beams}
     if all(r.get("greedy") is not None for r in records):
         out["exact_match"] = [float(r["greedy"] == r["truth"]) for r in records]
         out["valid_title"] = [float(r["greedy"] in catalogue) for r in records]
