@@ -707,7 +707,32 @@ def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, t
     assert TrainConfig().gate_lr_scale == 20 and opened[1.0] < 0.01 < 0.05 < opened[20.0]
 
 
-@pytest.mark.parametrize("name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200"])
+def test_experiment_refuses_an_encoder_pretrained_with_another_recipe(synthetic_ds, tmp_path, run_cli):
+    """A spec's ``pretrain`` names its encoder by ``out``: a finished run there with another recipe (learned
+    positions where the spec asks for ALiBi) was reused silently; now the experiment stops and says which field
+    differs. How the run ran (force, device) and the vocabulary sizes it read from the data do not count."""
+    import yaml
+
+    from userllm.config import PretrainConfig, dump_config
+
+    enc = tmp_path / "enc"
+    saved = PretrainConfig(dataset=synthetic_ds.root, out=enc, force=True, encoder={"max_len": 8, "num_items": 42})
+    write(enc / "config.json", json.dumps(dump_config(saved)))
+    write(enc / "summary.json", json.dumps({"finished": True}))
+    spec = {"out": str(tmp_path / "exp"), "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
+            "pretrain": {"out": str(enc), "encoder": {"max_len": 8, "positions": "alibi"}},
+            "tasks": ["favorite_genre"], "cells": [{"name": "x", "set": {"train_examples": 0}}]}  # fmt: skip
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli("experiment", path)
+    assert code == 2 and "encoder.positions: 'learned' there, 'alibi' in the spec" in " ".join(err.split())
+    assert "force" not in err and "num_items" not in err and not (tmp_path / "exp").exists()
+    from userllm.tasks.experiment import check_encoder_recipe
+
+    check_encoder_recipe(path, PretrainConfig(dataset=synthetic_ds.root, out=enc, encoder={"max_len": 8}))  # same recipe
+
+
+@pytest.mark.parametrize("name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200", "stage2_h200_alibi"])
 def test_shipped_experiment_specs_resolve_every_cell(name, tmp_path):
     """Every (task, cell) of the specs in experiments/ resolves to a valid TrainConfig (a mistyped key or value
     fails here, not hours into a grid); match_flops cells read their reference's training FLOPs."""

@@ -31,7 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, load_config, read_yaml_mapping
+from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, dump_config, load_config, read_yaml_mapping
 from userllm.data.dataset import FILES
 from userllm.errors import ConfigError, InputError
 from userllm.io import write_json, write_text_atomically
@@ -40,6 +40,9 @@ from userllm.progress import console
 
 MAIN_METRIC = {"next_item": "recall@10", "favorite_genre": "accuracy", "review": "rougeLsum"}
 SPEC_KEYS = {"out", "prepare", "pretrain", "tasks", "evaluate", "defaults", "cells"}
+# fields of a saved pretraining config that do not decide which encoder it is: how it ran, and the vocabulary sizes
+# it read from the dataset
+NOT_RECIPE = {"device", "bf16", "resume", "force", "encoder.num_items", "encoder.num_ratings", "encoder.num_categories"}
 REFERENCES = {"label prior": "prior", "most common review": "common-review", "encoder alone": "encoder"}  # -> cell name
 
 
@@ -94,6 +97,33 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def changed_fields(saved: dict, wanted: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted name, saved value, wanted value)`` of every field whose value differs; fields that ``saved``
+    lacks (a run written before the field existed) are not compared."""
+    out = []
+    for key, value in wanted.items():
+        if key not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            out += changed_fields(saved[key], value, f"{prefix}{key}.")
+        elif saved[key] != value:
+            out.append((f"{prefix}{key}", saved[key], value))
+    return out
+
+
+def check_encoder_recipe(path: Path, pre: PretrainConfig) -> None:
+    """Refuse to reuse or resume an encoder run pretrained with another recipe than the spec's ``pretrain``
+    (a spec that asks for ALiBi positions must not silently rank with an encoder that has learned ones)."""
+    saved = Path(pre.out) / "config.json"
+    if not saved.exists():
+        return
+    changed = [c for c in changed_fields(json.loads(saved.read_text()), dump_config(pre)) if c[0] not in NOT_RECIPE]
+    if changed:
+        diffs = "; ".join(f"{name}: {old!r} there, {new!r} in the spec" for name, old, new in changed)
+        raise ConfigError(f"{path}: pretrain: {pre.out} was pretrained with another recipe ({diffs}); give 'pretrain' "
+                          f"another 'out', or remove {pre.out} to pretrain it again")  # fmt: skip
+
+
 def run_experiment(path: Path, *, only: list[str] | None = None, task: str | None = None,
                    overrides: dict | None = None) -> Path:  # fmt: skip
     """Run every (task, cell) of the spec that is not finished (only the cells named ``only`` and the tasks
@@ -117,6 +147,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
     if spec.get("pretrain"):
         pre = load_config(PretrainConfig, None, {"dataset": str(prep.out), **spec["pretrain"],
                                                   **{k: v for k, v in overrides.items() if k in ("device", "bf16")}})  # fmt: skip
+        check_encoder_recipe(path, pre)
         encoder = Path(pre.out)
         summary = encoder / "summary.json"
         if not (summary.exists() and json.loads(summary.read_text()).get("finished")):
