@@ -81,7 +81,7 @@ def main() -> None:
             rows = {}
             for name in recipes:
                 x = values[name][metric][:, sel]
-                rows[name] = paired_estimate(x, np.zeros((1, x.shape[1])))
+                rows[name] = paired_estimate(x)
                 line = f"  {name:<{width}} {fmt(rows[name])}"
                 if name != ref:
                     rows[f"{name} - {ref}"] = paired_estimate(x, values[ref][metric][:, sel])

@@ -58,6 +58,8 @@ def test_paired_estimate_one_run_a_side_is_the_paired_bootstrap():
     a, b = rng.integers(0, 2, 300).astype(float), rng.integers(0, 2, 300).astype(float)
     assert paired_estimate(a, b, seed=4) == estimate(a - b, seed=4)
     assert paired_estimate([a, a, a], [b, b], seed=4) == estimate(a - b, seed=4)  # copies of a run add no spread
+    assert paired_estimate(a, seed=4) == estimate(a, seed=4)  # no B: A's own level
+    assert paired_estimate([a, b], seed=4) == paired_estimate([a, b], np.zeros(300), seed=4)
 
 
 def test_paired_estimate_resamples_training_runs():

@@ -116,9 +116,10 @@ def estimate(values, *, seed: int = 0) -> dict[str, float]:
     return {"value": float(np.mean(values)) if len(values) else float("nan"), "low": low, "high": high}
 
 
-def paired_estimate(a, b, *, seed: int = 0, resamples: int = 1000, level: float = 0.95) -> dict[str, float]:
+def paired_estimate(a, b=None, *, seed: int = 0, resamples: int = 1000, level: float = 0.95) -> dict[str, float]:
     """Recipe A minus recipe B over the same users: ``a`` is (runs of A, users) per-user values, one row per
-    training run (e.g. seeds), ``b`` likewise for B, columns the same users in the same order.
+    training run (e.g. seeds), ``b`` likewise for B, columns the same users in the same order; without ``b``,
+    recipe A's own level (A minus zeros), its interval resampling users and runs alike.
 
     value = mean_u ( mean_i a[i, u] - mean_j b[j, u] ), and a percentile-bootstrap interval that resamples the
     users (both sides' values of a user together: a paired interval) and, on each side with more than one
@@ -126,7 +127,8 @@ def paired_estimate(a, b, *, seed: int = 0, resamples: int = 1000, level: float 
     interval as well. With one run a side it is :func:`estimate` of the per-user differences exactly; a side
     with one run adds no run-to-run spread, and with few runs the resampled spread is ~(k-1)/k of the true
     one (a percentile bootstrap over k values), so the interval stays a lower bound on the uncertainty."""
-    a, b = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (a, b))
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.zeros((1, a.shape[1])) if b is None else np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a and b must hold the same users: {a.shape[1]} vs {b.shape[1]} columns")
     n = a.shape[1]

@@ -445,9 +445,10 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             err = [[p[1]["value"] - p[1]["low"] for p in points], [p[1]["high"] - p[1]["value"] for p in points]]
             ax.errorbar(x, m, yerr=err, capsize=3, **kw)
 
-        for label in sorted({(r["method"], r["mode"]) for r in part}) if history_ax is not None else []:
-            line = best_by_history([r for r in part if (r["method"], r["mode"]) == label], metric)
-            bars(history_ax, line, marker="o", label=f"{label[0]} {label[1]} (best cell, shared budget)")
+        if history_ax is not None:
+            for label in sorted({(r["method"], r["mode"]) for r in part}):
+                line = best_by_history([r for r in part if (r["method"], r["mode"]) == label], metric)
+                bars(history_ax, line, marker="o", label=f"{label[0]} {label[1]} (best cell, shared budget)")
         for name in sorted({r["method"] for r in refs}):
             line = sorted(((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"]),
                           key=lambda p: p[0])  # fmt: skip
