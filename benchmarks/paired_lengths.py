@@ -1,6 +1,6 @@
 """User-LLM's lead over TP at two history lengths, paired over the same test users (issue 13, target 3).
 
-    python benchmarks/paired_lengths.py [--short runs/stage2/next_item] [--long runs/stage2-h200/next_item]
+    python benchmarks/paired_lengths.py [--short runs/stage2/next_item] [--long runs/stage2-h200/next_item] [--out F]
 
 Each test user is scored at both lengths on the same next item (their last event; only the window before it
 differs), so the lead at each length (User-LLM minus TP) and the change of the lead between the lengths are
@@ -11,7 +11,7 @@ short one (the paper: gains grow with history length), i.e. long lead minus shor
 Both methods rerank the stage-1 encoder's shortlist, so the encoder's own order of it (the records'
 ``encoder_ranked``: one list per user and length, checked to be the same in both runs) is a reference: its
 rows give the lead over TP that a reranker returning the encoder's order unchanged would have, at each length,
-and its change between them. Writes ``benchmarks/results/paired_lengths.json``.
+and its change between them. Writes ``benchmarks/results/paired_lengths.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
                     help="User-LLM cell,TP cell at the short length")  # fmt: skip
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=OUT, help="where the figures are written as JSON")
     args = ap.parse_args()
     runs = {f"{method} {length}": folder / cell
             for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
@@ -79,8 +80,8 @@ def main() -> None:
         print(f"\nrecall@{k}")
         for name, m in rows.items():
             print(f"  {name:<45} {fmt(m, '' if name in v else '+')}")
-    write_json(OUT, out)
-    print(f"\nwrote {OUT}")
+    write_json(args.out, out)
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
