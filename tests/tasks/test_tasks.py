@@ -707,13 +707,15 @@ def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, t
     assert TrainConfig().gate_lr_scale == 20 and opened[1.0] < 0.01 < 0.05 < opened[20.0]
 
 
-def test_experiment_refuses_an_encoder_pretrained_with_another_recipe(synthetic_ds, tmp_path, run_cli):
-    """A spec's ``pretrain`` names its encoder by ``out``: a finished run there with another recipe (learned
-    positions where the spec asks for ALiBi) was reused silently; now the experiment stops and says which field
-    differs. How the run ran (force, device) and the vocabulary sizes it read from the data do not count."""
+def test_experiment_refuses_runs_made_with_another_recipe(synthetic_ds, tmp_path, run_cli):
+    """A spec names its encoder by ``pretrain.out`` and each cell by its name: a finished run there with another
+    recipe (learned positions where the spec asks for ALiBi; a cell whose ``set`` was edited) was reused
+    silently; now the experiment stops and says which field differs. How the run ran (force, device) and the
+    vocabulary sizes an encoder read from the data do not count."""
     import yaml
 
-    from userllm.config import PretrainConfig, dump_config
+    from userllm.config import PretrainConfig, TrainConfig, dump_config
+    from userllm.tasks.experiment import check_recipe
 
     enc = tmp_path / "enc"
     saved = PretrainConfig(dataset=synthetic_ds.root, out=enc, force=True, encoder={"max_len": 8, "num_items": 42})
@@ -721,15 +723,22 @@ def test_experiment_refuses_an_encoder_pretrained_with_another_recipe(synthetic_
     write(enc / "summary.json", json.dumps({"finished": True}))
     spec = {"out": str(tmp_path / "exp"), "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
             "pretrain": {"out": str(enc), "encoder": {"max_len": 8, "positions": "alibi"}},
-            "tasks": ["favorite_genre"], "cells": [{"name": "x", "set": {"train_examples": 0}}]}  # fmt: skip
+            "tasks": ["favorite_genre"], "cells": [{"name": "x", "set": {"lr": 0.01}}]}  # fmt: skip
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
     code, _, err = run_cli("experiment", path)
     assert code == 2 and "encoder.positions: 'learned' there, 'alibi' in the spec" in " ".join(err.split())
     assert "force" not in err and "num_items" not in err and not (tmp_path / "exp").exists()
-    from userllm.tasks.experiment import check_encoder_recipe
+    check_recipe(path, "pretrain", PretrainConfig(dataset=synthetic_ds.root, out=enc, encoder={"max_len": 8}))  # same
 
-    check_encoder_recipe(path, PretrainConfig(dataset=synthetic_ds.root, out=enc, encoder={"max_len": 8}))  # same recipe
+    spec["pretrain"]["encoder"]["positions"] = "learned"
+    cell = tmp_path / "exp" / "favorite_genre" / "x"  # finished (metrics.json) with lr 0.001, the spec now says 0.01
+    run = TrainConfig(dataset=synthetic_ds.root, task="favorite_genre", out=cell, encoder=str(enc), lr=0.001, force=True)
+    write(cell / "config.json", json.dumps(dump_config(run)))
+    write(cell / "metrics.json", "{}")
+    path.write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli("experiment", path)
+    assert code == 2 and "cell x (favorite_genre)" in err and "(lr: 0.001 there, 0.01 in the spec)" in " ".join(err.split())
 
 
 @pytest.mark.parametrize("name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200", "stage2_h200_alibi"])

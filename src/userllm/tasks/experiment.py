@@ -17,7 +17,8 @@ The spec (see ``experiments/movielens100k.yaml``)::
                                         # other cells are re-scored on its users in a table of their own
 
 Every cell runs once per task in ``out/TASK/NAME``. A cell with ``metrics.json`` is skipped; one with a
-trained model is only evaluated; one with a checkpoint resumes. ``userllm`` cells use the pretrained
+trained model is only evaluated; one with a checkpoint resumes; a run (the encoder's or a cell's) whose saved
+config is another recipe than the spec's is refused, not reused. ``userllm`` cells use the pretrained
 encoder unless they set ``encoder: random``; a next_item cell of any method with ``shortlist: N`` ranks
 that encoder's top N items per user, and a TP cell with ``llm.candidates: N`` lists them in its prompt.
 Each task's table ends with the label prior at every history length of its cells (the train split's most
@@ -40,8 +41,8 @@ from userllm.progress import console
 
 MAIN_METRIC = {"next_item": "recall@10", "favorite_genre": "accuracy", "review": "rougeLsum"}
 SPEC_KEYS = {"out", "prepare", "pretrain", "tasks", "evaluate", "defaults", "cells"}
-# fields of a saved pretraining config that do not decide which encoder it is: how it ran, and the vocabulary sizes
-# it read from the dataset
+# fields of a saved run config that do not decide what the run is: how it ran, and the vocabulary sizes an
+# encoder read from the dataset
 NOT_RECIPE = {"device", "bf16", "resume", "force", "encoder.num_items", "encoder.num_ratings", "encoder.num_categories"}
 REFERENCES = {"label prior": "prior", "most common review": "common-review", "encoder alone": "encoder"}  # -> cell name
 
@@ -111,17 +112,18 @@ def changed_fields(saved: dict, wanted: dict, prefix: str = "") -> list[tuple[st
     return out
 
 
-def check_encoder_recipe(path: Path, pre: PretrainConfig) -> None:
-    """Refuse to reuse or resume an encoder run pretrained with another recipe than the spec's ``pretrain``
-    (a spec that asks for ALiBi positions must not silently rank with an encoder that has learned ones)."""
-    saved = Path(pre.out) / "config.json"
+def check_recipe(path: Path, what: str, cfg: PretrainConfig | TrainConfig) -> None:
+    """Refuse to reuse or resume a run at ``cfg.out`` made with another recipe than the spec now resolves to
+    (``what``: the spec's part that names it): a spec asking for ALiBi positions must not silently rank with an
+    encoder that has learned ones, nor a cell edited in the spec report the numbers of its old recipe."""
+    saved = Path(cfg.out) / "config.json"
     if not saved.exists():
         return
-    changed = [c for c in changed_fields(json.loads(saved.read_text()), dump_config(pre)) if c[0] not in NOT_RECIPE]
+    changed = [c for c in changed_fields(json.loads(saved.read_text()), dump_config(cfg)) if c[0] not in NOT_RECIPE]
     if changed:
         diffs = "; ".join(f"{name}: {old!r} there, {new!r} in the spec" for name, old, new in changed)
-        raise ConfigError(f"{path}: pretrain: {pre.out} was pretrained with another recipe ({diffs}); give 'pretrain' "
-                          f"another 'out', or remove {pre.out} to pretrain it again")  # fmt: skip
+        raise ConfigError(f"{path}: {what}: {cfg.out} was made with another recipe ({diffs}); give it another "
+                          f"{'out' if what == 'pretrain' else 'name'}, or remove {cfg.out} to run it again")  # fmt: skip
 
 
 def run_experiment(path: Path, *, only: list[str] | None = None, task: str | None = None,
@@ -147,7 +149,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
     if spec.get("pretrain"):
         pre = load_config(PretrainConfig, None, {"dataset": str(prep.out), **spec["pretrain"],
                                                   **{k: v for k, v in overrides.items() if k in ("device", "bf16")}})  # fmt: skip
-        check_encoder_recipe(path, pre)
+        check_recipe(path, "pretrain", pre)
         encoder = Path(pre.out)
         summary = encoder / "summary.json"
         if not (summary.exists() and json.loads(summary.read_text()).get("finished")):
@@ -159,6 +161,7 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
             if (only and cell["name"] not in only) or (task and task_name != task) or task_name not in cell.get("tasks", [task_name]):
                 continue
             cfg = cell_config(spec, cell, task_name, prep.out, encoder, overrides)
+            check_recipe(path, f"cell {cell['name']} ({task_name})", cfg)
             run = Path(cfg.out)
             if (run / "metrics.json").exists():
                 console.print(f"[dim]skip {task_name}/{cell['name']}: finished[/dim]")
