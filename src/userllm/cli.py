@@ -293,6 +293,8 @@ def answer(
     run: Annotated[Path, typer.Argument(help="a `userllm train` run directory (next_item or favorite_genre)")],
     user: Annotated[list[str], typer.Option(help="a user_id of the run's dataset; repeat to compare users")],
     top: Annotated[int, typer.Option(help="answers per user, best first")] = 5,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="answer under bf16 autocast [default: as the "
+                                                 "run trained, as `userllm evaluate` scores it]")] = None,
 ) -> None:
     """Users side by side: the run's task answered from each one's latest history (constrained to real titles
     or categories, as evaluation scores it), beside their recent titles and most frequent categories."""
@@ -300,7 +302,7 @@ def answer(
 
     from userllm.tasks.evaluate import ranked_for_users
 
-    rows = ranked_for_users(run, user, top=top)
+    rows = ranked_for_users(run, user, top=top, bf16=bf16)
     table = Table(title=f"{run}: each user's answers from their own history (probability)")
     for col in ("user", "latest titles", "most frequent categories", f"top {top} answers"):
         table.add_column(col)
@@ -346,11 +348,13 @@ def generate(
     instruction: Annotated[str, typer.Argument(help="what to ask, e.g. 'Which movie will I enjoy next?'")],
     user: Annotated[str, typer.Option(help="a user_id of the run's dataset")],
     max_new_tokens: Annotated[int, typer.Option(help="longest answer in tokens")] = 48,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="generate under bf16 autocast [default: as "
+                                                 "the run trained]")] = None,
 ) -> None:
     """A personalized answer for one user of the dataset (their most recent history)."""
     from userllm.tasks.evaluate import generate_for_user
 
-    print(generate_for_user(run, user, instruction, max_new_tokens=max_new_tokens))
+    print(generate_for_user(run, user, instruction, max_new_tokens=max_new_tokens, bf16=bf16))
 
 
 @app.command()

@@ -196,6 +196,9 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
         evaluate(run, users=6, seed=1)
     answer = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
     assert isinstance(answer, str)
+    half = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4,
+                             bf16=True)  # fmt: skip
+    assert isinstance(half, str)
 
 
 def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
@@ -691,6 +694,13 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     assert shown[0]["answers"] != shown[1]["answers"]
     with pytest.raises(InputError, match="not in dataset"):
         ranked_for_users(tmp_path / "run", ["nobody"])
+    # --bf16 answers as `evaluate --bf16` scores: under autocast, so the probabilities move by bf16's rounding
+    # (the flag was not passed on before) while the answers stay those of float32 up to near-ties
+    half = ranked_for_users(tmp_path / "run", ids, top=3, bf16=True)
+    assert [r["answers"] for r in half] != [r["answers"] for r in shown]
+    for h, f in zip(half, shown):
+        assert dict(h["answers"]) == pytest.approx(dict(f["answers"]), rel=0.1)
+    assert ranked_for_users(tmp_path / "run", ids, top=3, bf16=False) == shown  # the run trained in float32
 
 
 def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, tmp_path):

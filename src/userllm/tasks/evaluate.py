@@ -142,7 +142,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
         trie = answer_trie(data)
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)  # re-entered for each part of each batch
+    amp = autocast(cfg, device)  # re-entered for each part of each batch
     resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
         task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))
@@ -430,11 +430,23 @@ def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskE
 
 
 @torch.no_grad()
-def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> list[dict]:
+def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
+    """bf16 autocast on ``device`` if the run scores in bf16 (``cfg.bf16``), else a context that does nothing."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def load_for_answers(run_dir: Path, bf16: bool | None) -> tuple[TrainConfig, torch.nn.Module, TaskData]:
+    """:func:`load_run`, answering in bf16 if ``bf16`` (None: as the run trained, as :func:`evaluate` scores)."""
+    cfg, model, data = load_run(run_dir)
+    return (cfg if bf16 is None else cfg.model_copy(update={"bf16": bf16})), model, data
+
+
+def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5, bf16: bool | None = None) -> list[dict]:
     """The run's task answered for each user from their latest history, as evaluation answers it: the ``top``
     answers of the constrained beam search (titles or categories) with their probabilities, beside the user's
-    most recent titles and most frequent categories (what the answer should reflect)."""
-    cfg, model, data = load_run(run_dir)
+    most recent titles and most frequent categories (what the answer should reflect); under bf16 autocast if
+    ``bf16`` (None: as the run trained)."""
+    cfg, model, data = load_for_answers(run_dir, bf16)
     if data.task == "review":
         raise InputError(f"{run_dir}: a review run writes free text; use `userllm generate` for it")
     text = prompts.instruction(data.task, data.words)
@@ -443,7 +455,7 @@ def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> lis
     tries, names = answer_space(data, answer_trie(data), examples, shortlists(cfg, data, examples))
     ids, mask, _ = data.batch(examples, with_answers=False)
     users = data.user_batch(examples) if cfg.method == "userllm" else None
-    with model.conditioned(users, ids, mask) as (embeds, prefix_mask):
+    with autocast(cfg), model.conditioned(users, ids, mask) as (embeds, prefix_mask):
         found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=min(top, len(vocab) - 2))
     out = []
     for r, (ex, row) in enumerate(zip(examples, found)):
@@ -458,12 +470,15 @@ def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5) -> lis
 
 
 @torch.no_grad()
-def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_tokens: int = 48) -> str:
-    """A personalized answer of a trained run for one user of its dataset (history: their last events)."""
-    cfg, model, data = load_run(run_dir)
+def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_tokens: int = 48,
+                      bf16: bool | None = None) -> str:  # fmt: skip
+    """A personalized answer of a trained run for one user of its dataset (history: their last events); under
+    bf16 autocast if ``bf16`` (None: as the run trained)."""
+    cfg, model, data = load_for_answers(run_dir, bf16)
     example = latest_request(cfg, data, user_id, instruction)
     ids_t, mask, _ = data.batch([example], with_answers=False)
     users = data.user_batch([example]) if cfg.method == "userllm" else None
     eos = data.tokenizer.eos_token_id
-    new = model.generate(users, ids_t, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+    with autocast(cfg):
+        new = model.generate(users, ids_t, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
     return data.tokenizer.decode([t for t in new[0].tolist() if t != eos], skip_special_tokens=True).strip()
