@@ -29,3 +29,13 @@ def test_throughput_of_work_slower_than_richs_window_is_the_average():
         assert task.speed is None  # one sample
         assert 0 < progress.rate(task) <= 2 / 0.05
         assert progress.remaining(task) == pytest.approx((10 - 2) / progress.rate(task), rel=0.2)
+
+
+def test_rates_below_one_a_second_keep_two_significant_digits():
+    """A TP training example takes ~20 s: the log said "0.0 examples/s" for hours."""
+    assert progress.format_rate(0.05, "examples") == "0.05 examples/s"
+    assert progress.format_rate(0.0123, "examples") == "0.012 examples/s"
+    assert progress.format_rate(2.345, "rows") == "2.3 rows/s"
+    assert progress.format_rate(512.0, "rows") == "512 rows/s"
+    assert progress.format_rate(12_345.0, "tokens") == "12.3k tokens/s"
+    assert progress.format_rate(None, "rows") == "- rows/s"

@@ -37,6 +37,18 @@ def remaining(task: Task) -> float | None:
     return (task.total - task.completed) / speed if task.total and speed else None
 
 
+def format_rate(speed: float | None, unit: str) -> str:
+    """``speed`` per second as text: k/M suffixes when fast, two significant digits when below one a second
+    (a TP training example takes ~20 s: "0.05 examples/s", not "0.0")."""
+    if speed is None:
+        return f"- {unit}/s"
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if speed >= scale:
+            return f"{speed / scale:.1f}{suffix} {unit}/s"
+    digits = ".0f" if speed >= 100 else ".1f" if speed >= 1 else ".2g"
+    return f"{speed:{digits}} {unit}/s"
+
+
 class RateColumn(ProgressColumn):
     """Throughput in ``unit``/s with k/M suffixes; a task's own ``unit`` field overrides the bar's."""
 
@@ -45,14 +57,7 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        unit = task.fields.get("unit", self.unit)
-        speed = rate(task)
-        if speed is None:
-            return Text(f"- {unit}/s", style="progress.data.speed")
-        for scale, suffix in ((1e6, "M"), (1e3, "k")):
-            if speed >= scale:
-                return Text(f"{speed / scale:.1f}{suffix} {unit}/s", style="progress.data.speed")
-        return Text(f"{speed:.0f} {unit}/s", style="progress.data.speed")
+        return Text(format_rate(rate(task), task.fields.get("unit", self.unit)), style="progress.data.speed")
 
 
 def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: float) -> None:
@@ -63,9 +68,9 @@ def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: fl
             if task.finished:
                 continue
             total = f"/{task.total:,.0f}" if task.total else ""
-            speed, left_s = rate(task) or 0.0, remaining(task)
+            left_s = remaining(task)
             left = f", ~{left_s:.0f} s left" if left_s else ""
-            console.print(f"{task.description}: {task.completed:,.0f}{total}, {speed:,.1f} {task.fields.get('unit', unit)}/s, "
+            console.print(f"{task.description}: {task.completed:,.0f}{total}, {format_rate(rate(task), task.fields.get('unit', unit))}, "
                           f"{task.elapsed or 0:.0f} s{left}", highlight=False, soft_wrap=True)  # fmt: skip
 
 
