@@ -122,6 +122,11 @@ def load_partial(run_dir: Path, scoring: str = "") -> tuple[Path, dict[str, dict
     return path, done
 
 
+def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
+    """bf16 autocast on ``device`` if the run scores in bf16 (``cfg.bf16``), else a context that does nothing."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
 @torch.no_grad()
 def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str, partial: Path | None = None,
             done: dict[str, dict] | None = None, shortlist: dict[str, list[int]] | None = None) -> list[dict]:  # fmt: skip
@@ -429,18 +434,13 @@ def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskE
     return data.request(u, max(0, end - cfg.max_history), end, instruction, user_id)
 
 
-@torch.no_grad()
-def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
-    """bf16 autocast on ``device`` if the run scores in bf16 (``cfg.bf16``), else a context that does nothing."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
-
-
 def load_for_answers(run_dir: Path, bf16: bool | None) -> tuple[TrainConfig, torch.nn.Module, TaskData]:
     """:func:`load_run`, answering in bf16 if ``bf16`` (None: as the run trained, as :func:`evaluate` scores)."""
     cfg, model, data = load_run(run_dir)
     return (cfg if bf16 is None else cfg.model_copy(update={"bf16": bf16})), model, data
 
 
+@torch.no_grad()
 def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5, bf16: bool | None = None) -> list[dict]:
     """The run's task answered for each user from their latest history, as evaluation answers it: the ``top``
     answers of the constrained beam search (titles or categories) with their probabilities, beside the user's
