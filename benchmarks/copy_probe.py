@@ -26,7 +26,7 @@ import numpy as np
 
 from userllm.cli import parse_sets
 from userllm.config import TrainConfig, load_config
-from userllm.errors import run_script
+from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
 from userllm.tasks import train as train_module
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("-s", "--set", action="append", default=[], help="config override KEY=VALUE (as `userllm train -s`)")
     args = p.parse_args()
     if not 1 <= args.rank <= 10:
-        raise SystemExit(f"error: --rank {args.rank}: expected 1-10 (the records keep the encoder's top 10)")
+        raise InputError(f"--rank {args.rank}: expected 1-10 (the records keep the encoder's top 10)")
     run(args)
 
 
