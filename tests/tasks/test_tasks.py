@@ -173,7 +173,7 @@ def test_bf16_autocast_decoding_ranks_as_fp32_does(synthetic_ds, backbone):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,mode", [("userllm", "cross_attention"), ("userllm", "soft_prompt"), ("textprompt", None)])
-def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, method, mode):
+def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, method, mode, monkeypatch):
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc",
                         cross_attention_every=1, **({"mode": mode} if mode else {}))  # fmt: skip
     cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", method=method, llm=llm,
@@ -196,9 +196,24 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
         evaluate(run, users=6, seed=1)
     answer = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
     assert isinstance(answer, str)
-    half = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4,
-                             bf16=True)  # fmt: skip
-    assert isinstance(half, str)
+    # --bf16 generates under autocast: the backbone's linear layers compute in bf16 (in float32 without it)
+    from userllm.tasks import evaluate as evaluate_module
+
+    dtypes, load = set(), evaluate_module.load_run
+
+    def hooked(*a, **k):
+        cfg, model, data = load(*a, **k)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        return cfg, model, data
+
+    monkeypatch.setattr(evaluate_module, "load_run", hooked)
+    for bf16, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
+        dtypes.clear()
+        generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4,
+                          bf16=bf16)  # fmt: skip
+        assert dtypes == want
 
 
 def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
