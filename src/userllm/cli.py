@@ -259,6 +259,9 @@ def evaluate(
     general: Annotated[bool, typer.Option("--general", help="also the LLM's perplexity on general English, before/after")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: the run's]")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing metrics.json")] = False,
+    extend: Annotated[bool, typer.Option("--extend", help="keep the users records.jsonl holds (the same trained "
+                                         "model and scoring) and score only the others, e.g. a --users subset carried "
+                                         "on to every user; rewrites metrics.json over all of them")] = False,
     shortlist: Annotated[Optional[int], typer.Option(min=0, help="next_item: rank only the stage-1 encoder's top N "
                                                      "items per user (0: the whole catalogue) [default: the run's]")] = None,
     shortlist_ranking: Annotated[Optional[str], typer.Option(help="next_item with a shortlist: 'exact' (every title "
@@ -274,7 +277,7 @@ def evaluate(
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist,
-                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16)  # fmt: skip
+                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16, extend=extend)  # fmt: skip
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):
         table.add_column(col, justify="left" if not col else "right")

@@ -22,7 +22,7 @@ from userllm.llm.model import TextPromptLM
 from userllm.tasks import prompts
 from userllm.tasks.data import IGNORE, TaskData
 from userllm.io import sha256
-from userllm.tasks.evaluate import evaluate, eval_users, generate_for_user
+from userllm.tasks.evaluate import evaluate, eval_users, generate_for_user, read_records
 from userllm.tasks.train import train
 
 
@@ -490,6 +490,34 @@ def test_interrupted_evaluation_resumes_from_its_partial_records(synthetic_ds, t
     m = evaluate(run, users=6, seed=1, force=True, bf16=True)
     assert m["precision"] == "bf16" and m["config"]["bf16"] is True
     assert all(r["ranked"] != marked["ranked"] for r in m["predictions"])
+
+
+def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp_path):
+    """--extend keeps the subset's finished records (not scored again) and scores only the other users, the
+    same answers as one scoring of all; it refuses another scoring, fewer users, or a run never scored."""
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    run = tmp_path / "run"
+    train(TrainConfig(dataset=synthetic_ds.root, out=run, task="favorite_genre", llm=llm, encoder="random",
+                      max_history=5, train_examples=8, batch_size=4, lr=3e-3, eval_batch_size=4))  # fmt: skip
+    with pytest.raises(InputError, match="nothing to extend"):
+        evaluate(run, extend=True)
+    full = evaluate(run)
+    every = {r["user_id"]: r for r in read_records(run)}
+    subset = evaluate(run, users=6, seed=1, force=True)
+    assert subset["examples"] == 6 and subset["scoring_id"] == full["scoring_id"]
+    kept = read_records(run)
+    marked = {**kept[0], "ranked": ["<kept from records.jsonl>"]}
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [marked, *kept[1:]]))
+    with pytest.raises(InputError, match="another trained model or scoring"):
+        evaluate(run, extend=True, bf16=True)
+    m = evaluate(run, extend=True)
+    assert m["examples"] == full["examples"] == len(every) and m["users"] == "all"
+    again = {r["user_id"]: r for r in read_records(run)}
+    assert again[marked["user_id"]]["ranked"] == marked["ranked"]  # kept, not scored again
+    assert all(again[u] == every[u] for u in every if u != marked["user_id"])
+    assert not (run / "records.partial.jsonl").exists()
+    with pytest.raises(InputError, match="only adds users"):
+        evaluate(run, users=6, seed=1, extend=True)
 
 
 @pytest.mark.parametrize("method", ["textprompt", "userllm"])

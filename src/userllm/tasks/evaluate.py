@@ -21,7 +21,8 @@ next_item, the stage-1 encoder alone (its own top-K items as titles: what the LL
 review, the most common review of the train split.
 ``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it); while
 scoring they are appended batch by batch to ``records.partial.jsonl``, so an interrupted scoring resumes
-where it stopped (rerun the same command; see :func:`load_partial`).
+where it stopped (rerun the same command; see :func:`load_partial`). A finished scoring is carried on to
+more users with ``--extend`` (its records kept, the other users scored; see :func:`finished_records`).
 ``metrics.json`` also holds ``llm_input_tokens`` (mean tokens the LLM reads per request, soft-prompt
 embeddings included), a breakdown by history length, examples of predictions and the resolved config.
 ``--general`` adds the backbone's perplexity on a small general English text (shipped with userllm)
@@ -102,11 +103,17 @@ def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
     return [TokenTrie([data.tokens(t) for t in row], eos_token_id=eos) for row in names], names
 
 
-def load_partial(run_dir: Path, scoring: str = "") -> tuple[Path, dict[str, dict]]:
+def scoring_id(run_dir: Path, scoring: str = "") -> str:
+    """What makes two scorings of ``run_dir`` the same: its trained model (the sha256 of ``summary.json``) plus
+    ``scoring`` (e.g. the shortlist and the precision). Partial records and ``metrics.json`` carry it."""
+    return sha256(Path(run_dir) / "summary.json") + scoring
+
+
+def load_partial(run_dir: Path, model_id: str) -> tuple[Path, dict[str, dict]]:
     """The partial records file of ``run_dir`` and the records it holds by user id: those of an interrupted
-    scoring of the same trained model (its first line names the model by the sha256 of ``summary.json``,
-    plus ``scoring`` (e.g. the shortlist); a file from an earlier training or another scoring is discarded)."""
-    path, model_id = Path(run_dir) / PARTIAL, sha256(Path(run_dir) / "summary.json") + scoring
+    scoring of the same trained model and scoring (its first line names them, :func:`scoring_id`; a file from
+    an earlier training or another scoring is discarded)."""
+    path = Path(run_dir) / PARTIAL
     done: dict[str, dict] = {}
     if path.exists():
         lines = path.read_text().splitlines()
@@ -120,6 +127,23 @@ def load_partial(run_dir: Path, scoring: str = "") -> tuple[Path, dict[str, dict
     if not done:
         path.write_text(json.dumps({"model": model_id}) + "\n")
     return path, done
+
+
+def finished_records(run_dir: Path, model_id: str, wanted: set[str]) -> dict[str, dict]:
+    """The records of ``run_dir``'s finished scoring by user id, to be kept by a scoring that extends it to
+    more users (``evaluate(..., extend=True)``): only if ``metrics.json`` was scored by the same trained model
+    and scoring (``model_id``, :func:`scoring_id`), and only if every user it holds is in ``wanted``."""
+    out = Path(run_dir) / "metrics.json"
+    if not out.exists():
+        raise InputError(f"{run_dir}: nothing to extend (no metrics.json); score it without --extend")
+    if json.loads(out.read_text()).get("scoring_id") != model_id:
+        raise InputError(f"{out}: scored by another trained model or scoring (shortlist, precision), or before "
+                         "userllm recorded which; score every user again with --force instead of --extend")  # fmt: skip
+    records = {r["user_id"]: r for r in read_records(run_dir)}
+    if outside := set(records) - wanted:
+        raise InputError(f"{run_dir}/{RECORDS}: {len(outside)} scored users are not in the users asked for; "
+                         "--extend only adds users (score a smaller set with --force)")  # fmt: skip
+    return records
 
 
 def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
@@ -292,15 +316,17 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
              force: bool = False, device: str | None = None, shortlist: int | None = None,
              shortlist_ranking: str | None = None, shortlist_score: str | None = None,
-             bf16: bool | None = None) -> dict:  # fmt: skip
+             bf16: bool | None = None, extend: bool = False) -> dict:  # fmt: skip
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
     ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
     autocast (default: as the run trained): 1.4-1.6X faster for TP's prompts on a CPU with AMX, with
-    log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``)."""
+    log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``). ``extend`` keeps the records
+    of the run's finished scoring (the same model and scoring, :func:`finished_records`) and scores only the
+    users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten over all."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to score the run again")
+    if out.exists() and not (force or extend):
+        raise OutputExistsError(f"{out} already exists; pass --force to score the run again (or --extend to add users)")
     cfg, model, data = load_run(run_dir, device or "cpu")
     overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking,
                                    "shortlist_score": shortlist_score, "bf16": bf16}.items() if v is not None}  # fmt: skip
@@ -315,7 +341,10 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     # an interrupted scoring of this model (and shortlist) resumes
     exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
     scoring = (f"+shortlist{cfg.shortlist}{exact}" if listed else "") + ("+bf16" if cfg.bf16 else "")
-    partial, done = load_partial(run_dir, scoring)
+    model_id = scoring_id(run_dir, scoring)
+    partial, done = load_partial(run_dir, model_id)
+    if extend:
+        done = {**finished_records(run_dir, model_id, {ex.user_id for ex in examples}), **done}
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
@@ -325,7 +354,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         buckets[name] = {"examples": len(part), **score(cfg.task, part, catalogue, beams, seed)}
     metrics = {
         "task": cfg.task, "method": cfg.method, "examples": len(records), "precision": "bf16" if cfg.bf16 else "fp32",
-        "users": {"subset": users, "seed": seed} if users else "all",
+        "users": {"subset": users, "seed": seed} if users else "all", "scoring_id": model_id,
         "metrics": score(cfg.task, records, catalogue, beams, seed),
         "references": references(cfg, data, examples, subset, seed, records, encoder),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
