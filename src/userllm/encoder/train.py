@@ -39,6 +39,7 @@ from userllm.errors import ConfigError, InputError
 from userllm.eval.metrics import ranking_metrics, target_ranks
 from userllm.distributed import barrier, setup_distributed
 from userllm.io import start_run, write_dir_atomically, write_json
+from userllm.precision import autocast
 from userllm.progress import progress_bar
 
 MARKER = "config.json"
@@ -262,7 +263,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
             for s in range(0, len(order), per_rank_batch):
                 idx = order[s : s + per_rank_batch]
                 batch = tl.collate(users[idx], starts[idx], ends[idx], loss_from[idx], device=device)
-                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                with autocast(cfg.bf16, device):
                     loss, parts = next_event_loss(ddp, batch, cfg, proposal, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

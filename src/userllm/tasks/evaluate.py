@@ -47,6 +47,7 @@ from userllm.eval.metrics import estimate, list_ranks, paired_estimate, recall_v
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
+from userllm.precision import autocast
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
@@ -146,9 +147,11 @@ def finished_records(run_dir: Path, model_id: str, wanted: set[str]) -> dict[str
     return records
 
 
-def autocast(cfg: TrainConfig, device: str = "cpu") -> torch.autocast:
-    """bf16 autocast on ``device`` if the run scores in bf16 (``cfg.bf16``), else a context that does nothing."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16)
+def with_overrides(cfg: TrainConfig, **overrides) -> TrainConfig:
+    """``cfg`` with those of ``overrides`` that are not None (a command's options), validated as a config
+    file's fields are: a bad value is a clear error naming the field."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return load_config(TrainConfig, None, {**dump_config(cfg), **overrides}) if overrides else cfg
 
 
 @torch.no_grad()
@@ -171,7 +174,7 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
         trie = answer_trie(data)
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
-    amp = autocast(cfg, device)  # re-entered for each part of each batch
+    amp = autocast(cfg.bf16, device)  # re-entered for each part of each batch
     resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
         task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))
@@ -328,10 +331,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     if out.exists() and not (force or extend):
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again (or --extend to add users)")
     cfg, model, data = load_run(run_dir, device or "cpu")
-    overrides = {k: v for k, v in {"shortlist": shortlist, "shortlist_ranking": shortlist_ranking,
-                                   "shortlist_score": shortlist_score, "bf16": bf16}.items() if v is not None}  # fmt: skip
-    if overrides:
-        cfg = load_config(TrainConfig, None, {**dump_config(cfg), **overrides})  # validated: a clear error
+    cfg = with_overrides(cfg, shortlist=shortlist, shortlist_ranking=shortlist_ranking,
+                         shortlist_score=shortlist_score, bf16=bf16)  # fmt: skip
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
@@ -466,7 +467,7 @@ def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskE
 def load_for_answers(run_dir: Path, bf16: bool | None) -> tuple[TrainConfig, torch.nn.Module, TaskData]:
     """:func:`load_run`, answering in bf16 if ``bf16`` (None: as the run trained, as :func:`evaluate` scores)."""
     cfg, model, data = load_run(run_dir)
-    return (cfg if bf16 is None else cfg.model_copy(update={"bf16": bf16})), model, data
+    return with_overrides(cfg, bf16=bf16), model, data
 
 
 @torch.no_grad()
@@ -484,7 +485,7 @@ def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5, bf16: 
     tries, names = answer_space(data, answer_trie(data), examples, shortlists(cfg, data, examples))
     ids, mask, _ = data.batch(examples, with_answers=False)
     users = data.user_batch(examples) if cfg.method == "userllm" else None
-    with autocast(cfg), model.conditioned(users, ids, mask) as (embeds, prefix_mask):
+    with autocast(cfg.bf16), model.conditioned(users, ids, mask) as (embeds, prefix_mask):
         found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=min(top, len(vocab) - 2))
     out = []
     for r, (ex, row) in enumerate(zip(examples, found)):
@@ -508,6 +509,6 @@ def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_
     ids_t, mask, _ = data.batch([example], with_answers=False)
     users = data.user_batch([example]) if cfg.method == "userllm" else None
     eos = data.tokenizer.eos_token_id
-    with autocast(cfg):
+    with autocast(cfg.bf16):
         new = model.generate(users, ids_t, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
     return data.tokenizer.decode([t for t in new[0].tolist() if t != eos], skip_special_tokens=True).strip()

@@ -44,6 +44,7 @@ from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.connectors import first_token_embeddings, mean_token_embeddings
 from userllm.llm.flops import training_flops
 from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
+from userllm.precision import autocast
 from userllm.progress import console, progress_bar
 from userllm.tasks.data import IGNORE, TaskData, TaskExample
 
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
                 with ddp.no_sync() if world > 1 and j < len(parts) - 1 else nullcontext():
-                    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with autocast(cfg.bf16, device):
                         if size == 1:  # the model's loss is the mean over this part's answer tokens: to the batch mean
                             loss = ddp(users, ids, mask, labels).loss * (count / sum(counts))
                         else:  # the same language-model loss, plus the listwise loss averaged over the batch
