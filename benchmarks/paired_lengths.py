@@ -12,21 +12,50 @@ Both methods rerank the stage-1 encoder's shortlist, so the encoder's own order 
 ``encoder_ranked``: one list per user and length, checked to be the same in both runs) is a reference: its
 rows give the lead over TP that a reranker returning the encoder's order unchanged would have, at each length,
 and its change between them. Writes ``benchmarks/results/paired_lengths.json`` (or ``--out``).
+
+``--unseen``: every ranking without the titles the user has already rated (any event before the target; in
+MovieLens a user rates an item once, so they are never the answer), the masked protocol of stage 1, applied to
+each method's exact ranking of the whole shortlist (``shortlist_scores``; ~40% of the encoder's 20 are rated
+already). The encoder's own order is kept only to its 10th title, so its rows are left out there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
+from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
 from userllm.tasks.evaluate import per_example, read_records
 
 OUT = Path(__file__).parent / "results" / "paired_lengths.json"
+
+
+def unseen(records: dict[str, dict], run: Path) -> tuple[dict[str, dict], dict[str, float]]:
+    """``records`` (by user) ranked without the titles each user rated before the target: their whole shortlist
+    in the run's exact order (``shortlist_scores``), already-rated titles removed; and over the users, the mean
+    share of shortlisted titles already rated, of first answers already rated, and of targets whose title was."""
+    ds = PreparedDataset(json.loads((run / "config.json").read_text())["dataset"])
+    titles, items = ds.item_titles, dict(zip(ds.sequences["user_id"], ds.sequences["item_idx"]))
+    target = dict(ds.examples.filter(pl.col("split") == "test").select("user_id", "target_pos").iter_rows())
+    out, shares = {}, {"shortlist": [], "first answer": [], "target": []}
+    for u, r in records.items():
+        if "shortlist_scores" not in r:
+            raise InputError(f"{run}: user {u} has no shortlist_scores; --unseen needs an exact ranking of the "
+                             "whole shortlist (shortlist_ranking: exact)")  # fmt: skip
+        rated = {titles[i] for i in items[u][: target[u]]}
+        listed = [t for t, *_ in r["shortlist_scores"]]
+        out[u] = {**r, "ranked": [t for t in listed if t not in rated]}
+        for name, share in (("shortlist", np.mean([t in rated for t in listed])), ("first answer", r["ranked"][0] in rated),
+                            ("target", r["truth"] in rated)):  # fmt: skip
+            shares[name].append(float(share))
+    return out, {name: float(np.mean(v)) for name, v in shares.items()}
 
 
 def main() -> None:
@@ -38,6 +67,7 @@ def main() -> None:
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT, help="where the figures are written as JSON")
+    ap.add_argument("--unseen", action="store_true", help="rank without the titles each user has already rated")
     args = ap.parse_args()
     runs = {f"{method} {length}": folder / cell
             for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
@@ -57,25 +87,35 @@ def main() -> None:
     encoder = {f"encoder {length}": {u: {"ranked": r["encoder_ranked"], "truth": r["truth"]}
                                      for u, r in records[f"User-LLM {length}"].items()}
                for length in ("short", "long")}  # fmt: skip
+    rated = {}
+    if args.unseen:
+        for name in records:
+            records[name], rated[name] = unseen(records[name], runs[name])
+        encoder = {}
+        for name, shares in rated.items():
+            print(f"{name}: already rated: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     fmt = lambda m, sign: f"{m['value']:{sign}.3f} [{m['low']:{sign}.3f}, {m['high']:{sign}.3f}]"  # noqa: E731
-    out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "metrics": {}}
+    out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "unseen": args.unseen, "rated": rated, "metrics": {}}
     print(f"{len(users)} users scored in all four runs: " + ", ".join(f"{k} = {v}" for k, v in runs.items()))
     recalls = {name: per_example("next_item", [recs[u] for u in users], set(), 10)
                for name, recs in {**records, **encoder}.items()}  # fmt: skip
     for k in (1, 5, 10):
         v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
-        lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")}
-                for m in ("User-LLM", "encoder")}  # fmt: skip
+        methods = ("User-LLM", "encoder") if encoder else ("User-LLM",)
+        lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")} for m in methods}
         rows = {
             **{name: estimate(x) for name, x in v.items()},
             "lead short (User-LLM - TP)": estimate(lead["User-LLM"]["short"]),
             "lead long (User-LLM - TP)": estimate(lead["User-LLM"]["long"]),
             "lead long - lead short (target >= 0)": estimate(lead["User-LLM"]["long"] - lead["User-LLM"]["short"]),
-            "encoder's order: lead short (encoder - TP)": estimate(lead["encoder"]["short"]),
-            "encoder's order: lead long (encoder - TP)": estimate(lead["encoder"]["long"]),
-            "encoder's order: lead long - lead short": estimate(lead["encoder"]["long"] - lead["encoder"]["short"]),
-            **{f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", "encoder")},
-        }  # fmt: skip
+        }
+        if encoder:
+            rows |= {
+                "encoder's order: lead short (encoder - TP)": estimate(lead["encoder"]["short"]),
+                "encoder's order: lead long (encoder - TP)": estimate(lead["encoder"]["long"]),
+                "encoder's order: lead long - lead short": estimate(lead["encoder"]["long"] - lead["encoder"]["short"]),
+            }
+        rows |= {f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *methods[1:])}
         out["metrics"][f"recall@{k}"] = rows
         print(f"\nrecall@{k}")
         for name, m in rows.items():
