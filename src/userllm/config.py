@@ -227,6 +227,10 @@ class UserLLMConfig(_Config):
                                   "first N tokens, one context entry each (token embedding + rank + position in the "
                                   "title), so cross-attention can point at the token to write next; 0 = off (one "
                                   "entry per candidate, its title's mean embedding)")  # fmt: skip
+    exclude_history: bool = Field(False, description="the stage-1 encoder's top items (the candidates, TP's listed "
+                                  "ones, the run's shortlist and the encoder-alone reference) leave out the items of "
+                                  "the history window it reads: a MovieLens user rates a movie once, and ~40% of "
+                                  "its top 20 were rated already (docs/results.md)")  # fmt: skip
     candidate_rank_init: float = Field(0.0, ge=0, description="with candidates: the rank embeddings start as "
                                        "normal noise of this many times a title entry's RMS per coordinate, so "
                                        "attention can tell the ranks apart from the first step (0: zeros)")  # fmt: skip

@@ -6,6 +6,7 @@ import torch
 from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_gpt2, tiny_llama
 from userllm.config import UserLLMConfig
+from userllm.encoder.model import top_items
 from userllm.errors import InputError
 from userllm.llm.backbone import decoder_layers
 from userllm.llm.connectors import AbsorbedContext
@@ -366,6 +367,29 @@ def test_candidates_are_the_encoders_top_items_in_words():
         top = scores.topk(3).indices
         expected = model.candidates.table_title[top] + model.candidates.rank  # identity map at the start
         torch.testing.assert_close(ctx[row, 5:], expected)
+
+
+def test_exclude_history_offers_no_item_of_the_history_as_a_candidate():
+    """``exclude_history``: the k candidates are the encoder's best items outside the row's history window (its
+    padding never counts); without it the same scores offer the history's items, which score highest here."""
+    model = build(candidates=3, perceiver_latents=0)
+    users = random_batch(2, 5, lengths=[5, 2])
+    h, mask = model.encoder(users)
+    scores = torch.randn(2, model.candidates.table_title.shape[0], generator=torch.Generator().manual_seed(0))
+    for row in range(2):
+        scores[row, users["item"][row]] += 100  # the history's own items are the encoder's favourites
+    model.encoder.item_logits = lambda _: scores
+    plain = top_items(scores, 3)
+    assert all(plain[r, 0].item() in users["item"][r].tolist() for r in range(2))
+    model.cfg.exclude_history = True
+    ctx, _ = model.context_from_embeddings(h, mask, users["item"])
+    for row in range(2):
+        rest = scores[row].clone()
+        rest[users["item"][row]] = float("-inf")
+        rest[:2] = float("-inf")
+        top = rest.topk(3).indices
+        assert not set(top.tolist()) & set(users["item"][row].tolist())
+        torch.testing.assert_close(ctx[row, 5:], model.candidates.table_title[top] + model.candidates.rank)
 
 
 def test_candidate_rank_init_draws_ranks_at_the_title_entries_scale():

@@ -339,6 +339,32 @@ def spy_batches(monkeypatch) -> list[list]:
     return seen
 
 
+def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(synthetic_ds, text_lm_dir, backbone, stage1,
+                                                                          tmp_path):  # fmt: skip
+    """``llm.exclude_history``: the stage-1 top items (shortlist, TP's listing, the encoder-alone reference) are
+    the encoder's order with the history window's items taken out; a run built with it reads them so."""
+    from userllm.encoder.train import load_encoder
+    from userllm.tasks.train import build
+
+    data = shortlist_data(synthetic_ds, backbone)
+    examples = data.examples("test")
+    encoder = load_encoder(stage1)
+    plain = data.encoder_top(encoder, examples, 20)
+    data.exclude_history = True
+    top = data.encoder_top(encoder, examples, 10)
+    windows = [set(row) - {0} for row in data.user_batch(examples)["item"].tolist()]
+    assert any(set(p[:10]) & w for p, w in zip(plain, windows))  # the encoder does rank the history's items
+    for row, p, window in zip(top, plain, windows):
+        assert row == [i for i in p if i not in window][:10]
+    for method, strategy in (("textprompt", "lora"), ("userllm", "proj")):
+        llm = UserLLMConfig(backbone=str(text_lm_dir), strategy=strategy, candidates=3, exclude_history=True)
+        cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / method, task="next_item", method=method, llm=llm,
+                          encoder=str(stage1), max_history=5, shortlist=10)  # fmt: skip
+        model, built = build(cfg, synthetic_ds)
+        assert built.exclude_history and built.encoder_top(encoder, examples, 10) == top
+        assert method == "textprompt" or model.cfg.exclude_history
+
+
 def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, backbone, stage1,
                                                                         tmp_path, monkeypatch):  # fmt: skip
     """``train_on_shortlist``: the training examples are those whose target is among the stage-1 encoder's

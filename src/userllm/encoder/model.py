@@ -180,10 +180,13 @@ def last_output(h: Tensor, mask: Tensor) -> Tensor:
     return h[torch.arange(h.shape[0], device=h.device), (mask.sum(1) - 1).clamp(min=0)]
 
 
-def top_items(scores: Tensor, k: int) -> Tensor:
+def top_items(scores: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
     """The ``k`` highest-scoring item indices per row of ``scores`` (b, V) -> (b, k), best first; padding and
-    unknown (0, 1) are never chosen. ``scores`` is left unchanged."""
+    unknown (0, 1) are never chosen, nor the item indices of that row of ``exclude`` (b, n), e.g. the items of
+    the history. ``scores`` is left unchanged."""
     scores = scores.detach().clone()
+    if exclude is not None:
+        scores.scatter_(1, exclude.long(), float("-inf"))
     scores[:, :2] = float("-inf")
     return scores.topk(k, dim=1).indices
 
@@ -271,15 +274,17 @@ class UserEncoder(nn.Module):
         return self.item_head(h) @ weight.T
 
     @torch.no_grad()
-    def next_items(self, batch: dict[str, Tensor], k: int) -> Tensor:
+    def next_items(self, batch: dict[str, Tensor], k: int, exclude_history: bool = False) -> Tensor:
         """The ``k`` highest-scoring next items after each timeline's last event: item indices (b, k), best
-        first; padding and unknown (0, 1) are never chosen, items already in the timeline may be. Eval mode.
+        first; padding and unknown (0, 1) are never chosen, items already in the timeline only if not
+        ``exclude_history``. Eval mode.
 
         Example::
 
             top = encoder.next_items({"item": items, "rating": ratings, "time_gap": gaps}, 20)   # (b, 20)
         """
-        return top_items(self.item_logits(last_output(*self.encode(batch))), k)
+        exclude = batch["item"] if exclude_history else None
+        return top_items(self.item_logits(last_output(*self.encode(batch))), k, exclude)
 
     def rating_logits(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., num_ratings)."""

@@ -141,10 +141,11 @@ class EncoderCandidates(nn.Module):
         """Context entries per user: k, plus k * T with title tokens."""
         return self.k * (1 + self.tokens)
 
-    def forward(self, item_scores: Tensor) -> tuple[Tensor, Tensor]:
-        """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen) -> entries
-        (b, :attr:`entries`, d) and their mask (b, :attr:`entries`), True for real entries."""
-        top = top_items(item_scores, self.k)  # (b, k)
+    def forward(self, item_scores: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen, nor the items
+        of ``exclude`` (b, n)) -> entries (b, :attr:`entries`, d) and their mask (b, :attr:`entries`), True for
+        real entries."""
+        top = top_items(item_scores, self.k, exclude)  # (b, k)
         entries = self.map(self.table_title[top]) + self.rank  # (b, k, d)
         valid = torch.ones(top.shape, dtype=torch.bool, device=top.device)
         if not self.tokens:

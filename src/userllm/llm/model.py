@@ -246,7 +246,8 @@ class UserLLM(ConditionedLM):
         of events ``items`` (b, n): context (b, n (+ k) or m, d), mask."""
         ctx = self.event_context(h, items)
         if self.candidates is not None:
-            entries, valid = self.candidates(self.encoder.item_logits(last_output(h, mask)))
+            rated = items if self.cfg.exclude_history else None  # the history's items are not offered again
+            entries, valid = self.candidates(self.encoder.item_logits(last_output(h, mask)), rated)
             ctx = torch.cat([ctx, entries.to(ctx.dtype)], 1)
             mask = torch.cat([mask, valid & mask.any(1, keepdim=True)], 1)
         if self.perceiver is not None:

@@ -157,7 +157,8 @@ class Engine:
             elif self.cache is None:
                 listed = None
                 if self.listing is not None:
-                    top = self.listing.next_items(self.listing_vocab.encoder_inputs(rows), self.data.candidates)[0]
+                    inputs = self.listing_vocab.encoder_inputs(rows)
+                    top = self.listing.next_items(inputs, self.data.candidates, self.data.exclude_history)[0]
                     listed = [self.data.ds.item_titles[i] for i in top.tolist()]
                 out[user] = Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
             else:

@@ -61,9 +61,11 @@ class TaskData:
     """
 
     def __init__(self, ds: PreparedDataset, tokenizer, *, task: str, method: str, max_history: int,
-                 timelines: Timelines | None = None, candidates: int = 0, candidate_encoder=None) -> None:  # fmt: skip
+                 timelines: Timelines | None = None, candidates: int = 0, candidate_encoder=None,
+                 exclude_history: bool = False) -> None:  # fmt: skip
         self.ds, self.tokenizer, self.task, self.method, self.max_history = ds, tokenizer, task, method, max_history
         self.tl = timelines or Timelines.from_dataset(ds)
+        self.exclude_history = exclude_history  # the encoder's top items leave out the history's (llm.exclude_history)
         # TP with candidates: the prompt also lists the titles of the stage-1 encoder's top k next items
         self.candidates, self.candidate_encoder = candidates, candidate_encoder
         if candidates and (method != "textprompt" or candidate_encoder is None):
@@ -188,12 +190,13 @@ class TaskData:
     @torch.no_grad()
     def encoder_top(self, encoder, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
         """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
-        first (specials excluded, history items allowed, as for the LLM), its events read with the encoder's
-        own time-gap buckets (a TP run's timelines may have been built with others)."""
+        first (specials excluded; the window's items too with ``exclude_history``, as for the LLM), its events
+        read with the encoder's own time-gap buckets (a TP run's timelines may have been built with others)."""
         tl = self.tl
         if tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
             tl = Timelines.from_dataset(self.ds, encoder.cfg.time_gap_buckets)
         top = []
         for c in range(0, len(examples), batch_size):
-            top += encoder.next_items(self.user_batch(examples[c : c + batch_size], timelines=tl), k).tolist()
+            batch = self.user_batch(examples[c : c + batch_size], timelines=tl)
+            top += encoder.next_items(batch, k, self.exclude_history).tolist()
         return top

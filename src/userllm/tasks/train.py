@@ -121,14 +121,16 @@ def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = Non
     torch.manual_seed(cfg.seed)
     if encoder is None:
         data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history,
-                        candidates=cfg.llm.candidates if listing is not None else 0, candidate_encoder=listing)  # fmt: skip
+                        candidates=cfg.llm.candidates if listing is not None else 0, candidate_encoder=listing,
+                        exclude_history=cfg.llm.exclude_history)  # fmt: skip
         return TextPromptLM(cfg.llm, llm=backbone.model), data
     if cfg.encoder_dropout is not None:
         encoder.set_dropout(cfg.encoder_dropout)
     words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm), cfg.llm.candidate_tokens)
     model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
     tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
-    return model, TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history, timelines=tl)
+    return model, TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history,
+                           timelines=tl, exclude_history=cfg.llm.exclude_history)  # fmt: skip
 
 
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, ConditionedLM, TaskData]:
