@@ -256,9 +256,12 @@ def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, u
     engine.close()
 
 
-def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, tmp_path, synthetic_ds, text_lm_dir):
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, tmp_path, synthetic_ds, text_lm_dir,
+                                                                        exclude_history):  # fmt: skip
     """A TP run trained with ``llm.candidates`` lists the stage-1 encoder's top titles in its prompt; served, it
-    reads the very prompt its task data renders for the same events (history and the same titles, best first)."""
+    reads the very prompt its task data renders for the same events (history and the same titles, best first),
+    without the history's own titles when trained with ``llm.exclude_history``."""
     from userllm.config import EncoderConfig, PretrainConfig, TrainConfig, UserLLMConfig
     from userllm.encoder.train import pretrain
     from userllm.tasks import prompts
@@ -266,10 +269,19 @@ def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, t
 
     enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora", candidates=3)
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora", candidates=3, exclude_history=exclude_history)
     train(TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "tp", task="next_item", method="textprompt", llm=llm,
                       encoder=str(tmp_path / "enc"), max_history=5, train_examples=4, batch_size=4))  # fmt: skip
     engine, _, client = serve(tmp_path / "tp")
+    rated = 0  # users whose encoder ranks an item of their history among its top 3
+    for user in synthetic_ds.sequences["user_id"]:
+        _, rows = engine.store.timeline(user, last=engine.max_history)
+        inputs = engine.listing_vocab.encoder_inputs(rows)
+        ranked, window = engine.listing.next_items(inputs, 20)[0].tolist(), set(inputs["item"][0].tolist())
+        expected = [i for i in ranked if i not in window][:3] if exclude_history else ranked[:3]
+        assert engine.context(user).candidates == [synthetic_ds.item_titles[i] for i in expected]
+        rated += bool(set(ranked[:3]) & window)
+    assert rated > 0
     seq = synthetic_ds.sequences.row(0, named=True)
     served = engine.context(seq["user_id"])
     assert served.candidates is not None and len(served.candidates) == 3
