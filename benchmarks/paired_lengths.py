@@ -16,7 +16,9 @@ and its change between them. Writes ``benchmarks/results/paired_lengths.json`` (
 ``--unseen``: every ranking without the titles the user has already rated (any event before the target; in
 MovieLens a user rates an item once, so they are never the answer), the masked protocol of stage 1, applied to
 each method's exact ranking of the whole shortlist (``shortlist_scores``; ~40% of the encoder's 20 are rated
-already). The encoder's own order is kept only to its 10th title, so its rows are left out there.
+already); ``--unseen short`` (or ``long``) to one side's two runs only, e.g. to compare runs trained to leave
+rated items out with older ones filtered afterwards. The encoder's own order is kept only to its 10th title,
+so its rows are left out then.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def main() -> None:
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
     ap.add_argument("--out", type=Path, default=OUT, help="where the figures are written as JSON")
-    ap.add_argument("--unseen", action="store_true", help="rank without the titles each user has already rated")
+    ap.add_argument("--unseen", nargs="?", const="both", choices=("both", "short", "long"),
+                    help="rank without the titles each user has already rated (both lengths' runs, or one's)")
     args = ap.parse_args()
     runs = {f"{method} {length}": folder / cell
             for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
@@ -89,7 +92,7 @@ def main() -> None:
                for length in ("short", "long")}  # fmt: skip
     rated = {}
     if args.unseen:
-        for name in records:
+        for name in [n for n in records if args.unseen in ("both", n.split()[-1])]:
             records[name], rated[name] = unseen(records[name], runs[name])
         encoder = {}
         for name, shares in rated.items():
@@ -101,8 +104,9 @@ def main() -> None:
                for name, recs in {**records, **encoder}.items()}  # fmt: skip
     for k in (1, 5, 10):
         v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
-        methods = ("User-LLM", "encoder") if encoder else ("User-LLM",)
-        lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")} for m in methods}
+        references = ("encoder",) if encoder else ()
+        lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")}
+                for m in ("User-LLM", *references)}  # fmt: skip
         rows = {
             **{name: estimate(x) for name, x in v.items()},
             "lead short (User-LLM - TP)": estimate(lead["User-LLM"]["short"]),
@@ -115,7 +119,7 @@ def main() -> None:
                 "encoder's order: lead long (encoder - TP)": estimate(lead["encoder"]["long"]),
                 "encoder's order: lead long - lead short": estimate(lead["encoder"]["long"] - lead["encoder"]["short"]),
             }
-        rows |= {f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *methods[1:])}
+        rows |= {f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *references)}
         out["metrics"][f"recall@{k}"] = rows
         print(f"\nrecall@{k}")
         for name, m in rows.items():
