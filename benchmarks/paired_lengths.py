@@ -11,7 +11,9 @@ short one (the paper: gains grow with history length), i.e. long lead minus shor
 Both methods rerank the stage-1 encoder's shortlist, so the encoder's own order of it (the records'
 ``encoder_ranked``: one list per user and length, checked to be the same in both runs) is a reference: its
 rows give the lead over TP that a reranker returning the encoder's order unchanged would have, at each length,
-and its change between them. Writes ``benchmarks/results/paired_lengths.json`` (or ``--out``).
+and its change between them. So is the shortlist in random order (its expected Recall@K,
+:func:`userllm.tasks.evaluate.random_order`): each method's and the encoder's gain over it says how much their
+order of the list finds, at each length. Writes ``benchmarks/results/paired_lengths.json`` (or ``--out``).
 
 ``--unseen``: every ranking without the titles the user has already rated (any event before the target; in
 MovieLens a user rates an item once, so they are never the answer), the masked protocol of stage 1, applied to
@@ -34,7 +36,7 @@ from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
-from userllm.tasks.evaluate import per_example, read_records
+from userllm.tasks.evaluate import per_example, random_order, read_records
 
 OUT = Path(__file__).parent / "results" / "paired_lengths.json"
 
@@ -44,34 +46,46 @@ def unseen(records: dict[str, dict], run: Path) -> tuple[dict[str, dict], dict[s
     in the run's exact order (``shortlist_scores``), already-rated titles removed; and over the users, the mean
     share of shortlisted titles already rated, of first answers already rated, and of targets whose title was."""
     ds = PreparedDataset(json.loads((run / "config.json").read_text())["dataset"])
-    titles, items = ds.item_titles, dict(zip(ds.sequences["user_id"], ds.sequences["item_idx"]))
+    names, items = ds.item_titles, dict(zip(ds.sequences["user_id"], ds.sequences["item_idx"]))
     target = dict(ds.examples.filter(pl.col("split") == "test").select("user_id", "target_pos").iter_rows())
     out, shares = {}, {"shortlist": [], "first answer": [], "target": []}
     for u, r in records.items():
         if "shortlist_scores" not in r:
             raise InputError(f"{run}: user {u} has no shortlist_scores; --unseen needs an exact ranking of the "
                              "whole shortlist (shortlist_ranking: exact)")  # fmt: skip
-        rated = {titles[i] for i in items[u][: target[u]]}
+        rated = {names[i] for i in items[u][: target[u]]}
         listed = [t for t, *_ in r["shortlist_scores"]]
-        out[u] = {**r, "ranked": [t for t in listed if t not in rated]}
+        out[u] = {**r, "ranked": [t for t in listed if t not in rated],
+                  "shortlist_scores": [s for s in r["shortlist_scores"] if s[0] not in rated]}
         for name, share in (("shortlist", np.mean([t in rated for t in listed])), ("first answer", r["ranked"][0] in rated),
                             ("target", r["truth"] in rated)):  # fmt: skip
             shares[name].append(float(share))
     return out, {name: float(np.mean(v)) for name, v in shares.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def titles(record: dict) -> list[str]:
+    """The whole shortlist a record's run ranked (``shortlist_scores``), in its order."""
+    if "shortlist_scores" not in record:
+        raise InputError(f"user {record['user_id']} has no shortlist_scores: the runs must rank their whole shortlist "
+                         "exactly (shortlist_ranking: exact)")  # fmt: skip
+    return [t for t, *_ in record["shortlist_scores"]]
+
+
+def four_runs_arguments(ap: argparse.ArgumentParser, long: str = "runs/stage2-h200/next_item") -> None:
+    """The options naming the four runs (User-LLM and TP at the short and the long length), with these
+    defaults: the 50-event exact-ranking pair and the 200-event pair in ``long``."""
     ap.add_argument("--short", type=Path, default=Path("runs/stage2/next_item"), help="the 50-event cells' folder")
-    ap.add_argument("--long", type=Path, default=Path("runs/stage2-h200/next_item"), help="the 200-event cells' folder")
+    ap.add_argument("--long", type=Path, default=Path(long), help="the 200-event cells' folder")
     ap.add_argument("--short-cells", default="shortlist20-proj-tpflops-exact,tp-256-shortlist20-exact",
                     help="User-LLM cell,TP cell at the short length")  # fmt: skip
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
-    ap.add_argument("--out", type=Path, default=OUT, help="where the figures are written as JSON")
-    ap.add_argument("--unseen", nargs="?", const="both", choices=("both", "short", "long"),
-                    help="rank without the titles each user has already rated (both lengths' runs, or one's)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="where the figures are written as JSON")
+
+
+def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict[str, dict]], list[str]]:
+    """The runs :func:`four_runs_arguments` name, as {"User-LLM short" | "TP short" | ...: run}, their records by
+    user and the users all four scored."""
     runs = {f"{method} {length}": folder / cell
             for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
             for method, cell in zip(("User-LLM", "TP"), cells.split(","))}  # fmt: skip
@@ -79,12 +93,24 @@ def main() -> None:
     users = sorted(set.intersection(*(set(r) for r in records.values())), key=str)
     if not users:
         raise InputError(f"no test user is scored in all of {', '.join(map(str, runs.values()))}")
+    return runs, records, users
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    four_runs_arguments(ap)
+    ap.add_argument("--unseen", nargs="?", const="both", choices=("both", "short", "long"),
+                    help="rank without the titles each user has already rated (both lengths' runs, or one's)")
+    args = ap.parse_args()
+    args.out = args.out or OUT
+    runs, records, users = four_runs(args)
     for u in users:
         if len({records[name][u]["truth"] for name in records}) != 1:
             raise InputError(f"user {u} has different next items across {', '.join(map(str, runs.values()))}: "
                              "the runs are not of the same test split")  # fmt: skip
         for length in ("short", "long"):
-            if records[f"User-LLM {length}"][u]["encoder_ranked"] != records[f"TP {length}"][u]["encoder_ranked"]:
+            ul, tp = records[f"User-LLM {length}"][u], records[f"TP {length}"][u]
+            if ul["encoder_ranked"] != tp["encoder_ranked"] or set(titles(ul)) != set(titles(tp)):
                 raise InputError(f"user {u}: the {length} User-LLM and TP runs rerank different encoder shortlists "
                                  f"({runs[f'User-LLM {length}']}, {runs[f'TP {length}']})")  # fmt: skip
     encoder = {f"encoder {length}": {u: {"ranked": r["encoder_ranked"], "truth": r["truth"]}
@@ -102,6 +128,9 @@ def main() -> None:
     print(f"{len(users)} users scored in all four runs: " + ", ".join(f"{k} = {v}" for k, v in runs.items()))
     recalls = {name: per_example("next_item", [recs[u] for u in users], set(), 10)
                for name, recs in {**records, **encoder}.items()}  # fmt: skip
+    for length in ("short", "long"):  # the list each user's two runs ranked (without rated titles with --unseen)
+        recs = [records[f"TP {length}"][u] for u in users]
+        recalls[f"random order {length}"] = random_order([titles(r) for r in recs], [r["truth"] for r in recs], 10)
     for k in (1, 5, 10):
         v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
         references = ("encoder",) if encoder else ()
@@ -119,6 +148,8 @@ def main() -> None:
                 "encoder's order: lead long (encoder - TP)": estimate(lead["encoder"]["long"]),
                 "encoder's order: lead long - lead short": estimate(lead["encoder"]["long"] - lead["encoder"]["short"]),
             }
+        rows |= {f"{m} {length} - random order": estimate(v[f"{m} {length}"] - v[f"random order {length}"])
+                 for length in ("short", "long") for m in ("User-LLM", "TP", *references)}  # fmt: skip
         rows |= {f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *references)}
         out["metrics"][f"recall@{k}"] = rows
         print(f"\nrecall@{k}")

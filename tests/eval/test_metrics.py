@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from userllm.eval.metrics import bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, ranking_metrics, recall_at, target_ranks
+from userllm.eval.metrics import (bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, random_order_recall,
+                                   ranking_metrics, recall_at, target_ranks)
 
 
 def test_ranks_hand_computed():
@@ -76,3 +77,18 @@ def test_paired_estimate_resamples_training_runs():
     assert got["high"] - got["low"] > 2 * (single["high"] - single["low"])
     with pytest.raises(ValueError, match="same users"):
         paired_estimate([a[0]], [b[:10]])
+
+
+def test_random_order_recall_is_the_mean_over_every_order_of_the_list():
+    """The expected Recall@K of a list in random order equals the average hit over all of its permutations:
+    K / |L| when the target is listed and |L| > K, 1 when |L| <= K, 0 when the target is not listed."""
+    from itertools import permutations
+
+    lists = [["a", "b", "c", "d", "e"], ["a", "b"], ["a", "b", "c"], []]
+    targets = ["c", "b", "z", "a"]
+    for k in (1, 2, 4):
+        got = random_order_recall(lists, targets, k)
+        for row, t, g in zip(lists, targets, got):
+            orders = list(permutations(row)) or [()]
+            assert g == pytest.approx(np.mean([t in order[:k] for order in orders]))
+    assert random_order_recall(lists, targets, 2).tolist() == pytest.approx([0.4, 1.0, 0.0, 0.0])

@@ -234,7 +234,8 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
                       max_history=5, train_examples=4, batch_size=4, beams=3, max_new_tokens=4, eval_batch_size=3)  # fmt: skip
     train(cfg)
     m = evaluate(tmp_path / "run", users=6, seed=1, shortlist=3)
-    assert m["config"]["shortlist"] == 3 and set(m["references"]) == {"label prior", "encoder alone"}
+    assert m["config"]["shortlist"] == 3
+    assert set(m["references"]) == {"label prior", "encoder alone", "shortlist in random order"}
     data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
                     max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
     examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
@@ -255,8 +256,8 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
         for ex, row in zip(examples, top):
             assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
     # the records keep the encoder's own answers: the run minus the encoder alone, paired per user
-    from userllm.tasks.evaluate import paired_vs_encoder, read_records
-    from userllm.tasks.experiment import encoder_difference_lines
+    from userllm.tasks.evaluate import paired_vs_encoder, paired_vs_random_order, read_records
+    from userllm.tasks.experiment import reference_difference_lines
 
     recs = read_records(tmp_path / "run")
     for ex, row in zip(examples, top):
@@ -264,7 +265,15 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     users, diff = paired_vs_encoder(tmp_path / "run")
     want = m["metrics"]["recall@1"]["value"] - m["references"]["encoder alone"]["recall@1"]["value"]
     assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want)
-    assert "| ul | 6 | " in "\n".join(encoder_difference_lines([{"cell": "ul", "run": str(tmp_path / "run")}], "next_item", 0))
+    # the shortlist in random order: each user's 3 titles (or fewer distinct), Recall@1 = 1/len if listed
+    listed = [{synthetic_ds.item_titles[i] for i in row} for row in top]
+    random = [(ex.answer in titles) / len(titles) for ex, titles in zip(examples, listed)]
+    assert any(random) and m["references"]["shortlist in random order"]["recall@1"]["value"] == pytest.approx(sum(random) / 6)
+    users, diff = paired_vs_random_order(tmp_path / "run")
+    want = m["metrics"]["recall@1"]["value"] - m["references"]["shortlist in random order"]["recall@1"]["value"]
+    assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want) and set(diff) == {"recall@1"}  # beams = 3
+    tables = "\n".join(reference_difference_lines([{"cell": "ul", "run": str(tmp_path / "run")}], "next_item", 0))
+    assert tables.count("| ul | 6 | ") == 2 and "minus the shortlist in random order" in tables
     # the default ranks the shortlist exactly; the beam search with beams >= N ranks it the same way
     assert m["config"]["shortlist_ranking"] == "exact"
     beamed = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="beams")

@@ -11,7 +11,9 @@ the rank of the target's index, never an optimistic 0.
 Generated answers: a ranked list of answers (e.g. titles from a constrained beam search) gives the rank of
 the target's position in the list (:func:`list_ranks`; absent = never ranked), so the same formulas apply;
 ``accuracy = mean 1[prediction == truth]``; ROUGE-1/2/Lsum are rouge-score's F-measures
-(:func:`rouge_scores`), in 0..1, averaged over examples.
+(:func:`rouge_scores`), in 0..1, averaged over examples. A reranker of a shortlist L is compared with L in
+uniformly random order, whose expected ``Recall@K = 1[target in L] * min(1, K / |L|)`` (|L| distinct
+answers; :func:`random_order_recall`).
 
 Uncertainty (:func:`estimate`): a metric is the mean of per-example values x_1..x_N (one test example per
 user), reported with its 95% percentile-bootstrap interval: the 2.5th and 97.5th percentiles of the mean
@@ -69,6 +71,17 @@ def ranking_metrics(ranks: Tensor) -> dict[str, float]:
 def list_ranks(ranked: list[list[int]], targets: list[int]) -> Tensor:
     """0-based position of each target in its ranked list of answers, :data:`NOT_RANKED` when absent."""
     return torch.tensor([r.index(t) if t in r else NOT_RANKED for r, t in zip(ranked, targets)])
+
+
+def random_order_recall(lists: list[list], targets: list, k: int) -> np.ndarray:
+    """Expected Recall@K of each list of distinct answers in uniformly random order: 1[target in list] *
+    min(1, K / len(list)), (b,) values. What a reranker that ignores the user gets from the list alone.
+
+    Example::
+
+        random_order_recall([["a", "b", "c", "d"]], ["c"], 2)   # array([0.5])
+    """
+    return np.array([float(t in row) * min(1.0, k / len(row)) if row else 0.0 for row, t in zip(lists, targets)])
 
 
 def accuracy(predictions: list, truths: list) -> float:

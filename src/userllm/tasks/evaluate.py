@@ -17,8 +17,9 @@ review           ROUGE-1/2/Lsum F-measures of greedy generation against the user
 Every metric is the mean over the test users (one example each) with its 95% bootstrap interval, seeded
 (:func:`~userllm.eval.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
 ``metrics.json`` holds reference rows on the same users (``references``): the label prior and, for
-next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read); for
-review, the most common review of the train split.
+next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read) and,
+with a shortlist, the shortlist in random order (its expected Recall@K: what a reranker that ignores the
+user gets from the list alone); for review, the most common review of the train split.
 ``records.jsonl`` keeps every example's answers (:func:`rescore` scores a subset of users from it); while
 scoring they are appended batch by batch to ``records.partial.jsonl``, so an interrupted scoring resumes
 where it stopped (rerun the same command; see :func:`load_partial`). A finished scoring is carried on to
@@ -43,7 +44,7 @@ import torch
 from userllm.config import TrainConfig, dump_config, load_config
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.eval.metrics import estimate, list_ranks, paired_estimate, recall_values, rouge_per_example
+from userllm.eval.metrics import estimate, list_ranks, paired_estimate, random_order_recall, recall_values, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
@@ -275,12 +276,21 @@ def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: i
     return score("next_item", encoder_records(encoder, data, examples, beams), set(), beams, seed)
 
 
+def random_order(lists: list[list[str]], truths: list[str], beams: int) -> dict[str, list[float]]:
+    """next_item's Recall@{1,5,10} (those <= ``beams``) of each shortlist of distinct titles in uniformly random
+    order, expected (:func:`~userllm.eval.metrics.random_order_recall`), per example: what a reranker that
+    ignores the user gets from the list alone."""
+    return {f"recall@{k}": random_order_recall(lists, truths, k).tolist() for k in (1, 5, 10) if k <= beams}
+
+
 def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,
-               records: list[dict] | None = None, encoder=None) -> dict[str, dict]:  # fmt: skip
+               records: list[dict] | None = None, encoder=None, shortlist: dict[str, list[int]] | None = None
+               ) -> dict[str, dict]:  # fmt: skip
     """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
     review``) and, for next_item, ``encoder alone`` (``encoder``: the run's stage-1 encoder,
     :func:`stage1_encoder`, None without one; each of ``records``, the run's own, gets the encoder's answers
-    as ``encoder_ranked``, for paired differences)."""
+    as ``encoder_ranked``, for paired differences) and with ``shortlist`` ({user_id: item indices},
+    :func:`shortlists`) ``shortlist in random order`` (:func:`random_order`)."""
     out = {}
     out["most common review" if data.task == "review" else "label prior"] = label_prior(
         data, users, cfg.beams if data.task == "next_item" else 1, seed)
@@ -290,6 +300,11 @@ def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int
         by_user = {r["user_id"]: r["ranked"] for r in alone}
         for r in records or []:
             r["encoder_ranked"] = by_user[r["user_id"]]
+    if shortlist is not None and data.task == "next_item":
+        titles = data.ds.item_titles
+        lists = [list(dict.fromkeys(titles[i] for i in shortlist[ex.user_id])) for ex in examples]
+        values = random_order(lists, [ex.answer for ex in examples], cfg.beams)
+        out["shortlist in random order"] = {m: estimate(v, seed=seed) for m, v in values.items()}
     return out
 
 
@@ -357,7 +372,7 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
         "task": cfg.task, "method": cfg.method, "examples": len(records), "precision": "bf16" if cfg.bf16 else "fp32",
         "users": {"subset": users, "seed": seed} if users else "all", "scoring_id": model_id,
         "metrics": score(cfg.task, records, catalogue, beams, seed),
-        "references": references(cfg, data, examples, subset, seed, records, encoder),
+        "references": references(cfg, data, examples, subset, seed, records, encoder, listed),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
         "by_history_length": buckets, "predictions": records[:10], "config": dump_config(cfg),
     }  # fmt: skip
@@ -443,6 +458,20 @@ def paired_vs_encoder(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
     return len(records), _paired(run, [records], [alone], seed)
 
 
+def paired_vs_random_order(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
+    """A next_item run minus its shortlist in random order (:func:`random_order`, from the whole list its
+    records keep as ``shortlist_scores``), per user, over the run's users: does the LLM's order of the list
+    find the next item more often than no order at all?"""
+    records = [r for r in read_records(run) if r.get("shortlist_scores")]
+    if not records:
+        raise InputError(f"{run}: its records hold no whole shortlist (shortlist_scores: a shortlist ranked with "
+                         "shortlist_ranking 'exact'); score it so, with --force")  # fmt: skip
+    lists = [[t for t, *_ in r["shortlist_scores"]] for r in records]
+    beams = json.loads((Path(run) / "config.json").read_text())["beams"]
+    return len(records), _paired_values([per_example("next_item", records, set(), beams)],
+                                        [random_order(lists, [r["truth"] for r in records], beams)], seed)  # fmt: skip
+
+
 def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> dict[str, dict]:
     """Per metric (both sides' records have), the mean per-user difference a - b with its bootstrap interval;
     ``a`` and ``b`` hold one record list per run, each over the same users in the same order."""
@@ -450,6 +479,12 @@ def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> d
     beams = cfg["beams"] if cfg["task"] == "next_item" else 1
     catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
     va, vb = ([per_example(cfg["task"], recs, catalogue, beams) for recs in side] for side in (a, b))
+    return _paired_values(va, vb, seed)
+
+
+def _paired_values(va: list[dict[str, list[float]]], vb: list[dict[str, list[float]]], seed: int) -> dict[str, dict]:
+    """Per metric both sides have, :func:`~userllm.eval.metrics.paired_estimate` of the per-example values of
+    ``va`` minus ``vb`` (one {metric: values} per run, each over the same users in the same order)."""
     return {m: paired_estimate([v[m] for v in va], [v[m] for v in vb], seed=seed)
             for m in va[0] if all(m in v for v in va + vb)}  # fmt: skip
 

@@ -22,8 +22,9 @@ config is another recipe than the spec's is refused, not reused. ``userllm`` cel
 encoder unless they set ``encoder: random``; a next_item cell of any method with ``shortlist: N`` ranks
 that encoder's top N items per user, and a TP cell with ``llm.candidates: N`` lists them in its prompt.
 Each task's table ends with the label prior at every history length of its cells (the train split's most
-frequent answers on the same test users), the floor to beat, and for next_item the stage-1 encoder alone;
-every metric carries its 95% bootstrap interval over users.
+frequent answers on the same test users), the floor to beat, and for next_item the stage-1 encoder alone
+and, with a shortlist, the shortlist in random order; every metric carries its 95% bootstrap interval over
+users.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ SPEC_KEYS = {"out", "prepare", "pretrain", "tasks", "evaluate", "defaults", "cel
 # fields of a saved run config that do not decide what the run is: how it ran, and the vocabulary sizes an
 # encoder read from the dataset
 NOT_RECIPE = {"device", "bf16", "resume", "force", "encoder.num_items", "encoder.num_ratings", "encoder.num_categories"}
-REFERENCES = {"label prior": "prior", "most common review": "common-review", "encoder alone": "encoder"}  # -> cell name
+REFERENCES = {"label prior": "prior", "most common review": "common-review", "encoder alone": "encoder",
+              "shortlist in random order": "random-order"}  # -> cell name
+REFERENCE_COLORS = {"label prior": "k", "most common review": "k", "encoder alone": "tab:purple"}  # others grey
 
 
 def load_spec(path: Path) -> dict[str, Any]:
@@ -266,7 +269,7 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
     cells = [r for r in rows if r["task"] == task and r["method"] in ("userllm", "textprompt")]
     pairs = [(a, b) for a in cells if a["method"] == "userllm" for b in cells
              if b["method"] == "textprompt" and a["history"] == b["history"]]  # fmt: skip
-    encoder_lines = encoder_difference_lines(cells, task, seed) if task == "next_item" else []
+    encoder_lines = reference_difference_lines(cells, task, seed) if task == "next_item" else []
     if not pairs:
         return encoder_lines
     out = []
@@ -287,23 +290,35 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
     return out + encoder_lines
 
 
-def encoder_difference_lines(cells: list[dict], task: str, seed: int) -> list[str]:
-    """A markdown table of every cell of ``task`` minus the stage-1 encoder alone on the cell's own users
-    (:func:`~userllm.tasks.evaluate.paired_vs_encoder`): does the LLM rank better than the encoder it reads?"""
-    from userllm.tasks.evaluate import paired_vs_encoder
+def reference_difference_lines(cells: list[dict], task: str, seed: int) -> list[str]:
+    """Markdown tables of every cell of ``task`` minus a reference on the cell's own users, paired per user:
+    minus the stage-1 encoder alone (:func:`~userllm.tasks.evaluate.paired_vs_encoder`: does the LLM rank
+    better than the encoder it reads?) and minus its shortlist in random order
+    (:func:`~userllm.tasks.evaluate.paired_vs_random_order`: does its order find the next item more often than
+    no order?). A cell without what a reference needs (a stage-1 encoder, a whole shortlist) is left out of it."""
+    from userllm.tasks.evaluate import paired_vs_encoder, paired_vs_random_order
 
+    notes = {
+        "the encoder alone": "the stage-1 encoder's own top titles for the same user (with a shortlist, its order "
+                             "of the very list the LLM ranked).",
+        "the shortlist in random order": "the expected metric of the same list in uniformly random order, "
+                                         "1[target listed] * min(1, K / list length): what a reranker that "
+                                         "ignores the user gets.",
+    }  # fmt: skip
     out = []
-    for cell in cells:
-        try:
-            users, diff = paired_vs_encoder(Path(cell["run"]), seed)
-        except InputError:  # no stage-1 encoder, or scored before the records kept its answers
-            continue
-        if not out:
-            out = [f"#### {task}: each cell minus the encoder alone, paired over the cell's users", "",
-                   "| cell | users | " + " | ".join(f"{m} difference" for m in diff) + " |", "|" + "---|" * (2 + len(diff))]  # fmt: skip
-        out.append(f"| {cell['cell']} | {users} | " + " | ".join(signed(d) for d in diff.values()) + " |")
-    return out + ["", "The encoder alone: the stage-1 encoder's own top titles for the same user (with a shortlist, "
-                  "its order of the very list the LLM ranked).", ""] if out else []
+    for (name, note), paired in zip(notes.items(), (paired_vs_encoder, paired_vs_random_order)):
+        lines = []
+        for cell in cells:
+            try:
+                users, diff = paired(Path(cell["run"]), seed)
+            except InputError:  # scored without what the reference needs
+                continue
+            if not lines:
+                lines = [f"#### {task}: each cell minus {name}, paired over the cell's users", "",
+                         "| cell | users | " + " | ".join(f"{m} difference" for m in diff) + " |", "|" + "---|" * (2 + len(diff))]  # fmt: skip
+            lines.append(f"| {cell['cell']} | {users} | " + " | ".join(signed(d) for d in diff.values()) + " |")
+        out += lines + ["", f"{name[0].upper()}{name[1:]}: {note}", ""] if lines else []
+    return out
 
 
 def signed(m: dict) -> str:
@@ -458,7 +473,7 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             if line and history_ax is not None:
                 bars(history_ax, line, ls="--", marker=".", label=name)
             for i, (_, m) in enumerate(line):
-                compute_ax.axhspan(m["low"], m["high"], alpha=0.15, color="k" if name == "label prior" else "tab:purple",
+                compute_ax.axhspan(m["low"], m["high"], alpha=0.15, color=REFERENCE_COLORS.get(name, "tab:gray"),
                                   label=name if i == 0 else None)  # fmt: skip
         if history_ax is not None:
             history_ax.set(xlabel="history length (events)", ylabel=metric, title=f"{task}: quality vs history length")
