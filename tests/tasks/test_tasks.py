@@ -527,14 +527,21 @@ def test_interrupted_evaluation_resumes_from_its_partial_records(synthetic_ds, t
     assert all(r["ranked"] != marked["ranked"] for r in m["predictions"])
 
 
-def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp_path):
+def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
     """--extend keeps the subset's finished records (not scored again) and scores only the other users, the
-    same answers as one scoring of all; it refuses another scoring, fewer users, or a run never scored."""
+    same answers as one scoring of all; it refuses another scoring, fewer users, or a run never scored, the
+    first two before the model loads."""
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
     run = tmp_path / "run"
     train(TrainConfig(dataset=synthetic_ds.root, out=run, task="favorite_genre", llm=llm, encoder="random",
                       max_history=5, train_examples=8, batch_size=4, lr=3e-3, eval_batch_size=4))  # fmt: skip
-    with pytest.raises(InputError, match="nothing to extend"):
+    import userllm.tasks.evaluate as ev
+
+    def loaded(*args, **kwargs):
+        pytest.fail("the model was loaded before --extend was refused")
+
+    with monkeypatch.context() as patch, pytest.raises(InputError, match="nothing to extend"):
+        patch.setattr(ev, "load_run", loaded)
         evaluate(run, extend=True)
     full = evaluate(run)
     every = {r["user_id"]: r for r in read_records(run)}
@@ -543,7 +550,8 @@ def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp
     kept = read_records(run)
     marked = {**kept[0], "ranked": ["<kept from records.jsonl>"]}
     (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [marked, *kept[1:]]))
-    with pytest.raises(InputError, match="another trained model or scoring"):
+    with monkeypatch.context() as patch, pytest.raises(InputError, match="another trained model or scoring"):
+        patch.setattr(ev, "load_run", loaded)
         evaluate(run, extend=True, bf16=True)
     m = evaluate(run, extend=True)
     assert m["examples"] == full["examples"] == len(every) and m["users"] == "all"

@@ -131,16 +131,31 @@ def load_partial(run_dir: Path, model_id: str) -> tuple[Path, dict[str, dict]]:
     return path, done
 
 
-def finished_records(run_dir: Path, model_id: str, wanted: set[str]) -> dict[str, dict]:
-    """The records of ``run_dir``'s finished scoring by user id, to be kept by a scoring that extends it to
-    more users (``evaluate(..., extend=True)``): only if ``metrics.json`` was scored by the same trained model
-    and scoring (``model_id``, :func:`scoring_id`), and only if every user it holds is in ``wanted``."""
+def scoring(cfg: TrainConfig) -> str:
+    """How a run is scored, as :func:`scoring_id` appends it: next_item's shortlist and its ranking, and the
+    precision (e.g. ``+shortlist20+exact+bf16``)."""
+    exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
+    listed = f"+shortlist{cfg.shortlist}{exact}" if cfg.task == "next_item" and cfg.shortlist else ""
+    return listed + ("+bf16" if cfg.bf16 else "")
+
+
+def extendable(run_dir: Path, **overrides) -> None:
+    """Refuses to extend ``run_dir``'s scoring (``evaluate(..., extend=True)``) unless ``metrics.json`` was
+    scored by the same trained model and scoring as the run's config with ``overrides`` (:func:`scoring_id`);
+    checked before the model loads."""
     out = Path(run_dir) / "metrics.json"
     if not out.exists():
         raise InputError(f"{run_dir}: nothing to extend (no metrics.json); score it without --extend")
-    if json.loads(out.read_text()).get("scoring_id") != model_id:
+    cfg = with_overrides(TrainConfig.from_saved(json.loads((Path(run_dir) / "config.json").read_text())), **overrides)
+    if json.loads(out.read_text()).get("scoring_id") != scoring_id(run_dir, scoring(cfg)):
         raise InputError(f"{out}: scored by another trained model or scoring (shortlist, precision), or before "
                          "userllm recorded which; score every user again with --force instead of --extend")  # fmt: skip
+
+
+def finished_records(run_dir: Path, wanted: set[str]) -> dict[str, dict]:
+    """The records of ``run_dir``'s finished scoring by user id (checked :func:`extendable`), to be kept by a
+    scoring that extends it to more users (``evaluate(..., extend=True)``), only if every user it holds is in
+    ``wanted``."""
     records = {r["user_id"]: r for r in read_records(run_dir)}
     if outside := set(records) - wanted:
         raise InputError(f"{run_dir}/{RECORDS}: {len(outside)} scored users are not in the users asked for; "
@@ -345,9 +360,11 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     out = run_dir / "metrics.json"
     if out.exists() and not (force or extend):
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again (or --extend to add users)")
+    overrides = dict(shortlist=shortlist, shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16)
+    if extend:
+        extendable(run_dir, **overrides)
     cfg, model, data = load_run(run_dir, device or "cpu")
-    cfg = with_overrides(cfg, shortlist=shortlist, shortlist_ranking=shortlist_ranking,
-                         shortlist_score=shortlist_score, bf16=bf16)  # fmt: skip
+    cfg = with_overrides(cfg, **overrides)
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
@@ -355,12 +372,10 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
-    scoring = (f"+shortlist{cfg.shortlist}{exact}" if listed else "") + ("+bf16" if cfg.bf16 else "")
-    model_id = scoring_id(run_dir, scoring)
+    model_id = scoring_id(run_dir, scoring(cfg))
     partial, done = load_partial(run_dir, model_id)
     if extend:
-        done = {**finished_records(run_dir, model_id, {ex.user_id for ex in examples}), **done}
+        done = {**finished_records(run_dir, {ex.user_id for ex in examples}), **done}
     records = predict(model, data, examples, cfg, device, partial, done, listed)
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
