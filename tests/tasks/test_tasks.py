@@ -915,3 +915,18 @@ def test_history_line_compares_lengths_at_a_shared_budget():
     lucky = [*cells, cell(50, 2.0e14, 0.90, users=200), cell(200, 2.2e14, 0.70, users=100)]
     assert [(h, m["value"]) for h, m in best_by_history(lucky, "accuracy")] == [(50, 0.83), (200, 0.82)]
     assert [(h, m["value"]) for h, m in best_by_history(lucky[-2:], "accuracy")] == [(50, 0.90), (200, 0.70)]
+
+
+def test_experiment_pairs_only_cells_that_rank_the_same_list():
+    """User-LLM minus TP is tabled for cells of one history length that rank the same shortlist: not across
+    lengths, shortlist sizes, or a shortlist with and one without the history's items."""
+    from userllm.tasks.experiment import comparable_pairs
+
+    def cell(name, method, history=50, shortlist=20, exclude=False):
+        return {"cell": name, "method": method, "history": history, "shortlist": shortlist, "exclude_history": exclude}
+
+    cells = [cell("ul", "userllm"), cell("ul-unrated", "userllm", exclude=True), cell("ul-h200", "userllm", history=200),
+             cell("ul-free", "userllm", shortlist=0), cell("tp", "textprompt"), cell("tp-unrated", "textprompt", exclude=True),
+             cell("tp-h200", "textprompt", history=200)]  # fmt: skip
+    pairs = {(a["cell"], b["cell"]) for a, b in comparable_pairs(cells)}
+    assert pairs == {("ul", "tp"), ("ul-unrated", "tp-unrated"), ("ul-h200", "tp-h200")}

@@ -212,6 +212,7 @@ def collect(spec: dict) -> list[dict]:
                 # configs saved before shortlist_ranking existed ranked the shortlist by beams
                 "shortlist_ranking": c.get("shortlist_ranking", "beams") if task == "next_item" and c.get("shortlist") else None,
                 "shortlist_score": c.get("shortlist_score", "sum") if task == "next_item" and c.get("shortlist") else None,
+                "exclude_history": task == "next_item" and bool(c["llm"].get("exclude_history")),  # what the shortlist leaves out
             })  # fmt: skip
     return rows
 
@@ -261,14 +262,13 @@ def same_users_rows(rows: list[dict], cell: dict, seed: int) -> list[dict]:
 
 
 def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
-    """A markdown table of every User-LLM cell minus every TP cell of ``task`` (same history length), paired
-    over the test users both were scored on (:func:`~userllm.tasks.evaluate.paired_difference`): a difference
+    """A markdown table of every User-LLM cell minus every TP cell of ``task`` that answers the same question
+    (:func:`comparable_pairs`), paired over the test users both were scored on (:func:`~userllm.tasks.evaluate.paired_difference`): a difference
     whose interval excludes 0 is one the users support."""
     from userllm.tasks.evaluate import paired_difference
 
     cells = [r for r in rows if r["task"] == task and r["method"] in ("userllm", "textprompt")]
-    pairs = [(a, b) for a in cells if a["method"] == "userllm" for b in cells
-             if b["method"] == "textprompt" and a["history"] == b["history"]]  # fmt: skip
+    pairs = comparable_pairs(cells)
     encoder_lines = reference_difference_lines(cells, task, seed) if task == "next_item" else []
     if not pairs:
         return encoder_lines
@@ -288,6 +288,14 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
         out += ["", "Mean per-user difference with its 95% bootstrap interval (users resampled with both answers "
                 "together); an interval that excludes 0 separates the two cells.", ""]
     return out + encoder_lines
+
+
+def comparable_pairs(cells: list[dict]) -> list[tuple[dict, dict]]:
+    """The (User-LLM cell, TP cell) pairs of ``cells`` (rows of one task) that answer the same question: the
+    same history length and, for next_item, the same stage-1 shortlist (its size, and whether it leaves out
+    the history's items, ``llm.exclude_history``), so that both rank the same titles for each user."""
+    same = lambda a, b: all(a.get(k) == b.get(k) for k in ("history", "shortlist", "exclude_history"))  # noqa: E731
+    return [(a, b) for a in cells if a["method"] == "userllm" for b in cells if b["method"] == "textprompt" and same(a, b)]
 
 
 def reference_difference_lines(cells: list[dict], task: str, seed: int) -> list[str]:
