@@ -412,6 +412,8 @@ def serve(
                                                     "context while their events stream in")] = 1.0,
     weights: Annotated[str, typer.Option(help="the backbone's weights: float32 (as trained) or int4 (its decoder "
                                               "layers 4-bit: faster decoding on CPU; exact for SmolLM2 Q4_1)")] = "float32",
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="compute under bf16 autocast, users' contexts "
+                                                 "included [default: as the run trained]")] = None,
 ) -> None:
     """Serve a trained run over HTTP: OpenAI's Chat Completions, personalized by `user`, over an event store."""
     import uvicorn
@@ -425,14 +427,15 @@ def serve(
     store = EventStore(db or sqlite_url_beside(run))
     if refresh_interval < 0:
         raise UserError(f"--refresh-interval {refresh_interval}: expected seconds >= 0")
-    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval, weights=weights)
+    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval, weights=weights, bf16=bf16)
     if engine.quantized:
         q = engine.quantized
         err.print(f"int4 weights: {q['layers']} layers, {q['float_bytes'] / 1e6:.0f} MB -> {q['int4_bytes'] / 1e6:.0f} MB, "
                   f"largest weight change {q['max_error']:.3g}", highlight=False)  # fmt: skip
     cfg = ServeConfig(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms, max_tokens=max_tokens,
                       allow_unknown_users=allow_unknown_users)  # fmt: skip
-    err.print(f"serving {engine.name} ({engine.method}) on http://{host}:{port}/v1 with the event store {store.url}"
+    err.print(f"serving {engine.name} ({engine.method}{', bf16' if engine.bf16 else ''}) on http://{host}:{port}/v1 "
+              f"with the event store {store.url}"
               + ("" if api_key else " (no API key)"), highlight=False, soft_wrap=True)  # fmt: skip
     uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level="warning")
 

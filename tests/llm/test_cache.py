@@ -122,3 +122,23 @@ def test_persisted_cache_survives_restart_and_rejects_stale_or_corrupt(tmp_path)
     missing = UserContextCache(model, tmp_path / "cache")
     missing.get("a", ev["a"])
     assert missing.stats["corrupt"] == 1
+
+
+def test_bf16_entries_are_computed_in_bf16_and_kept_apart_from_float32(tmp_path):
+    """``bf16``: contexts computed under bf16 autocast (close to float32's), persisted under a fingerprint of
+    their own, so a cache directory written in one precision is recomputed, never served, in the other."""
+    model = open_gates(build())
+    ev = timeline(5, 1)
+    fp32 = UserContextCache(model, tmp_path / "cache")
+    want = fp32.get("a", ev)
+    fp32.flush()
+    bf16 = UserContextCache(model, tmp_path / "cache", bf16=True)
+    got = bf16.get("a", ev)
+    assert bf16.stats["stale"] == 1 and bf16.stats["hit"] == 0
+    assert got.ctx.dtype == torch.bfloat16 and want.ctx.dtype == torch.float32
+    torch.testing.assert_close(got.ctx.float(), want.ctx, atol=0.05, rtol=0.05)
+    bf16.flush()
+    again = UserContextCache(model, tmp_path / "cache", bf16=True)
+    assert torch.equal(again.get("a", ev).ctx, got.ctx) and again.stats["hit"] == 1
+    back = UserContextCache(model, tmp_path / "cache")
+    assert back.get("a", ev).ctx.dtype == torch.float32 and back.stats["stale"] == 1

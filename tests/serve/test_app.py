@@ -34,10 +34,10 @@ def serve(tmp_path, synthetic_ds):
     """``serve(run, **config)`` -> (engine, TestClient, openai client), the store holding the dataset's users."""
     made = []
 
-    def make(run, weights="float32", **kw):
+    def make(run, weights="float32", bf16=None, **kw):
         store = EventStore(f"sqlite:///{tmp_path / f'events-{len(made)}.db'}")
         import_dataset(store, synthetic_ds)
-        engine = Engine(run, store, weights=weights)
+        engine = Engine(run, store, weights=weights, bf16=bf16)
         http = TestClient(create_app(engine, ServeConfig(api_key=KEY, **kw)), headers={"Authorization": f"Bearer {KEY}"})
         http.__enter__()
         made.append(http)
@@ -90,6 +90,25 @@ def test_int4_weights_serve_the_same_users(serve, ul_run, tp_run, synthetic_ds, 
     assert (got - want).abs().max() < 0.1 * want.abs().max() and not torch.equal(got, want)
     with pytest.raises(InputError, match="weights 'int3'"):
         Engine(run, engine.store, weights="int3")
+
+
+@pytest.mark.parametrize("method", ["userllm", "textprompt"])
+def test_bf16_serves_every_model_call_under_autocast(serve, ul_run, tp_run, synthetic_ds, method):
+    """--bf16: the LLM runs under bf16 autocast for every request, and User-LLM's cached contexts are computed
+    so (bf16 tensors, a fingerprint of their own); by default a run trained in float32 is served in float32."""
+    run = ul_run if method == "userllm" else tp_run
+    user = synthetic_ds.sequences.get_column("user_id")[0]
+    for bf16 in (True, None):
+        engine, _, client = serve(run, bf16=bf16)
+        assert engine.bf16 is (bf16 is True)
+        seen = []
+        hook = engine.model.llm.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+        answer = ask(client, engine, user)
+        hook.remove()
+        assert answer.choices[0].finish_reason in ("stop", "length") and seen and set(seen) == {engine.bf16}
+        if method == "userllm":
+            ctx = engine.cache.cached(user).ctx
+            assert (ctx.dtype == torch.bfloat16) is engine.bf16 and engine.cache.fingerprint.endswith("+bf16") is engine.bf16
 
 
 def test_user_reaches_the_server_and_errors_are_openai_errors(serve, ul_run):

@@ -11,8 +11,9 @@ encoder's ``max_len`` keep their last ``max_len`` events, recomputed when the wi
 
 On disk (``directory``): ``index.json`` (per user: shard, event count, checksum, model fingerprint) and
 ``shard-NNNNN.safetensors`` files written by :meth:`flush` (only the entries changed since the last flush;
-shards no entry refers to are deleted). An entry whose model fingerprint differs (another encoder or
-connector checkpoint) is stale; one whose shard is missing, unreadable or fails its checksum is corrupt;
+shards no entry refers to are deleted). With ``bf16`` the contexts are computed under bf16 autocast and
+the fingerprint says so. An entry whose model fingerprint differs (another encoder or connector
+checkpoint, or the other precision) is stale; one whose shard is missing, unreadable or fails its checksum is corrupt;
 both are recomputed, never served.
 
 Example::
@@ -40,6 +41,7 @@ from userllm.encoder.train import state_hash
 from userllm.io import write_json
 from userllm.llm.connectors import ContextKV
 from userllm.llm.model import UserContext, UserLLM
+from userllm.precision import autocast
 
 EVENT_KEYS = ("item", "rating", "time_gap")
 
@@ -64,9 +66,10 @@ def checksum(tensors: dict[str, Tensor]) -> str:
 class UserContextCache:
     """Per-user :class:`UserContext` with incremental updates, in memory and optionally on disk (see module)."""
 
-    def __init__(self, model: UserLLM, directory: str | Path | None = None) -> None:
+    def __init__(self, model: UserLLM, directory: str | Path | None = None, *, bf16: bool = False) -> None:
         self.model = model
-        self.fingerprint = model_fingerprint(model)
+        self.bf16 = bf16  # contexts computed under bf16 autocast (on the model's device type)
+        self.fingerprint = model_fingerprint(model) + ("+bf16" if bf16 else "")
         self.dir = Path(directory) if directory is not None else None
         self.entries: dict[str, dict[str, Tensor]] = {}  # user -> flat tensors of its entry
         self.dirty: set[str] = set()
@@ -89,6 +92,10 @@ class UserContextCache:
         than ``max_len``) are encoded together, one batch per timeline length (no padding: each row is the
         computation :meth:`get` makes for that user, equal up to the rounding of batched matrix products);
         hits and incremental appends are per user."""
+        with autocast(self.bf16, next(self.model.parameters()).device.type):
+            return self._get_many(timelines)
+
+    def _get_many(self, timelines: dict[str, dict[str, Tensor]]) -> dict[str, UserContext]:
         out: dict[str, UserContext] = {}
         misses: dict[int, list[tuple[str, dict[str, Tensor]]]] = {}  # timeline length -> users to compute
         for user, events in timelines.items():

@@ -30,6 +30,7 @@ from userllm.errors import InputError
 from userllm.llm.cache import UserContextCache
 from userllm.llm.decoding import iter_tokens, sample_token
 from userllm.llm.model import UserContext
+from userllm.precision import autocast
 from userllm.serve.metrics import Metrics
 from userllm.serve.store import EventStore, Fingerprint
 from userllm.serve.timeline import RunVocabulary
@@ -93,16 +94,19 @@ class Engine:
     shortest time between two refreshes of one user's context after appends (:meth:`schedule_refresh`), in
     seconds of ``clock`` (monotonic time; tests pass one they advance by hand);
     ``weights``: ``float32`` (as trained and evaluated) or ``int4`` (the backbone's decoder layers as 4-bit
-    weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report)."""
+    weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report);
+    ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
+    ``userllm evaluate`` scores it)."""
 
     def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
                  metrics: Metrics | None = None, refresh_interval: float = 1.0, weights: str = "float32",
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 bf16: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         check_weights(weights)
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.data = load_run(self.run_dir)
         self.model.eval()
         self.weights = weights
+        self.bf16 = self.cfg.bf16 if bf16 is None else bf16
         self.quantized = self.model.quantize_backbone() if weights == "int4" else None
         self.store = store
         self.metrics = metrics or Metrics()
@@ -116,7 +120,7 @@ class Engine:
         self.max_history = self.cfg.max_history
         self.listing = self.data.candidate_encoder if self.data.candidates else None  # TP's listed candidates
         self.listing_vocab = RunVocabulary(self.data.ds, self.listing.cfg.time_gap_buckets) if self.listing else None
-        self.cache = UserContextCache(self.model, cache_dir) if self.method == "userllm" else None
+        self.cache = UserContextCache(self.model, cache_dir, bf16=self.bf16) if self.method == "userllm" else None
         self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
         self.refresh_interval = refresh_interval
@@ -158,7 +162,8 @@ class Engine:
                 listed = None
                 if self.listing is not None:
                     inputs = self.listing_vocab.encoder_inputs(rows)
-                    top = self.listing.next_items(inputs, self.data.candidates, self.data.exclude_history)[0]
+                    with autocast(self.bf16):
+                        top = self.listing.next_items(inputs, self.data.candidates, self.data.exclude_history)[0]
                     listed = [self.data.ds.item_titles[i] for i in top.tolist()]
                 out[user] = Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
             else:
@@ -279,11 +284,12 @@ class Engine:
         limit = max(r.job.max_tokens for r in rows)
         eos = None if all(r.job.ignore_eos for r in rows) else self.eos
         if context is None and self.method == "userllm":  # no user: the backbone alone, no cross-attention
-            prefix = (self.model.llm.get_input_embeddings()(ids), mask)
-            steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad)
-            self._stream(rows, steps)
+            with autocast(self.bf16):
+                prefix = (self.model.llm.get_input_embeddings()(ids), mask)
+                steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad)
+                self._stream(rows, steps)
         else:
-            with self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
+            with autocast(self.bf16), self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
                 steps = iter_tokens(self.model, embeds, prefix_mask, choose, max_new_tokens=limit,
                                     eos_token_id=eos, pad_token_id=self.pad)  # fmt: skip
                 self._stream(rows, steps)
