@@ -36,7 +36,7 @@ from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
-from userllm.tasks.evaluate import per_example, random_order, read_records
+from userllm.tasks.evaluate import per_example, random_order, read_records, recorded_shortlist
 
 OUT = Path(__file__).parent / "results" / "paired_lengths.json"
 
@@ -50,11 +50,8 @@ def unseen(records: dict[str, dict], run: Path) -> tuple[dict[str, dict], dict[s
     target = dict(ds.examples.filter(pl.col("split") == "test").select("user_id", "target_pos").iter_rows())
     out, shares = {}, {"shortlist": [], "first answer": [], "target": []}
     for u, r in records.items():
-        if "shortlist_scores" not in r:
-            raise InputError(f"{run}: user {u} has no shortlist_scores; --unseen needs an exact ranking of the "
-                             "whole shortlist (shortlist_ranking: exact)")  # fmt: skip
         rated = {names[i] for i in items[u][: target[u]]}
-        listed = [t for t, *_ in r["shortlist_scores"]]
+        listed = titles(r, run)
         out[u] = {**r, "ranked": [t for t in listed if t not in rated],
                   "shortlist_scores": [s for s in r["shortlist_scores"] if s[0] not in rated]}
         for name, share in (("shortlist", np.mean([t in rated for t in listed])), ("first answer", r["ranked"][0] in rated),
@@ -63,24 +60,27 @@ def unseen(records: dict[str, dict], run: Path) -> tuple[dict[str, dict], dict[s
     return out, {name: float(np.mean(v)) for name, v in shares.items()}
 
 
-def titles(record: dict) -> list[str]:
-    """The whole shortlist a record's run ranked (``shortlist_scores``), in its order."""
-    if "shortlist_scores" not in record:
-        raise InputError(f"user {record['user_id']} has no shortlist_scores: the runs must rank their whole shortlist "
-                         "exactly (shortlist_ranking: exact)")  # fmt: skip
-    return [t for t, *_ in record["shortlist_scores"]]
+def titles(record: dict, run: Path) -> list[str]:
+    """The whole shortlist ``run`` ranked for a record, in its order
+    (:func:`~userllm.tasks.evaluate.recorded_shortlist`)."""
+    listed = recorded_shortlist(record)
+    if listed is None:
+        raise InputError(f"{run}: user {record['user_id']} has no shortlist_scores; the runs must rank their whole "
+                         "shortlist exactly (shortlist_ranking: exact)")  # fmt: skip
+    return listed
 
 
-def four_runs_arguments(ap: argparse.ArgumentParser, long: str = "runs/stage2-h200/next_item") -> None:
+def four_runs_arguments(ap: argparse.ArgumentParser, out: Path, long: str = "runs/stage2-h200/next_item") -> None:
     """The options naming the four runs (User-LLM and TP at the short and the long length), with these
-    defaults: the 50-event exact-ranking pair and the 200-event pair in ``long``."""
+    defaults: the 50-event exact-ranking pair and the 200-event pair in ``long``; and ``--out`` (default
+    ``out``)."""
     ap.add_argument("--short", type=Path, default=Path("runs/stage2/next_item"), help="the 50-event cells' folder")
     ap.add_argument("--long", type=Path, default=Path(long), help="the 200-event cells' folder")
     ap.add_argument("--short-cells", default="shortlist20-proj-tpflops-exact,tp-256-shortlist20-exact",
                     help="User-LLM cell,TP cell at the short length")  # fmt: skip
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
-    ap.add_argument("--out", type=Path, help="where the figures are written as JSON")
+    ap.add_argument("--out", type=Path, default=out, help="where the figures are written as JSON")
 
 
 def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict[str, dict]], list[str]]:
@@ -98,11 +98,10 @@ def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    four_runs_arguments(ap)
+    four_runs_arguments(ap, OUT)
     ap.add_argument("--unseen", nargs="?", const="both", choices=("both", "short", "long"),
                     help="rank without the titles each user has already rated (both lengths' runs, or one's)")
     args = ap.parse_args()
-    args.out = args.out or OUT
     runs, records, users = four_runs(args)
     for u in users:
         if len({records[name][u]["truth"] for name in records}) != 1:
@@ -110,7 +109,8 @@ def main() -> None:
                              "the runs are not of the same test split")  # fmt: skip
         for length in ("short", "long"):
             ul, tp = records[f"User-LLM {length}"][u], records[f"TP {length}"][u]
-            if ul["encoder_ranked"] != tp["encoder_ranked"] or set(titles(ul)) != set(titles(tp)):
+            same = set(titles(ul, runs[f"User-LLM {length}"])) == set(titles(tp, runs[f"TP {length}"]))
+            if ul["encoder_ranked"] != tp["encoder_ranked"] or not same:
                 raise InputError(f"user {u}: the {length} User-LLM and TP runs rerank different encoder shortlists "
                                  f"({runs[f'User-LLM {length}']}, {runs[f'TP {length}']})")  # fmt: skip
     encoder = {f"encoder {length}": {u: {"ranked": r["encoder_ranked"], "truth": r["truth"]}
@@ -130,7 +130,8 @@ def main() -> None:
                for name, recs in {**records, **encoder}.items()}  # fmt: skip
     for length in ("short", "long"):  # the list each user's two runs ranked (without rated titles with --unseen)
         recs = [records[f"TP {length}"][u] for u in users]
-        recalls[f"random order {length}"] = random_order([titles(r) for r in recs], [r["truth"] for r in recs], 10)
+        lists = [titles(r, runs[f"TP {length}"]) for r in recs]
+        recalls[f"random order {length}"] = random_order(lists, [r["truth"] for r in recs], 10)
     for k in (1, 5, 10):
         v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
         references = ("encoder",) if encoder else ()

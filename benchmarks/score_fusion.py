@@ -20,17 +20,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from userllm.config import TrainConfig
 from userllm.data.dataset import PreparedDataset
-from userllm.encoder.data import Timelines
-from userllm.encoder.model import last_output
 from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
 from userllm.llm.backbone import load_backbone
 from userllm.tasks.data import TaskData
+from userllm.tasks.evaluate import recorded_shortlist
 from userllm.tasks.train import stage1_encoder
 
 from paired_lengths import four_runs, four_runs_arguments  # noqa: E402  (benchmarks/, the script's folder)
@@ -38,28 +36,24 @@ from paired_lengths import four_runs, four_runs_arguments  # noqa: E402  (benchm
 OUT = Path(__file__).parent / "results" / "score_fusion.json"
 
 
-@torch.no_grad()
 def encoder_title_logprobs(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     """{user_id: {title: log p_encoder(title)}} over each test user's shortlist (the run's ``shortlist`` top
-    items of its stage-1 encoder, as :meth:`TaskData.encoder_top` makes it)."""
+    items of its stage-1 encoder, :meth:`TaskData.encoder_top`; a title's probability summed over its items)."""
     cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
     ds = PreparedDataset(cfg.dataset)
-    data = TaskData(ds, tokenizer, task="next_item", method="userllm", max_history=cfg.max_history)
+    data = TaskData(ds, tokenizer, task="next_item", method="userllm", max_history=cfg.max_history,
+                    exclude_history=cfg.llm.exclude_history)  # fmt: skip
     encoder = stage1_encoder(cfg, data)
     if encoder is None or not cfg.shortlist:
         raise InputError(f"{run}: not a next_item run that reranks a stage-1 encoder's shortlist")
-    tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
-    examples, out = data.examples("test"), {}
-    for c in range(0, len(examples), 256):
-        batch = examples[c : c + 256]
-        logits = encoder.item_logits(last_output(*encoder.encode(data.user_batch(batch, timelines=tl))))
-        logits[:, :2] = float("-inf")  # padding and unknown are never listed
-        logp = torch.log_softmax(logits.float(), -1)
-        for ex, row, top in zip(batch, logp, logp.topk(cfg.shortlist, 1).indices):
-            by_title: dict[str, list[float]] = {}
-            for i in top.tolist():
-                by_title.setdefault(ds.item_titles[i], []).append(row[i].item())
-            out[ex.user_id] = {t: float(np.logaddexp.reduce(v)) for t, v in by_title.items()}
+    examples = data.examples("test")
+    logp = data.encoder_logprobs(encoder, examples)
+    out = {}
+    for ex, row, top in zip(examples, logp, data.encoder_top(encoder, examples, cfg.shortlist)):
+        by_title: dict[str, list[float]] = {}
+        for i in top:
+            by_title.setdefault(ds.item_titles[i], []).append(row[i].item())
+        out[ex.user_id] = {t: float(np.logaddexp.reduce(v)) for t, v in by_title.items()}
     return out
 
 
@@ -74,7 +68,7 @@ def fused_hits(records: dict[str, dict], encoder: dict[str, dict[str, float]], u
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    four_runs_arguments(ap, long="runs/h200-alibi-all")
+    four_runs_arguments(ap, OUT, long="runs/h200-alibi-all")
     ap.add_argument("--weights", default="0,0.5,1,2,4", help="comma-separated weights w of the encoder's term")
     args = ap.parse_args()
     try:
@@ -87,7 +81,7 @@ def main() -> None:
     encoder = {name: encoder_title_logprobs(run, tokenizer) for name, run in runs.items()}
     for name, recs in records.items():
         for u in users:
-            if "shortlist_scores" not in recs[u] or {t for t, *_ in recs[u]["shortlist_scores"]} != set(encoder[name][u]):
+            if set(recorded_shortlist(recs[u]) or ()) != set(encoder[name][u]):
                 raise InputError(f"{runs[name]}: user {u}'s recorded shortlist is not its encoder's top items now "
                                  "(another encoder, or a ranking without shortlist_scores)")  # fmt: skip
     fmt = lambda m: f"{m['value']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"  # noqa: E731
@@ -100,10 +94,11 @@ def main() -> None:
                "lead short": estimate(lead["short"]), "lead long": estimate(lead["long"]),
                "lead long - lead short": estimate(lead["long"] - lead["short"])}  # fmt: skip
         out["recall@10"][str(w)] = row
-        leads = f"lead short {fmt(row['lead short'])}, long {fmt(row['lead long'])}, change {fmt(row['lead long - lead short'])}"
+        leads = (f"lead short {fmt(row['lead short'])}, long {fmt(row['lead long'])}, "
+                 f"change {fmt(row['lead long - lead short'])}")
         print(f"w={w:<5g} " + "  ".join(f"{name} {row[name]:.3f}" for name in runs) + " | " + leads)
-    write_json(args.out or OUT, out)
-    print(f"wrote {args.out or OUT}")
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,16 @@ def test_items_scored_by_the_output_itself_unless_a_head_is_asked_for():
     assert not any(k.startswith("item_head") for k in enc.state_dict())
     assert tiny_encoder(d_model=8, item_head=True).item_head.weight.shape == (8, 8)
     assert tiny_encoder().item_head.weight.shape == (8, 16)  # d_model != d_feature: always a head
+
+
+def test_next_item_logprobs_are_the_distribution_next_items_ranks(encoder):
+    """log p(next item): a distribution over the catalogue without padding and unknown, whose order is the one
+    next_items ranks by (also without the history's items)."""
+    batch = random_batch(3, 6, lengths=[6, 4, 2], seed=3)
+    logp = encoder.next_item_logprobs(batch)
+    assert logp.shape == (3, V) and torch.isinf(logp[:, :2]).all()
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3))
+    top = encoder.next_items(batch, 5)
+    assert torch.equal(top, logp.topk(5, -1).indices)
+    unseen = encoder.next_items(batch, 5, exclude_history=True)
+    assert not any(set(row.tolist()) & set(items.tolist()) for row, items in zip(unseen, batch["item"]))

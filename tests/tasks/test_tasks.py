@@ -240,6 +240,8 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
                     max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
     examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
     top = data.encoder_top(load_encoder(tmp_path / "enc"), examples, 3)
+    logp = data.encoder_logprobs(load_encoder(tmp_path / "enc"), examples)  # the distribution those are the top of
+    assert logp.shape[0] == len(examples) and logp.topk(3, -1).indices.tolist() == top
     tp = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "tp", "method": "textprompt", "shortlist": 3,
                         "llm": {**cfg.llm.model_dump(), "strategy": "lora", "candidates": 3}})  # fmt: skip
     train(tp)

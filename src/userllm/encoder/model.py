@@ -274,6 +274,14 @@ class UserEncoder(nn.Module):
         return self.item_head(h) @ weight.T
 
     @torch.no_grad()
+    def next_item_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """log p(next item) after each timeline's last event, over the catalogue: (b, V), padding and unknown
+        (0, 1) at -inf. Eval mode."""
+        logits = self.item_logits(last_output(*self.encode(batch))).float()
+        logits[:, :2] = float("-inf")
+        return torch.log_softmax(logits, -1)
+
+    @torch.no_grad()
     def next_items(self, batch: dict[str, Tensor], k: int, exclude_history: bool = False) -> Tensor:
         """The ``k`` highest-scoring next items after each timeline's last event: item indices (b, k), best
         first; padding and unknown (0, 1) are never chosen, items already in the timeline only if not
@@ -284,7 +292,7 @@ class UserEncoder(nn.Module):
             top = encoder.next_items({"item": items, "rating": ratings, "time_gap": gaps}, 20)   # (b, 20)
         """
         exclude = batch["item"] if exclude_history else None
-        return top_items(self.item_logits(last_output(*self.encode(batch))), k, exclude)
+        return top_items(self.item_logits(last_output(*self.encode(batch))), k, exclude)  # the raw scores' order
 
     def rating_logits(self, h: Tensor) -> Tensor:
         """(..., d) -> (..., num_ratings)."""

@@ -187,16 +187,25 @@ class TaskData:
         ends = np.array([e.end for e in examples])
         return (timelines or self.tl).collate(users, starts, ends, device=device)
 
-    @torch.no_grad()
-    def encoder_top(self, encoder, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
-        """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
-        first (specials excluded; the window's items too with ``exclude_history``, as for the LLM), its events
-        read with the encoder's own time-gap buckets (a TP run's timelines may have been built with others)."""
+    def encoder_batches(self, encoder, examples: list[TaskExample], batch_size: int = 256):
+        """The encoder inputs of the examples' history windows, ``batch_size`` at a time, read with the
+        encoder's own time-gap buckets (a TP run's timelines may have been built with others)."""
         tl = self.tl
         if tl.num_gap_buckets != encoder.cfg.time_gap_buckets:
             tl = Timelines.from_dataset(self.ds, encoder.cfg.time_gap_buckets)
-        top = []
         for c in range(0, len(examples), batch_size):
-            batch = self.user_batch(examples[c : c + batch_size], timelines=tl)
-            top += encoder.next_items(batch, k, self.exclude_history).tolist()
-        return top
+            yield self.user_batch(examples[c : c + batch_size], timelines=tl)
+
+    @torch.no_grad()
+    def encoder_top(self, encoder, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
+        """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
+        first (specials excluded; the window's items too with ``exclude_history``, as for the LLM)."""
+        return [row for batch in self.encoder_batches(encoder, examples, batch_size)
+                for row in encoder.next_items(batch, k, self.exclude_history).tolist()]  # fmt: skip
+
+    @torch.no_grad()
+    def encoder_logprobs(self, encoder, examples: list[TaskExample], batch_size: int = 256) -> Tensor:
+        """A stage-1 encoder's log p(next item) after each example's history window, (n, V)
+        (:meth:`~userllm.encoder.model.UserEncoder.next_item_logprobs`)."""
+        batches = self.encoder_batches(encoder, examples, batch_size)
+        return torch.cat([encoder.next_item_logprobs(batch) for batch in batches])

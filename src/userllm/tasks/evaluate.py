@@ -92,6 +92,17 @@ def answer_trie(data: TaskData) -> TokenTrie:
     return TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
 
 
+def shortlist_titles(vocab: list[str], items: list[int]) -> list[str]:
+    """The distinct titles of a shortlist's item indices, in its order (two items may share a title)."""
+    return list(dict.fromkeys(vocab[i] for i in items))
+
+
+def recorded_shortlist(record: dict) -> list[str] | None:
+    """The whole shortlist a next_item record's run ranked, in the run's order (its ``shortlist_scores``);
+    None for a record scored without them (a beam search keeps only its top titles)."""
+    return [t for t, *_ in record["shortlist_scores"]] if "shortlist_scores" in record else None
+
+
 def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
                  shortlists: dict[str, list[int]] | None = None) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:  # fmt: skip
     """What the constrained search may answer for a batch, and each row's answers in trie order: ``trie``
@@ -100,7 +111,7 @@ def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
     vocab = data.answer_vocabulary()
     if shortlists is None:
         return trie, [vocab[2:]] * len(examples)
-    names = [list(dict.fromkeys(vocab[i] for i in shortlists[ex.user_id])) for ex in examples]
+    names = [shortlist_titles(vocab, shortlists[ex.user_id]) for ex in examples]
     eos = data.tokenizer.eos_token_id
     return [TokenTrie([data.tokens(t) for t in row], eos_token_id=eos) for row in names], names
 
@@ -316,8 +327,7 @@ def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int
         for r in records or []:
             r["encoder_ranked"] = by_user[r["user_id"]]
     if shortlist is not None and data.task == "next_item":
-        titles = data.ds.item_titles
-        lists = [list(dict.fromkeys(titles[i] for i in shortlist[ex.user_id])) for ex in examples]
+        lists = [shortlist_titles(data.ds.item_titles, shortlist[ex.user_id]) for ex in examples]
         values = random_order(lists, [ex.answer for ex in examples], cfg.beams)
         out["shortlist in random order"] = {m: estimate(v, seed=seed) for m, v in values.items()}
     return out
@@ -352,10 +362,11 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
              bf16: bool | None = None, extend: bool = False) -> dict:  # fmt: skip
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
     ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
-    autocast (default: as the run trained): 1.4-1.6X faster for TP's prompts on a CPU with AMX or AVX512-BF16, with
-    log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``). ``extend`` keeps the records
-    of the run's finished scoring (the same model and scoring, :func:`finished_records`) and scores only the
-    users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten over all."""
+    autocast (default: as the run trained): 1.4-1.6X faster for TP's prompts on a CPU with AMX or
+    AVX512-BF16, with log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``). ``extend``
+    keeps the records of the run's finished scoring (the same model and scoring, :func:`finished_records`) and
+    scores only the users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten
+    over all."""
     run_dir = Path(run_dir)
     out = run_dir / "metrics.json"
     if out.exists() and not (force or extend):
@@ -477,11 +488,11 @@ def paired_vs_random_order(run: Path, seed: int = 0) -> tuple[int, dict[str, dic
     """A next_item run minus its shortlist in random order (:func:`random_order`, from the whole list its
     records keep as ``shortlist_scores``), per user, over the run's users: does the LLM's order of the list
     find the next item more often than no order at all?"""
-    records = [r for r in read_records(run) if r.get("shortlist_scores")]
+    records = [r for r in read_records(run) if recorded_shortlist(r) is not None]
     if not records:
         raise InputError(f"{run}: its records hold no whole shortlist (shortlist_scores: a shortlist ranked with "
                          "shortlist_ranking 'exact'); score it so, with --force")  # fmt: skip
-    lists = [[t for t, *_ in r["shortlist_scores"]] for r in records]
+    lists = [recorded_shortlist(r) for r in records]
     beams = json.loads((Path(run) / "config.json").read_text())["beams"]
     return len(records), _paired_values([per_example("next_item", records, set(), beams)],
                                         [random_order(lists, [r["truth"] for r in records], beams)], seed)  # fmt: skip

@@ -306,15 +306,15 @@ def reference_difference_lines(cells: list[dict], task: str, seed: int) -> list[
     no order?). A cell without what a reference needs (a stage-1 encoder, a whole shortlist) is left out of it."""
     from userllm.tasks.evaluate import paired_vs_encoder, paired_vs_random_order
 
-    notes = {
-        "the encoder alone": "the stage-1 encoder's own top titles for the same user (with a shortlist, its order "
-                             "of the very list the LLM ranked).",
-        "the shortlist in random order": "the expected metric of the same list in uniformly random order, "
-                                         "1[target listed] * min(1, K / list length): what a reranker that "
-                                         "ignores the user gets.",
-    }  # fmt: skip
+    references = (
+        ("the encoder alone", paired_vs_encoder, "the stage-1 encoder's own top titles for the same user (with a "
+         "shortlist, its order of the very list the LLM ranked)."),
+        ("the shortlist in random order", paired_vs_random_order, "the expected metric of the same list in "
+         "uniformly random order, 1[target listed] * min(1, K / list length): what a reranker that ignores the "
+         "user gets."),
+    )  # fmt: skip
     out = []
-    for (name, note), paired in zip(notes.items(), (paired_vs_encoder, paired_vs_random_order)):
+    for name, paired, note in references:
         lines = []
         for cell in cells:
             try:
