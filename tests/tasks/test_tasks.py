@@ -917,6 +917,12 @@ def test_history_line_compares_lengths_at_a_shared_budget():
     lucky = [*cells, cell(50, 2.0e14, 0.90, users=200), cell(200, 2.2e14, 0.70, users=100)]
     assert [(h, m["value"]) for h, m in best_by_history(lucky, "accuracy")] == [(50, 0.83), (200, 0.82)]
     assert [(h, m["value"]) for h, m in best_by_history(lucky[-2:], "accuracy")] == [(50, 0.90), (200, 0.70)]
+    # next_item: a list only one length ranked (without the history's items) does not enter the line
+    listed = [{**c, "shortlist": 20, "exclude_history": False} for c in cells]
+    unrated = {**cell(50, 2.0e14, 0.95), "shortlist": 20, "exclude_history": True}
+    assert [(h, m["value"]) for h, m in best_by_history([*listed, unrated], "accuracy")] == [(50, 0.83), (200, 0.82)]
+    assert best_by_history([unrated, {**cell(200, 2.2e14, 0.82), "shortlist": 50, "exclude_history": False}], "accuracy") == []
+    assert best_by_history([], "accuracy") == []
 
 
 def test_experiment_pairs_only_cells_that_rank_the_same_list():

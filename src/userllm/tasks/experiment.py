@@ -236,6 +236,7 @@ def reference_rows(rows: list[dict]) -> list[dict]:
                 "precision": "-", "commit": cell["commit"], "metrics": cell["references"][name], "strategy": "-", "perceiver": 0,
                 "item_words": "", "xattn_layers": "-", "encoder": "-", "llm_input_tokens": 0.0, "general": None,
                 "references": {}, "run": cell["run"], "subset": cell["subset"],
+                "shortlist": 0, "exclude_history": cell["exclude_history"],  # the encoder alone: its own top K
             })  # fmt: skip
     return out
 
@@ -334,7 +335,10 @@ def signed(m: dict) -> str:
 
 
 RESULT_KEYS = ("dataset", "task", "cell", "method", "mode", "history", "train_examples", "train_flops", "train_seconds",
-               "users", "precision", "commit", "metrics")  # fmt: skip
+               "users", "precision", "shortlist", "exclude_history", "commit", "metrics")  # fmt: skip
+# keys a results.json written before them may lack: "precision" (then fp32), and the list a next_item cell
+# ranks, "shortlist" and "exclude_history" (then unknown: such cells count as ranking one kind of list)
+OPTIONAL_KEYS = {"precision", "shortlist", "exclude_history"}
 
 
 def interval(m: dict) -> str:
@@ -410,11 +414,10 @@ def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None, hi
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"{path}: cannot read it as results.json: {e}") from None
-        # "precision" is optional: results.json written before it existed holds cells scored in float32
-        bad = not isinstance(data, list) or any(not isinstance(r, dict) or set(RESULT_KEYS) - set(r) - {"precision"} for r in data)
+        bad = not isinstance(data, list) or any(not isinstance(r, dict) or set(RESULT_KEYS) - set(r) - OPTIONAL_KEYS for r in data)
         if bad:
             raise InputError(f"{path}: expected a list of cells, each with the keys {', '.join(RESULT_KEYS)} "
-                             "(precision may be absent: fp32)")
+                             f"({', '.join(sorted(OPTIONAL_KEYS))} may be absent)")
         for r in data:
             if dataset in (None, r["dataset"]) and history in (None, r["history"]):
                 cells[(r["dataset"], r["task"], r["cell"], r["history"])] = r
@@ -432,8 +435,15 @@ def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[
     another's FLOPs overshoots by up to one step). A longer training at one length only (e.g. 16k examples at
     50 events) would otherwise make the line compare budgets, not history lengths. Among those, only the
     cells scored on the most users count: a cell scored on a seeded subset has a wider interval, and taking
-    the best of noisy cells favours the luckiest."""
+    the best of noisy cells favours the luckiest. And only cells ranking a kind of list (next_item's shortlist
+    size and ``exclude_history``) that every length has: a list only one length was scored on (e.g. without
+    the history's items) would make the line compare lists; none shared, no line."""
+    kind = lambda r: (r.get("shortlist"), r.get("exclude_history"))  # noqa: E731
     lengths = sorted({r["history"] for r in cells})
+    shared_kinds = set.intersection(*({kind(r) for r in cells if r["history"] == h} for h in lengths)) if cells else set()
+    cells = [r for r in cells if kind(r) in shared_kinds]
+    if not cells:
+        return []
     shared = min(max(r["train_flops"] or 0 for r in cells if r["history"] == h) for h in lengths) * slack
     out = []
     for h in lengths:
@@ -474,7 +484,8 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
         if history_ax is not None:
             for label in sorted({(r["method"], r["mode"]) for r in part}):
                 line = best_by_history([r for r in part if (r["method"], r["mode"]) == label], metric)
-                bars(history_ax, line, marker="o", label=f"{label[0]} {label[1]} (best cell, shared budget)")
+                if line:
+                    bars(history_ax, line, marker="o", label=f"{label[0]} {label[1]} (best cell, shared budget)")
         for name in sorted({r["method"] for r in refs}):
             line = sorted(((r["history"], r["metrics"][metric]) for r in refs if r["method"] == name and metric in r["metrics"]),
                           key=lambda p: p[0])  # fmt: skip
