@@ -13,7 +13,9 @@ Both methods rerank the stage-1 encoder's shortlist, so the encoder's own order 
 rows give the lead over TP that a reranker returning the encoder's order unchanged would have, at each length,
 and its change between them. So is the shortlist in random order (its expected Recall@K,
 :func:`userllm.tasks.evaluate.random_order`): each method's and the encoder's gain over it says how much their
-order of the list finds, at each length. Writes ``benchmarks/results/paired_lengths.json`` (or ``--out``).
+order of the list finds, at each length. And how far each run's order follows the encoder's (:func:`follows_encoder`:
+its first title the encoder's first, and the rank correlation over the encoder's top 10). Writes
+``benchmarks/results/paired_lengths.json`` (or ``--out``).
 
 ``--unseen``: every ranking without the titles the user has already rated (any event before the target; in
 MovieLens a user rates an item once, so they are never the answer), the masked protocol of stage 1, applied to
@@ -68,6 +70,17 @@ def titles(record: dict, run: Path) -> list[str]:
         raise InputError(f"{run}: user {record['user_id']} has no shortlist_scores; the runs must rank their whole "
                          "shortlist exactly (shortlist_ranking: exact)")  # fmt: skip
     return listed
+
+
+def follows_encoder(record: dict, run: Path) -> tuple[float, float]:
+    """How far a run's order of its shortlist follows the stage-1 encoder's: 1[its first title is the
+    encoder's first], and the Spearman rank correlation between the two orders of the encoder's top titles
+    (``encoder_ranked``, its first 10; a random order's expected values: 1 / list length and 0)."""
+    position = {t: i for i, t in enumerate(titles(record, run))}
+    top = record["encoder_ranked"]
+    mine = np.argsort(np.argsort([position[t] for t in top]))  # each encoder title's rank in the run's order
+    rho = float(np.corrcoef(np.arange(len(top)), mine)[0, 1]) if len(top) > 1 else float("nan")
+    return float(min(position, key=position.get) == top[0]), rho
 
 
 def four_runs_arguments(ap: argparse.ArgumentParser, out: Path, long: str = "runs/stage2-h200/next_item") -> None:
@@ -156,6 +169,14 @@ def main() -> None:
         print(f"\nrecall@{k}")
         for name, m in rows.items():
             print(f"  {name:<45} {fmt(m, '' if name in v else '+')}")
+    if encoder:  # without rated titles the encoder's order is kept to its 10th title only: no agreement rows
+        print("\nhow far each order follows the encoder's (random order: 1 / list length, and 0)")
+        out["follows encoder"] = {}
+        for name in records:
+            first, rho = np.array([follows_encoder(records[name][u], runs[name]) for u in users]).T
+            out["follows encoder"][name] = {"first title the encoder's": estimate(first), "spearman, encoder's top 10": estimate(rho)}
+            print(f"  {name:<15} first title the encoder's {fmt(estimate(first), '')}   "
+                  f"Spearman over the encoder's top 10 {fmt(estimate(rho), '+')}")  # fmt: skip
     write_json(args.out, out)
     print(f"\nwrote {args.out}")
 
