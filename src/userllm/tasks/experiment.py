@@ -291,11 +291,17 @@ def difference_lines(rows: list[dict], task: str, seed: int) -> list[str]:
     return out + encoder_lines
 
 
+def ranked_list(cell: dict) -> tuple:
+    """The kind of list a cell ranks: next_item's stage-1 shortlist size and whether it leaves out the
+    history's items (``llm.exclude_history``); (None, None) for a results.json cell written before both."""
+    return cell.get("shortlist"), cell.get("exclude_history")
+
+
 def comparable_pairs(cells: list[dict]) -> list[tuple[dict, dict]]:
     """The (User-LLM cell, TP cell) pairs of ``cells`` (rows of one task) that answer the same question: the
-    same history length and, for next_item, the same stage-1 shortlist (its size, and whether it leaves out
-    the history's items, ``llm.exclude_history``), so that both rank the same titles for each user."""
-    same = lambda a, b: all(a.get(k) == b.get(k) for k in ("history", "shortlist", "exclude_history"))  # noqa: E731
+    same history length and, for next_item, the same :func:`ranked_list`, so that both rank the same titles
+    for each user."""
+    same = lambda a, b: a["history"] == b["history"] and ranked_list(a) == ranked_list(b)  # noqa: E731
     return [(a, b) for a in cells if a["method"] == "userllm" for b in cells if b["method"] == "textprompt" and same(a, b)]
 
 
@@ -435,13 +441,12 @@ def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[
     another's FLOPs overshoots by up to one step). A longer training at one length only (e.g. 16k examples at
     50 events) would otherwise make the line compare budgets, not history lengths. Among those, only the
     cells scored on the most users count: a cell scored on a seeded subset has a wider interval, and taking
-    the best of noisy cells favours the luckiest. And only cells ranking a kind of list (next_item's shortlist
-    size and ``exclude_history``) that every length has: a list only one length was scored on (e.g. without
-    the history's items) would make the line compare lists; none shared, no line."""
-    kind = lambda r: (r.get("shortlist"), r.get("exclude_history"))  # noqa: E731
+    the best of noisy cells favours the luckiest. And only cells ranking a kind of list (:func:`ranked_list`)
+    that every length has: a list only one length was scored on (e.g. without the history's items) would make
+    the line compare lists; none shared, no line."""
     lengths = sorted({r["history"] for r in cells})
-    shared_kinds = set.intersection(*({kind(r) for r in cells if r["history"] == h} for h in lengths)) if cells else set()
-    cells = [r for r in cells if kind(r) in shared_kinds]
+    lists = [{ranked_list(r) for r in cells if r["history"] == h} for h in lengths]
+    cells = [r for r in cells if all(ranked_list(r) in kinds for kinds in lists)]
     if not cells:
         return []
     shared = min(max(r["train_flops"] or 0 for r in cells if r["history"] == h) for h in lengths) * slack
