@@ -925,6 +925,20 @@ def test_history_line_compares_lengths_at_a_shared_budget():
     assert best_by_history([], "accuracy") == []
 
 
+def test_compute_panel_sets_cells_of_one_budget_side_by_side():
+    """Cells within ~12% of one another's training compute are spread apart on the log axis, in order and
+    around their middle, so their error bars do not overlap; a cell alone keeps its exact compute."""
+    from userllm.tasks.experiment import dodged
+
+    xs = [2.88e14, 5.0e13, 2.94e14, 2.879e14, 7.4e14]
+    out = dodged(xs)
+    assert out[1] == 5.0e13 and out[4] == 7.4e14
+    group = [out[0], out[2], out[3]]
+    assert group == sorted(group) and len(set(group)) == 3
+    assert np.allclose(np.diff(np.log10(group)), 0.012)
+    assert np.isclose(np.mean(np.log10(group)), np.mean(np.log10([xs[0], xs[2], xs[3]])))
+
+
 def test_experiment_pairs_only_cells_that_rank_the_same_list():
     """User-LLM minus TP is tabled for cells of one history length that rank the same shortlist: not across
     lengths, shortlist sizes, or a shortlist with and one without the history's items."""

@@ -33,6 +33,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from userllm.config import PrepareConfig, PretrainConfig, TrainConfig, dump_config, load_config, read_yaml_mapping
 from userllm.data.dataset import FILES
 from userllm.errors import ConfigError, InputError
@@ -460,11 +462,35 @@ def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[
     return out
 
 
+def dodged(xs: list[float], near: float = 0.05, step: float = 0.012) -> list[float]:
+    """Positions on a log axis for points at ``xs`` (> 0), those within ``near`` decades of a neighbour (a run of
+    budgets matched to one another's FLOPs) spread sideways ``step`` decades apart around their group's middle,
+    in their given order, so that their error bars stand side by side instead of on top of each other.
+
+    Example::
+
+        dodged([1e14, 1.01e14, 1e15])   # [~0.991e14, ~1.019e14, 1e15]
+    """
+    logs = np.log10(xs)
+    groups, out = [], [float(x) for x in xs]
+    for i in np.argsort(logs, kind="stable"):
+        if groups and logs[i] - logs[groups[-1][-1]] <= near:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in [g for g in groups if len(g) > 1]:
+        middle = float(np.mean(logs[group]))
+        for j, i in enumerate(sorted(group)):
+            out[i] = float(10 ** (middle + (j - (len(group) - 1) / 2) * step))
+    return out
+
+
 def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     """Per task, with 95% intervals as error bars: the main metric vs history length (per method and mode,
     its best cell at each length within the budget every length reached, :func:`best_by_history`; references
     dashed; drawn only when the cells hold more than one length) and vs training compute (every cell, one
-    marker each in the legend; references as shaded bands)."""
+    marker each in the legend, cells of about the same compute side by side, :func:`dodged`; references as
+    shaded bands)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -503,8 +529,9 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             history_ax.set(xlabel="history length (events)", ylabel=metric, title=f"{task}: quality vs history length")
             history_ax.legend(fontsize=8)
         markers = "osD^v<>ph*"
-        for i, r in enumerate(p for p in part if p["train_flops"]):
-            bars(compute_ax, [(r["train_flops"], r["metrics"][metric])], marker=markers[i % len(markers)], ls="none",
+        trained = [p for p in part if p["train_flops"]]
+        for i, (r, x) in enumerate(zip(trained, dodged([r["train_flops"] for r in trained]))):
+            bars(compute_ax, [(x, r["metrics"][metric])], marker=markers[i % len(markers)], ls="none",
                  color="k" if r["method"] == "textprompt" else f"C{i % 10}", label=f"{r['cell']} ({r['method']})")  # fmt: skip
         compute_ax.set(xscale="log", xlabel="training compute (FLOPs, analytic)", ylabel=metric,
                        title=f"{task}: quality vs training compute")  # fmt: skip
