@@ -16,35 +16,26 @@ Writes ``benchmarks/results/score_fusion.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from userllm.config import TrainConfig
-from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
 from userllm.eval.metrics import estimate
 from userllm.io import write_json
-from userllm.llm.backbone import load_backbone
-from userllm.tasks.data import TaskData
 from userllm.tasks.evaluate import recorded_shortlist
-from userllm.tasks.train import stage1_encoder
 
 from paired_lengths import four_runs, four_runs_arguments  # noqa: E402  (benchmarks/, the script's folder)
+from shortlist_band import run_encoder  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "score_fusion.json"
 
 
-def encoder_title_logprobs(run: Path, tokenizer) -> dict[str, dict[str, float]]:
+def encoder_title_logprobs(run: Path, tokenizers: dict) -> dict[str, dict[str, float]]:
     """{user_id: {title: log p_encoder(title)}} over each test user's shortlist (the run's ``shortlist`` top
     items of its stage-1 encoder, :meth:`TaskData.encoder_top`; a title's probability summed over its items)."""
-    cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
-    ds = PreparedDataset(cfg.dataset)
-    data = TaskData(ds, tokenizer, task="next_item", method="userllm", max_history=cfg.max_history,
-                    exclude_history=cfg.llm.exclude_history)  # fmt: skip
-    encoder = stage1_encoder(cfg, data)
-    if encoder is None or not cfg.shortlist:
+    cfg, ds, data, encoder = run_encoder(run, tokenizers)
+    if not cfg.shortlist:
         raise InputError(f"{run}: not a next_item run that reranks a stage-1 encoder's shortlist")
     examples = data.examples("test")
     logp = data.encoder_logprobs(encoder, examples)
@@ -76,9 +67,8 @@ def main() -> None:
     except ValueError:
         raise InputError(f"--weights {args.weights!r}: expected comma-separated numbers, e.g. 0,1,2") from None
     runs, records, users = four_runs(args)
-    backbone = TrainConfig.from_saved(json.loads((runs["TP short"] / "config.json").read_text())).llm.backbone
-    tokenizer = load_backbone(backbone).tokenizer
-    encoder = {name: encoder_title_logprobs(run, tokenizer) for name, run in runs.items()}
+    tokenizers: dict = {}
+    encoder = {name: encoder_title_logprobs(run, tokenizers) for name, run in runs.items()}
     for name, recs in records.items():
         for u in users:
             if set(recorded_shortlist(recs[u]) or ()) != set(encoder[name][u]):

@@ -42,9 +42,9 @@ from userllm.tasks.train import stage1_encoder
 OUT = Path(__file__).parent / "results" / "shortlist_band.json"
 
 
-def band(run: Path, sizes: list[int], k: int, tokenizers: dict) -> dict:
-    """Per shortlist size: listed, random order, encoder order and encoder - random (value, low, high) over
-    every test user of ``run``'s dataset. ``tokenizers`` caches each backbone's tokenizer across runs."""
+def run_encoder(run: Path, tokenizers: dict) -> tuple[TrainConfig, PreparedDataset, TaskData, object]:
+    """A next_item run's config, dataset, next_item data (its history window and ``exclude_history``) and
+    stage-1 encoder, the one whose shortlist it ranks. ``tokenizers`` caches each backbone's tokenizer."""
     if not (run / "config.json").exists():
         raise InputError(f"{run} is not a training run (no config.json); create one with `userllm train`")
     cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
@@ -58,6 +58,13 @@ def band(run: Path, sizes: list[int], k: int, tokenizers: dict) -> dict:
     encoder = stage1_encoder(cfg, data)
     if encoder is None:
         raise InputError(f"{run}: reads no stage-1 encoder (encoder: random or none), so it has no shortlist")
+    return cfg, ds, data, encoder
+
+
+def band(run: Path, sizes: list[int], k: int, tokenizers: dict) -> dict:
+    """Per shortlist size: listed, random order, encoder order and encoder - random (value, low, high) over
+    every test user of ``run``'s dataset. ``tokenizers`` caches each backbone's tokenizer across runs."""
+    cfg, ds, data, encoder = run_encoder(run, tokenizers)
     examples = data.examples("test")
     top = data.encoder_top(encoder, examples, max(sizes))
     truths = [ex.answer for ex in examples]
