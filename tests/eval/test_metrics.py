@@ -27,12 +27,14 @@ def test_metric_formulas():
 
 
 def test_generated_answer_metrics_hand_computed():
-    from userllm.eval.metrics import NOT_RANKED, accuracy, list_ranks, rouge_scores
+    from userllm.eval.metrics import NOT_RANKED, list_ranks, rouge_scores
 
     ranks = list_ranks([["a", "b", "c"], ["c", "a"], ["x"]], ["b", "c", "y"])
     assert ranks.tolist() == [1, 0, NOT_RANKED]
     assert math.isclose(recall_at(ranks, 1), 1 / 3, rel_tol=1e-6) and math.isclose(recall_at(ranks, 2), 2 / 3, rel_tol=1e-6)
-    assert accuracy(["Drama", "Comedy", "War"], ["Drama", "Horror", "War"]) == 2 / 3
+    # accuracy is Recall@1 of the ranked answers: 2 of 3 top answers are right
+    top = list_ranks([["Drama"], ["Comedy", "Horror"], ["War"]], ["Drama", "Horror", "War"])
+    assert math.isclose(recall_at(top, 1), 2 / 3, rel_tol=1e-6)
     # "the cat sat" vs "the cat sat on the mat": unigrams P 3/3, R 3/6 -> F 2/3; bigrams P 2/2, R 2/5 -> F 4/7;
     # the longest common subsequence is the 3 words -> Lsum = unigram F
     r = rouge_scores(["the cat sat"], ["the cat sat on the mat"])

@@ -10,7 +10,7 @@ the rank of the target's index, never an optimistic 0.
 
 Generated answers: a ranked list of answers (e.g. titles from a constrained beam search) gives the rank of
 the target's position in the list (:func:`list_ranks`; absent = never ranked), so the same formulas apply;
-``accuracy = mean 1[prediction == truth]``; ROUGE-1/2/Lsum are rouge-score's F-measures
+``accuracy = mean 1[top answer == truth]`` is Recall@1 of that list; ROUGE-1/2/Lsum are rouge-score's F-measures
 (:func:`rouge_scores`), in 0..1, averaged over examples. A reranker of a shortlist L is compared with L in
 uniformly random order, whose expected ``Recall@K = 1[target in L] * min(1, K / |L|)`` (|L| distinct
 answers; :func:`random_order_recall`).
@@ -82,11 +82,6 @@ def random_order_recall(lists: list[list], targets: list, k: int) -> np.ndarray:
         random_order_recall([["a", "b", "c", "d"]], ["c"], 2)   # array([0.5])
     """
     return np.array([float(t in row) * min(1.0, k / len(row)) if row else 0.0 for row, t in zip(lists, targets)])
-
-
-def accuracy(predictions: list, truths: list) -> float:
-    """Fraction of exact matches."""
-    return sum(p == t for p, t in zip(predictions, truths)) / max(1, len(truths))
 
 
 def rouge_per_example(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
