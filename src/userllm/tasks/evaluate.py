@@ -297,11 +297,6 @@ def encoder_records(encoder, data: TaskData, examples: list[TaskExample], beams:
             for row, ex in zip(top, examples)]  # fmt: skip
 
 
-def encoder_alone(encoder, data: TaskData, examples: list[TaskExample], beams: int, seed: int = 0) -> dict[str, dict]:
-    """:func:`encoder_records` scored by :func:`score` on the same examples."""
-    return score("next_item", encoder_records(encoder, data, examples, beams), set(), beams, seed)
-
-
 def random_order(lists: list[list[str]], truths: list[str], beams: int) -> dict[str, list[float]]:
     """next_item's Recall@{1,5,10} (those <= ``beams``) of each shortlist of distinct titles in uniformly random
     order, expected (:func:`~userllm.eval.metrics.random_order_recall`), per example: what a reranker that
@@ -418,13 +413,20 @@ def scored_users(run_dir: Path) -> set[str]:
 def rescore(run_dir: Path, user_ids: set[str], seed: int = 0) -> dict[str, dict]:
     """A scored run's metrics on some of its test users only (from ``records.jsonl``), e.g. the users another
     run was scored on, so that both are compared on the same users."""
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
     records = read_records(run_dir, user_ids)
     if len({r["user_id"] for r in records}) != len(user_ids):
         raise InputError(f"{run_dir}: scored {len(records)} of the {len(user_ids)} users asked for")
-    beams = cfg["beams"] if cfg["task"] == "next_item" else 1
-    catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
-    return score(cfg["task"], records, catalogue, beams, seed)
+    task, catalogue, beams = saved_scoring(run_dir)
+    return score(task, records, catalogue, beams, seed)
+
+
+def saved_scoring(run_dir: Path) -> tuple[str, set[str], int]:
+    """What :func:`score` needs of a scored run, from its saved config: the task, the catalogue's titles
+    (next_item) and the ranked answers' depth (``beams``; 1 for favorite_genre)."""
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    if cfg["task"] != "next_item":
+        return cfg["task"], set(), 1
+    return cfg["task"], set(PreparedDataset(cfg["dataset"]).item_titles[2:]), cfg["beams"]
 
 
 def read_records(run_dir: Path, user_ids: set[str] | None = None) -> list[dict]:
@@ -501,10 +503,8 @@ def paired_vs_random_order(run: Path, seed: int = 0) -> tuple[int, dict[str, dic
 def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> dict[str, dict]:
     """Per metric (both sides' records have), the mean per-user difference a - b with its bootstrap interval;
     ``a`` and ``b`` hold one record list per run, each over the same users in the same order."""
-    cfg = json.loads((Path(run) / "config.json").read_text())
-    beams = cfg["beams"] if cfg["task"] == "next_item" else 1
-    catalogue = set(PreparedDataset(cfg["dataset"]).item_titles[2:]) if cfg["task"] == "next_item" else set()
-    va, vb = ([per_example(cfg["task"], recs, catalogue, beams) for recs in side] for side in (a, b))
+    task, catalogue, beams = saved_scoring(run)
+    va, vb = ([per_example(task, recs, catalogue, beams) for recs in side] for side in (a, b))
     return _paired_values(va, vb, seed)
 
 
