@@ -93,17 +93,23 @@ def four_runs_arguments(ap: argparse.ArgumentParser, out: Path, long: str = "run
                     help="User-LLM cell,TP cell at the short length")  # fmt: skip
     ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
                     help="User-LLM cell,TP cell at the long length")  # fmt: skip
+    ap.add_argument("--users-of", type=Path, help="only the users of a seeded subset a run was scored on (its "
+                    "eval_users-N-seedS.json), e.g. the figures of a TP run before --extend carried it to every user")
     ap.add_argument("--out", type=Path, default=out, help="where the figures are written as JSON")
 
 
 def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict[str, dict]], list[str]]:
     """The runs :func:`four_runs_arguments` name, as {"User-LLM short" | "TP short" | ...: run}, their records by
-    user and the users all four scored."""
+    user and the users all four scored (of those ``--users-of`` lists, when given: user indices of the dataset)."""
     runs = {f"{method} {length}": folder / cell
             for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
             for method, cell in zip(("User-LLM", "TP"), cells.split(","))}  # fmt: skip
     records = {name: {r["user_id"]: r for r in read_records(run)} for name, run in runs.items()}
     users = sorted(set.intersection(*(set(r) for r in records.values())), key=str)
+    if args.users_of:
+        ids = PreparedDataset(json.loads((runs["TP short"] / "config.json").read_text())["dataset"]).sequences["user_id"]
+        subset = {ids[i] for i in json.loads(args.users_of.read_text())}
+        users = [u for u in users if u in subset]
     if not users:
         raise InputError(f"no test user is scored in all of {', '.join(map(str, runs.values()))}")
     return runs, records, users
