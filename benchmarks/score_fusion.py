@@ -34,7 +34,7 @@ OUT = Path(__file__).parent / "results" / "score_fusion.json"
 def encoder_title_logprobs(run: Path, tokenizers: dict) -> dict[str, dict[str, float]]:
     """{user_id: {title: log p_encoder(title)}} over each test user's shortlist (the run's ``shortlist`` top
     items of its stage-1 encoder, :meth:`TaskData.encoder_top`; a title's probability summed over its items)."""
-    cfg, ds, data, encoder = run_encoder(run, tokenizers)
+    cfg, data, encoder = run_encoder(run, tokenizers)
     if not cfg.shortlist:
         raise InputError(f"{run}: not a next_item run that reranks a stage-1 encoder's shortlist")
     examples = data.examples("test")
@@ -43,7 +43,7 @@ def encoder_title_logprobs(run: Path, tokenizers: dict) -> dict[str, dict[str, f
     for ex, row, top in zip(examples, logp, data.encoder_top(encoder, examples, cfg.shortlist)):
         by_title: dict[str, list[float]] = {}
         for i in top:
-            by_title.setdefault(ds.item_titles[i], []).append(row[i].item())
+            by_title.setdefault(data.ds.item_titles[i], []).append(row[i].item())
         out[ex.user_id] = {t: float(np.logaddexp.reduce(v)) for t, v in by_title.items()}
     return out
 

@@ -42,8 +42,8 @@ from userllm.tasks.train import stage1_encoder
 OUT = Path(__file__).parent / "results" / "shortlist_band.json"
 
 
-def run_encoder(run: Path, tokenizers: dict) -> tuple[TrainConfig, PreparedDataset, TaskData, object]:
-    """A next_item run's config, dataset, next_item data (its history window and ``exclude_history``) and
+def run_encoder(run: Path, tokenizers: dict) -> tuple[TrainConfig, TaskData, object]:
+    """A next_item run's config, next_item data (its history window and ``exclude_history``) and
     stage-1 encoder, the one whose shortlist it ranks. ``tokenizers`` caches each backbone's tokenizer."""
     if not (run / "config.json").exists():
         raise InputError(f"{run} is not a training run (no config.json); create one with `userllm train`")
@@ -52,25 +52,24 @@ def run_encoder(run: Path, tokenizers: dict) -> tuple[TrainConfig, PreparedDatas
         raise InputError(f"{run}: a {cfg.task} run; shortlists are next_item's")
     if cfg.llm.backbone not in tokenizers:
         tokenizers[cfg.llm.backbone] = load_backbone(cfg.llm.backbone).tokenizer
-    ds = PreparedDataset(cfg.dataset)
-    data = TaskData(ds, tokenizers[cfg.llm.backbone], task="next_item", method="userllm", max_history=cfg.max_history,
+    data = TaskData(PreparedDataset(cfg.dataset), tokenizers[cfg.llm.backbone], task="next_item", method="userllm", max_history=cfg.max_history,
                     exclude_history=cfg.llm.exclude_history)  # fmt: skip
     encoder = stage1_encoder(cfg, data)
     if encoder is None:
         raise InputError(f"{run}: reads no stage-1 encoder (encoder: random or none), so it has no shortlist")
-    return cfg, ds, data, encoder
+    return cfg, data, encoder
 
 
 def band(run: Path, sizes: list[int], k: int, tokenizers: dict) -> dict:
     """Per shortlist size: listed, random order, encoder order and encoder - random (value, low, high) over
     every test user of ``run``'s dataset. ``tokenizers`` caches each backbone's tokenizer across runs."""
-    cfg, ds, data, encoder = run_encoder(run, tokenizers)
+    cfg, data, encoder = run_encoder(run, tokenizers)
     examples = data.examples("test")
     top = data.encoder_top(encoder, examples, max(sizes))
     truths = [ex.answer for ex in examples]
     rows = {}
     for n in sizes:
-        lists = [shortlist_titles(ds.item_titles, row[:n]) for row in top]
+        lists = [shortlist_titles(data.ds.item_titles, row[:n]) for row in top]
         listed = np.array([float(t in names) for names, t in zip(lists, truths)])
         rand = random_order_recall(lists, truths, k)
         ordered = np.array([float(t in names[:k]) for names, t in zip(lists, truths)])
