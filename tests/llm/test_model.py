@@ -505,3 +505,10 @@ def test_row_by_row_prefill_equals_the_padded_batch(arch, mode):
         assert [[i for i, _ in row] for row in found1] == [[i for i, _ in row] for row in found]
         for x, y in zip(found1, found):
             torch.testing.assert_close(torch.tensor([s for _, s in x]), torch.tensor([s for _, s in y]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", MAKERS)
+def test_lora_strategy_builds_without_warnings(arch, recwarn):
+    """PEFT reads a deprecated transformers alias while wrapping the backbone; a user sees no FutureWarning."""
+    build(arch, strategy="lora", cross_attention_every=2)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [str(w.message) for w in recwarn]

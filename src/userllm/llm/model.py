@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -85,7 +86,9 @@ def apply_llm_strategy(llm: nn.Module, cfg: UserLLMConfig) -> nn.Module:
 
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
-        llm = get_peft_model(llm, lora)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated alias; nothing for a user to do
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            llm = get_peft_model(llm, lora)
     return llm
 
 
