@@ -105,3 +105,14 @@ def source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def runtime() -> dict:
+    """Where a run computed, beside its ``summary.json``: the source commit, torch, the CPU kernels torch
+    dispatches to (``AVX512``, ``AVX2``, ...), its threads and the GPU if any. Training is seeded end to end, so
+    one machine reproduces a run bit for bit; a machine whose kernels differ rounds differently, and its run
+    drifts from there (``tests/encoder/test_train.py``: identical across processes and hash seeds)."""
+    import torch
+
+    return {"commit": source_commit(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip

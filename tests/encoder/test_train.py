@@ -112,6 +112,26 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, ema_decay):
     assert strip(full) == strip(split)
 
 
+def test_pretraining_is_identical_across_processes(dataset, tmp_path):
+    """Two `userllm pretrain` processes with different Python hash seeds write the same weights and losses:
+    every random choice is seeded, none hangs on set or dict order. The summary names the machine's kernels,
+    the one thing that may still differ between two machines' runs."""
+    runs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        cmd = [sys.executable, "-m", "userllm.cli", "pretrain", str(dataset), "--out", str(out), "--epochs", "1",
+               "-s", "encoder.d_model=32", "-s", "encoder.d_feature=16", "-s", "encoder.n_layers=1",
+               "-s", "encoder.max_len=20", "-s", "batch_size=8"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(out)
+    assert (runs[0] / "model" / "model.safetensors").read_bytes() == (runs[1] / "model" / "model.safetensors").read_bytes()
+    losses = [[r["loss"] for r in json.loads((run / "history.json").read_text())] for run in runs]
+    assert losses[0] == losses[1]
+    runtime = json.loads((runs[0] / "summary.json").read_text())["runtime"]
+    assert runtime["torch"] == torch.__version__ and runtime["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_ema_is_what_is_validated_and_saved(dataset, tmp_path):
     """With ema_decay the run's model is the moving average of the weights (as checkpointed for resuming),
     not the last raw weights, and its valid NDCG@10 is the one recorded."""

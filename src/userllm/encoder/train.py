@@ -38,7 +38,7 @@ from userllm.encoder.model import UserEncoder
 from userllm.errors import ConfigError, InputError
 from userllm.eval.metrics import ranking_metrics, target_ranks
 from userllm.distributed import barrier, setup_distributed
-from userllm.io import start_run, write_dir_atomically, write_json
+from userllm.io import runtime, start_run, write_dir_atomically, write_json
 from userllm.precision import autocast
 from userllm.progress import progress_bar
 
@@ -303,7 +303,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
     summary = {
         "epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg10"],
         "train_seconds": round(state["train_seconds"], 2), "parameters": model.num_parameters(),
-        "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience,
+        "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience, "runtime": runtime(),
     }  # fmt: skip
     if world > 1:  # every replica must hold the same weights; record each one's hash to prove it
         hashes = [None] * world

@@ -39,7 +39,7 @@ from userllm.encoder.data import Timelines
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.train import build_encoder, load_encoder, lr_lambda, state_hash
 from userllm.errors import ConfigError, EmptyResultError, InputError, OutputExistsError
-from userllm.io import source_commit, start_run, write_dir_atomically, write_file_atomically, write_json
+from userllm.io import runtime, source_commit, start_run, write_dir_atomically, write_file_atomically, write_json
 from userllm.llm.backbone import Backbone, load_backbone
 from userllm.llm.connectors import first_token_embeddings, mean_token_embeddings
 from userllm.llm.flops import training_flops
@@ -342,7 +342,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
         "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
         "losses": state["losses"], "gates": state["gates"],
-        "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
+        "parameters": {k: list(v) for k, v in model.parameter_groups().items()}, "runtime": runtime(),
     }  # fmt: skip
     if world > 1:
         hashes = [None] * world
