@@ -60,9 +60,11 @@ def test_quantize_linears_replaces_the_decoder_layers_only_and_keeps_the_logits_
 
 
 def test_quantize_linears_leaves_lora_adapters_float():
-    from peft import LoraConfig, get_peft_model
+    from userllm.config import UserLLMConfig
+    from userllm.llm.model import apply_llm_strategy
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=16, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+    cfg = UserLLMConfig(strategy="lora", lora_rank=16, lora_alpha=16, lora_targets=["q_proj", "v_proj"])
+    model = apply_llm_strategy(tiny_llama(), cfg)  # the library's own LoRA wrapping (PEFT)
     report = quantize_linears(decoder_layers(model.get_base_model()))
     attn = model.get_base_model().model.layers[0].self_attn
     assert isinstance(attn.q_proj.base_layer, Int4Linear)
