@@ -110,8 +110,8 @@ def source_commit() -> str | None:
 def runtime() -> dict:
     """Where a run computed, beside its ``summary.json``: the source commit, torch, the CPU kernels torch
     dispatches to (``AVX512``, ``AVX2``, ...), its threads and the GPU if any. Training is seeded end to end, so
-    one machine reproduces a run bit for bit; a machine whose kernels differ rounds differently, and its run
-    drifts from there (``tests/encoder/test_train.py``: identical across processes and hash seeds)."""
+    one machine reproduces a run bit for bit; a machine with other kernels may round differently, and its run
+    may drift from there (``tests/encoder/test_train.py``: identical across processes and hash seeds)."""
     import torch
 
     return {"commit": source_commit(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),

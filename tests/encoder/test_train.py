@@ -114,7 +114,7 @@ def test_resume_equals_uninterrupted(dataset, tmp_path, ema_decay):
 
 def test_pretraining_is_identical_across_processes(dataset, tmp_path):
     """Two `userllm pretrain` processes with different Python hash seeds write the same weights and losses:
-    every random choice is seeded, none hangs on set or dict order. The summary names the machine's kernels,
+    every random choice is seeded, none depends on set or dict order. The summary names the machine's kernels,
     the one thing that may still differ between two machines' runs."""
     runs = []
     for hash_seed in ("1", "2"):
