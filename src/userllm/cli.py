@@ -268,8 +268,8 @@ def evaluate(
                                                              "by log p(title + eos)) or 'beams' [default: the run's]")] = None,
     shortlist_score: Annotated[Optional[str], typer.Option(help="next_item ranked exactly: 'sum' (log p(title + eos)) "
                                                            "or 'mean' (per token) [default: the run's]")] = None,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="score under bf16 autocast (1.4-1.6X faster "
-                                                 "for TP's prompts on a CPU with AMX or AVX512-BF16) "
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="score under bf16 autocast (faster or slower than "
+                                                 "float32 depending on the CPU: time both on a few users) "
                                                  "[default: as the run trained]")] = None,
 ) -> None:
     """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""

@@ -357,8 +357,8 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
              bf16: bool | None = None, extend: bool = False) -> dict:  # fmt: skip
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
     ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
-    autocast (default: as the run trained): 1.4-1.6X faster for TP's prompts on a CPU with AMX or
-    AVX512-BF16, with log-probabilities moved by bf16's rounding (``benchmarks/bf16_scoring.py``). ``extend``
+    autocast (default: as the run trained), with log-probabilities moved by bf16's rounding
+    (``benchmarks/bf16_scoring.py``); faster or slower than float32 depending on the CPU (README). ``extend``
     keeps the records of the run's finished scoring (the same model and scoring, :func:`finished_records`) and
     scores only the users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten
     over all."""
