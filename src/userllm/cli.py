@@ -210,7 +210,7 @@ def item_text(
     """Write every item's title in the LLM's own words (the backbone's mean input embedding of its title's
     tokens) as the encoder's item-text table: `userllm pretrain DATASET --features
     item,rating,category,time_gap,text -s item_text_path=OUT`."""
-    from userllm.tasks.train import write_title_embeddings
+    from userllm.tasks.pipeline import write_title_embeddings
 
     rows, width = write_title_embeddings(dataset, out_file, backbone=backbone, force=force)
     out.print(f"wrote {out_file}: {rows:,} items x {width} (the mean input embedding of each title's tokens)")
@@ -264,10 +264,6 @@ def evaluate(
                                          "on to every user; rewrites metrics.json over all of them")] = False,
     shortlist: Annotated[Optional[int], typer.Option(min=0, help="next_item: rank only the stage-1 encoder's top N "
                                                      "items per user (0: the whole catalogue) [default: the run's]")] = None,
-    shortlist_ranking: Annotated[Optional[str], typer.Option(help="next_item with a shortlist: 'exact' (every title "
-                                                             "by log p(title + eos)) or 'beams' [default: the run's]")] = None,
-    shortlist_score: Annotated[Optional[str], typer.Option(help="next_item ranked exactly: 'sum' (log p(title + eos)) "
-                                                           "or 'mean' (per token) [default: the run's]")] = None,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--fp32", help="score under bf16 autocast (faster or slower than "
                                                  "float32 depending on the CPU: time both on a few users) "
                                                  "[default: as the run trained]")] = None,
@@ -278,7 +274,7 @@ def evaluate(
     from userllm.tasks.evaluate import evaluate as run_evaluate
 
     m = run_evaluate(run, users=users, seed=seed, general=general, force=force, device=device, shortlist=shortlist,
-                     shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16, extend=extend)  # fmt: skip
+                     bf16=bf16, extend=extend)  # fmt: skip
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):
         table.add_column(col, justify="left" if not col else "right")
@@ -304,9 +300,9 @@ def answer(
     or categories, as evaluation scores it), beside their recent titles and most frequent categories."""
     from rich.table import Table
 
-    from userllm.tasks.evaluate import ranked_for_users
+    from userllm.tasks.pipeline import Pipeline
 
-    rows = ranked_for_users(run, user, top=top, bf16=bf16)
+    rows = Pipeline.from_pretrained(run, bf16=bf16).answer(user, top=top)
     table = Table(title=f"{run}: each user's answers from their own history (probability)")
     for col in ("user", "latest titles", "most frequent categories", f"top {top} answers"):
         table.add_column(col)
@@ -356,9 +352,9 @@ def generate(
                                                  "the run trained]")] = None,
 ) -> None:
     """A personalized answer for one user of the dataset (their most recent history)."""
-    from userllm.tasks.evaluate import generate_for_user
+    from userllm.tasks.pipeline import Pipeline
 
-    print(generate_for_user(run, user, instruction, max_new_tokens=max_new_tokens, bf16=bf16))
+    print(Pipeline.from_pretrained(run, bf16=bf16).generate(user, instruction, max_new_tokens=max_new_tokens))
 
 
 @app.command()
@@ -482,7 +478,7 @@ def bench_efficiency(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """User-LLM vs the text prompt: tokens, FLOPs, latency and memory per request, and cached serving."""
-    from userllm.eval.efficiency import markdown, run_efficiency
+    from userllm.bench.efficiency import markdown, run_efficiency
 
     def ints(text: str, name: str) -> tuple[int, ...]:
         try:
@@ -515,7 +511,7 @@ def bench_serve(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """User-LLM vs TP served over HTTP to 1, 4 and 16 concurrent clients: requests/s, latency, TTFT, appends."""
-    from userllm.serve.bench import markdown, run_serve_bench
+    from userllm.bench.serve import markdown, run_serve_bench
 
     report = run_serve_bench(out_dir, dataset=dataset, backbone=backbone, history=history, max_tokens=max_tokens,
                              append_seconds=append_seconds, weights=weights, force=force)  # fmt: skip

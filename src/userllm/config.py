@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from userllm.errors import ConfigError
 
@@ -95,6 +95,13 @@ def load_config(cls: type[_Config], yaml_path: Path | None = None, overrides: di
             field = ".".join(str(p) for p in e["loc"])
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
+
+
+def with_overrides(cfg: _Config, **overrides) -> _Config:
+    """``cfg`` with those of ``overrides`` that are not None (a command's options), validated as a config
+    file's fields are: a bad value is a clear error naming the field."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return load_config(type(cfg), None, {**dump_config(cfg), **overrides}) if overrides else cfg
 
 
 def dump_config(config: _Config) -> dict[str, Any]:
@@ -205,15 +212,7 @@ class UserLLMConfig(_Config):
     cross_attention_every: int = Field(8, ge=1, description="a gated cross-attention block before every k-th layer "
                                        "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)")
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
-    ff_mult: int = Field(2, ge=0, description="feed-forward width multiplier in the cross-attention blocks (0: no "
-                         "feed-forward branch, the blocks only add what they read from the user context)")  # fmt: skip
-    scale_to_hidden: bool = Field(False, description="multiply each cross-attention block's gated output by the "
-                                  "token's hidden-state RMS, so it joins the residual stream at its layer's scale "
-                                  "(SmolLM2's hidden RMS grows from ~0.1 at layer 0 to ~90 at layer 24)")  # fmt: skip
-    xattn_identity_values: bool = Field(False, description="each cross-attention block's value and output "
-                                        "projections start as the identity, so its read is the attention-weighted "
-                                        "mean of the context entries in the LLM's own embedding space, ready to copy "
-                                        "a candidate's title tokens (False: random, as Flamingo; beyond the paper)")  # fmt: skip
+    ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
     gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
     item_words: list[Literal["title", "category"]] = Field(
         default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "
@@ -223,17 +222,10 @@ class UserLLMConfig(_Config):
     candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
                             "in its title's words plus a rank embedding (TP: their titles listed in the prompt, from "
                             "the stage-1 `encoder`; 0 = off; beyond the paper)")  # fmt: skip
-    candidate_tokens: int = Field(0, ge=0, description="with candidates: each candidate also enters as its title's "
-                                  "first N tokens, one context entry each (token embedding + rank + position in the "
-                                  "title), so cross-attention can point at the token to write next; 0 = off (one "
-                                  "entry per candidate, its title's mean embedding)")  # fmt: skip
     exclude_history: bool = Field(False, description="the stage-1 encoder's top items (the candidates, TP's listed "
                                   "ones, the run's shortlist and the encoder-alone reference) leave out the items of "
                                   "the history window it reads: a MovieLens user rates a movie once, and ~40% of "
                                   "its top 20 were rated already (docs/results.md)")  # fmt: skip
-    candidate_rank_init: float = Field(0.0, ge=0, description="with candidates: the rank embeddings start as "
-                                       "normal noise of this many times a title entry's RMS per coordinate, so "
-                                       "attention can tell the ranks apart from the first step (0: zeros)")  # fmt: skip
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(
@@ -275,8 +267,7 @@ class TrainConfig(_RunConfig):
                                          "whole batch")  # fmt: skip
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     gate_lr_scale: float = Field(20.0, gt=0, description="the tanh gates' learning rate: lr times this (at 1 the "
-                                 "zero-initialised gates stay near 0.02 for a thousand examples; favorite_genre "
-                                 "0.635 -> 0.719, docs/results.md)")  # fmt: skip
+                                 "zero-initialised gates barely open within a thousand examples)")  # fmt: skip
     encoder_lr_scale: float = Field(1.0, gt=0, description="the user encoder's learning rate: lr times this")
     encoder_dropout: float | None = Field(None, ge=0, lt=1, description="the user encoder's dropout while stage 2 "
                                           "trains (None: as pretrained)")  # fmt: skip
@@ -285,52 +276,16 @@ class TrainConfig(_RunConfig):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     checkpoint_every: int = Field(20, ge=1, description="steps between atomic checkpoints (and one at the end)")
     beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
-    shortlist: int = Field(0, ge=0, description="next_item: the beam search ranks only the stage-1 encoder's N "
+    shortlist: int = Field(0, ge=0, description="next_item: rank only the stage-1 encoder's N "
                            "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
-                           "same list, from `encoder`; 0: the whole catalogue). Scoring, and training with "
-                           "train_on_shortlist")  # fmt: skip
-    shortlist_ranking: Literal["exact", "beams"] = Field(
-        "exact", description="next_item with shortlist N: 'exact' ranks all N titles by the log-probability of "
-        "title + eos, teacher-forced after one run of the prompt; 'beams' by the constrained beam search with "
-        "`beams` beams (exact only with beams >= N; runs saved before this field existed ranked by 'beams')")
-    shortlist_score: Literal["sum", "mean"] = Field(
-        "sum", description="next_item with shortlist_ranking 'exact': rank each title by the sum of the "
-        "log-probabilities of its tokens + eos (the sequence's probability, what the beam search ranks by) or by "
-        "their mean (length-normalised, as multiple-choice scoring often is: a sum favours short titles)")
-    train_on_shortlist: bool = Field(False, description="next_item with shortlist N: train only on the examples "
-                                     "whose target is among the stage-1 encoder's N items after their history, the "
-                                     "list the LLM reranks (the others teach titles it can never answer; beyond "
-                                     "the paper)")  # fmt: skip
-    rank_negatives: int = Field(0, ge=0, description="next_item with shortlist N: each training example's answer "
-                                "is also scored against this many other titles of its stage-1 shortlist (drawn "
-                                "seeded, per example), and a listwise loss (softmax cross-entropy over the 1 + k "
-                                "titles' summed log-probabilities, the score the constrained search ranks by) is "
-                                "added to the language-model loss; each example then costs 1 + k sequences. 0: the "
-                                "language-model loss only (the paper)")  # fmt: skip
+                           "same list, from `encoder`, each title by log p(title + eos); 0: the whole catalogue)")  # fmt: skip
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")
 
-    @model_validator(mode="after")
-    def _shortlist_training(self) -> TrainConfig:
-        if self.train_on_shortlist and (self.task != "next_item" or not self.shortlist):
-            raise ValueError(f"train_on_shortlist trains a next_item reranker of the stage-1 shortlist: it needs "
-                             f"task next_item and shortlist > 0 (got task {self.task}, shortlist {self.shortlist})")
-        if self.rank_negatives and (self.task != "next_item" or self.shortlist <= self.rank_negatives):
-            raise ValueError(f"rank_negatives ranks each answer against other titles of its stage-1 shortlist: it needs "
-                             f"task next_item and shortlist > rank_negatives (got task {self.task}, shortlist "
-                             f"{self.shortlist}, rank_negatives {self.rank_negatives})")  # fmt: skip
-        if self.shortlist_score == "mean" and (self.task != "next_item" or not self.shortlist
-                                               or self.shortlist_ranking != "exact"):
-            raise ValueError(f"shortlist_score 'mean' normalises the exact ranking of a next_item shortlist: it needs "
-                             f"task next_item, shortlist > 0 and shortlist_ranking 'exact' (got task {self.task}, "
-                             f"shortlist {self.shortlist}, shortlist_ranking {self.shortlist_ranking!r})")  # fmt: skip
-        return self
-
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> TrainConfig:
-        """A run's saved config (its random encoder read as :meth:`EncoderConfig.from_saved`; one saved before
-        ``shortlist_ranking`` existed ranked its shortlist by beams)."""
+        """A run's saved config (its random encoder read as :meth:`EncoderConfig.from_saved`)."""
         if "random_encoder" in data:
             data = {**data, "random_encoder": EncoderConfig.from_saved(data["random_encoder"])}
-        return cls.model_validate({"shortlist_ranking": "beams", **data})
+        return cls.model_validate(data)

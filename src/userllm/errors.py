@@ -34,7 +34,7 @@ class ConfigError(UserError):
 
 def run_script(main: Callable[[], None]) -> None:
     """Run a script's ``main()`` as the CLI runs a command: a :class:`UserError` prints ``error: <message>`` on
-    stderr and exits with its ``exit_code``, without a traceback (``benchmarks/*.py``)."""
+    stderr and exits with its ``exit_code``, without a traceback (the benchmark and analysis scripts)."""
     try:
         main()
     except UserError as e:

@@ -79,6 +79,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def state_hash(model) -> str:
+    """sha256 over every parameter and buffer of a torch module (name, then bytes), in state-dict order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def start_run(out: Path, *, resume: bool, force: bool, rank: int, marker: str, checkpoint: str = "checkpoint") -> None:
     """Check a training run directory before starting: an existing run needs ``resume`` (continue its
     ``checkpoint``) or ``force`` (start over: rank 0 empties it, refusing directories that are not ours)."""

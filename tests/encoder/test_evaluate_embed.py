@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from userllm.data import PreparedDataset
 from userllm.encoder.data import Timelines
 from userllm.encoder.evaluate import popularity_scores
-from userllm.encoder.train import load_encoder, rank_split
+from userllm.encoder.evaluate import rank_split
+from userllm.encoder.pretrained import load_encoder
 
 TINY = ["-s", "encoder.d_model=16", "-s", "encoder.d_feature=8", "-s", "encoder.n_layers=1", "-s", "encoder.max_len=12",
         "-s", "batch_size=16", "-s", "warmup_steps=2"]  # fmt: skip

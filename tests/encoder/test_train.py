@@ -12,7 +12,10 @@ from safetensors.torch import load_file
 from userllm.config import EncoderConfig, PretrainConfig, PrepareConfig, SyntheticConfig
 from userllm.data import prepare_dataset
 from userllm.encoder.data import Timelines, eval_inputs, train_windows
-from userllm.encoder.train import evaluate_split, load_encoder, pretrain, state_hash
+from userllm.encoder.evaluate import evaluate_split
+from userllm.encoder.pretrained import load_encoder
+from userllm.encoder.train import pretrain
+from userllm.io import state_hash
 
 ENC = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, dropout=0.1, max_len=20)
 
@@ -58,8 +61,8 @@ def test_loss_falls_and_structure_is_recovered(tmp_path):
     assert history[-1]["loss"] < history[0]["loss"] - 0.2
     from userllm.data import PreparedDataset
     from userllm.encoder.evaluate import popularity_scores
-    from userllm.encoder.train import encoder_scores, rank_split
-    from userllm.eval.metrics import ranking_metrics
+    from userllm.encoder.evaluate import encoder_scores, rank_split
+    from userllm.metrics import ranking_metrics
 
     ds = PreparedDataset(tmp_path / "ds")
     tl = Timelines.from_dataset(ds)

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from userllm.errors import InputError
 from userllm.llm.backbone import decoder_layers, load_backbone

@@ -19,13 +19,7 @@ MODES = ["cross_attention", "soft_prompt"]
 def word_tables(names, d=32) -> dict[str, torch.Tensor]:
     """Random stand-ins for the item-words tables (V items of tiny_encoder, width d)."""
     g = torch.Generator().manual_seed(7)
-    tables = {name: torch.randn(30, d, generator=g) for name in names if name != "title_tokens"}
-    if "title_tokens" in names:  # (V, 3, d): titles of 1 to 3 tokens, zeros past their end
-        tokens = torch.randn(30, 3, d, generator=g)
-        tokens[::2, 2] = 0.0
-        tokens[::3, 1:] = 0.0
-        tables["title_tokens"] = tokens
-    return tables
+    return {name: torch.randn(30, d, generator=g) for name in names}
 
 
 def build(arch="llama", **kw) -> UserLLM:
@@ -222,8 +216,7 @@ def test_strategy_trains_exactly_its_parameters(arch, strategy):
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "enc", "proj"])
 def test_save_load_round_trip_exact(tmp_path, strategy):
-    model = build("llama", strategy=strategy, perceiver_latents=2, item_words=["title", "category"], candidates=2,
-                  candidate_tokens=3)  # fmt: skip
+    model = build("llama", strategy=strategy, perceiver_latents=2, item_words=["title", "category"], candidates=2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids, mask = prompts()
     users = random_batch(2, 5)
@@ -392,46 +385,14 @@ def test_exclude_history_offers_no_item_of_the_history_as_a_candidate():
         torch.testing.assert_close(ctx[row, 5:], model.candidates.table_title[top] + model.candidates.rank)
 
 
-def test_candidate_rank_init_draws_ranks_at_the_title_entries_scale():
-    """candidate_rank_init 0 keeps the rank embeddings at zero; > 0 draws them, seeded, with that many times
-    the title entries' RMS per coordinate, so the k ranks' entries differ from the first step."""
-    assert build(candidates=3).candidates.rank.abs().sum() == 0
-    model = build(candidates=3, candidate_rank_init=1.0)
-    table = model.candidates.table_title
-    title_rms = table[table.abs().sum(-1) > 0].pow(2).mean().sqrt()
-    rank = model.candidates.rank.detach()
-    assert rank.pow(2).mean().sqrt() == pytest.approx(title_rms.item(), rel=0.5)
-    assert torch.cdist(rank, rank).masked_select(~torch.eye(3, dtype=torch.bool)).min() > 0.5 * title_rms
-    torch.testing.assert_close(build(candidates=3, candidate_rank_init=1.0).candidates.rank, model.candidates.rank)
-    half = build(candidates=3, candidate_rank_init=0.5).candidates.rank.detach()
-    torch.testing.assert_close(half, rank * 0.5)  # the same seeded draw, scaled
-
-
-def test_candidate_tokens_are_each_titles_first_tokens_by_rank_and_position():
-    """With candidate_tokens T, each of the k candidates adds T entries after the k title entries: its title's
-    token embeddings (identity map at the start) plus its rank and the position in the title; entries past a
-    title's end are masked, and a timeline without events masks all of its candidates."""
-    model = build(candidates=3, candidate_tokens=3, perceiver_latents=0)
-    with torch.no_grad():
-        model.candidates.rank.normal_(), model.candidates.position.normal_()
+def test_a_timeline_without_events_masks_its_candidates():
+    """The candidates follow the last event: a row with no event offers none (all its entries masked)."""
+    model = build(candidates=3, perceiver_latents=0)
     users = random_batch(2, 5, lengths=[5, 2])
+    users["item"][1] = 0
     h, mask = model.encoder(users)
     ctx, cmask = model.context_from_embeddings(h, mask, users["item"])
-    assert ctx.shape[1] == 5 + 3 + 3 * 3 and model.candidates.entries == 12
-    c = model.candidates
-    for row, last in ((0, 4), (1, 1)):
-        scores = model.encoder.item_logits(h[row, last])
-        scores[:2] = float("-inf")
-        top = scores.topk(3).indices
-        torch.testing.assert_close(ctx[row, 5:8], c.table_title[top] + c.rank)
-        tokens = ctx[row, 8:].reshape(3, 3, -1)
-        torch.testing.assert_close(tokens, c.table_tokens[top] + c.rank[:, None] + c.position)
-        assert cmask[row, 8:].reshape(3, 3).tolist() == c.table_tokens[top].abs().sum(-1).gt(0).tolist()
-    assert not cmask[:, 8:].all()  # some titles are shorter than 3 tokens
-    empty = {k: v.clone() for k, v in users.items()}
-    empty["item"][1] = 0
-    h, mask = model.encoder(empty)
-    assert not model.context_from_embeddings(h, mask, empty["item"])[1][1].any()
+    assert ctx.shape[1] == 5 + 3 and cmask[0].all() and not cmask[1].any()
 
 
 def test_sample_token_temperature_top_p_and_top_k():

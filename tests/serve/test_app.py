@@ -3,7 +3,6 @@ personalized and streamed answers, contexts that follow the store, errors in Ope
 
 from __future__ import annotations
 
-import json
 import time
 
 import openai

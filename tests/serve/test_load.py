@@ -16,7 +16,7 @@ from sqlalchemy import text
 from userllm.errors import OutputExistsError
 from userllm.llm.cache import UserContextCache
 from userllm.serve.app import ServeConfig, create_app
-from userllm.serve.bench import free_port, start
+from userllm.bench.serve import free_port, start
 from userllm.serve.engine import Engine
 from userllm.serve.store import EventStore
 
@@ -119,7 +119,7 @@ def test_sigkill_during_appends_loses_no_acknowledged_event(tmp_path, ul_run, sy
 def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
     """The benchmark's whole path on the tiny runs (two server processes, every phase); figures on the real
     model come from `userllm bench serve`."""
-    from userllm.serve.bench import run_serve_bench
+    from userllm.bench.serve import run_serve_bench
 
     report = run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, history=6, levels=(1, 2), max_tokens=3,
                              append_seconds=0.5, runs={"userllm": ul_run, "textprompt": tp_run})  # fmt: skip

@@ -10,11 +10,12 @@ import polars as pl
 import pytest
 import torch
 
+import userllm
 from tests.conftest import write
 from userllm.config import PrepareConfig, TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.data.prepare import prepare_dataset
-from userllm.encoder.train import load_encoder
+from userllm.encoder.pretrained import load_encoder
 from userllm.errors import EmptyResultError, InputError, OutputExistsError
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, rank_sequences
@@ -22,7 +23,8 @@ from userllm.llm.model import TextPromptLM
 from userllm.tasks import prompts
 from userllm.tasks.data import IGNORE, TaskData
 from userllm.io import sha256
-from userllm.tasks.evaluate import evaluate, eval_users, generate_for_user, read_records
+from userllm.tasks.evaluate import evaluate, eval_users, read_records
+from userllm.tasks.pipeline import Pipeline
 from userllm.tasks.train import train
 
 
@@ -84,7 +86,7 @@ def test_review_examples_and_refusal_without_reviews(synthetic_ds, backbone, tmp
 def test_review_reference_is_the_most_common_review(backbone, tmp_path):
     """The review task's floor: the train split's most common review (as ROUGE compares it), scored against
     every test review."""
-    from userllm.eval.metrics import rouge_per_example
+    from userllm.metrics import rouge_per_example
     from userllm.tasks.evaluate import label_prior
 
     reviews = {"A": ["first", "great  gift card", "Great gift card!", "valid", "Slow delivery."],
@@ -194,25 +196,15 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
     assert eval_users(run, synthetic_ds.sequences.height, 6, 1) == json.loads((run / "eval_users-6-seed1.json").read_text())
     with pytest.raises(OutputExistsError):
         evaluate(run, users=6, seed=1)
-    answer = generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
+    answer = userllm.load(run).generate(synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
     assert isinstance(answer, str)
-    # --bf16 generates under autocast: the backbone's linear layers compute in bf16 (in float32 without it)
-    from userllm.tasks import evaluate as evaluate_module
-
-    dtypes, load = set(), evaluate_module.load_run
-
-    def hooked(*a, **k):
-        cfg, model, data = load(*a, **k)
-        for m in model.modules():
+    # bf16 generates under autocast: the backbone's linear layers compute in bf16 (in float32 without it)
+    for bf16, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
+        pipeline, dtypes = Pipeline.from_pretrained(run, bf16=bf16), set()
+        for m in pipeline.model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
-        return cfg, model, data
-
-    monkeypatch.setattr(evaluate_module, "load_run", hooked)
-    for bf16, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
-        dtypes.clear()
-        generate_for_user(run, synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4,
-                          bf16=bf16)  # fmt: skip
+        pipeline.generate(synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
         assert dtypes == want
 
 
@@ -223,9 +215,9 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     shortlist is refused by name."""
     from userllm.config import EncoderConfig, PretrainConfig
     from userllm.encoder.data import Timelines
-    from userllm.encoder.train import load_encoder, pretrain
+    from userllm.encoder.pretrained import load_encoder
+    from userllm.encoder.train import pretrain
     from userllm.errors import ConfigError
-    from userllm.tasks.train import load_run
 
     enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
@@ -247,7 +239,7 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     train(tp)
     evaluate(tmp_path / "tp", users=6, seed=1)
     # TP's prompt lists the same 3 titles, best first, between its history and the question
-    _, _, tp_data = load_run(tmp_path / "tp")
+    tp_data = userllm.load(tmp_path / "tp").data
     for ex, row in zip(tp_data.examples("test", [e.user_idx for e in examples]), top):
         listed = "\n".join([prompts.CANDIDATES_HEADER.format(**tp_data.words), *(synthetic_ds.item_titles[i] for i in row)])
         assert listed + "\n\n" + prompts.instruction("next_item", tp_data.words) in ex.prompt
@@ -276,41 +268,10 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want) and set(diff) == {"recall@1"}  # beams = 3
     tables = "\n".join(reference_difference_lines([{"cell": "ul", "run": str(tmp_path / "run")}], "next_item", 0))
     assert tables.count("| ul | 6 | ") == 2 and "minus the shortlist in random order" in tables
-    # the default ranks the shortlist exactly; the beam search with beams >= N ranks it the same way
-    assert m["config"]["shortlist_ranking"] == "exact"
-    beamed = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="beams")
-    assert beamed["config"]["shortlist_ranking"] == "beams"
-    assert [r["ranked"] for r in read_records(tmp_path / "run")] == [r["ranked"] for r in recs]
-    # the exact ranking keeps every title's [title, log p(title + eos), tokens]; 'mean' ranks by log p / tokens
+    # the ranking keeps every title's [title, log p(title + eos), tokens], best first
     for r in recs:
         assert [t for t, _, _ in r["shortlist_scores"]] == r["ranked"] and all(n >= 2 for _, _, n in r["shortlist_scores"])
-    mean = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_ranking="exact", shortlist_score="mean")
-    assert mean["config"]["shortlist_score"] == "mean"
-    for r, before in zip(read_records(tmp_path / "run"), recs):
-        assert r["shortlist_scores"] == before["shortlist_scores"]  # the same model scores the same titles
-        assert r["ranked"] == [t for t, lp, n in sorted(before["shortlist_scores"], key=lambda x: -x[1] / x[2])]
-    # this tiny model's per-token log-probabilities are near equal, so both orders agree here; with log p = -sqrt(tokens)
-    # they are opposite (the sum puts the shortest title first, the mean the longest), so 'mean' must reach the ranking
-    import userllm.tasks.evaluate as ev
-
-    def sqrt_scores(model, embeds, mask, sequences, **kw):
-        found = rank_sequences(model, embeds, mask, sequences, **kw)  # uses up the prefilled cache as the real one does
-        return [sorted(((i, -((len(sequences[r][i]) + 1) ** 0.5)) for i, _ in row), key=lambda x: -x[1]) for r, row in enumerate(found)]
-
-    monkeypatch.setattr(ev, "rank_sequences", sqrt_scores)
-    by = {}
-    for how in ("sum", "mean"):
-        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=3, shortlist_score=how)
-        by[how] = [[n for _, _, n in sorted(r["shortlist_scores"], key=lambda x: r["ranked"].index(x[0]))] for r in read_records(tmp_path / "run")]
-    assert all(row == sorted(row) for row in by["sum"]) and all(row == sorted(row, reverse=True) for row in by["mean"])
-    assert by["sum"] != by["mean"]
-    monkeypatch.undo()
-    with pytest.raises(ConfigError, match="shortlist_score 'mean' normalises the exact ranking"):
-        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist_ranking="beams", shortlist_score="mean")
-    saved_before = {k: v for k, v in json.loads((tmp_path / "run" / "config.json").read_text()).items() if k != "shortlist_ranking"}
-    assert TrainConfig.from_saved(saved_before).shortlist_ranking == "beams"  # runs saved before the field existed
-    with pytest.raises(ConfigError, match="shortlist_ranking"):
-        evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist_ranking="best")
+        assert [lp for _, lp, _ in r["shortlist_scores"]] == sorted((lp for _, lp, _ in r["shortlist_scores"]), reverse=True)
     full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
     assert full["config"]["shortlist"] == 0
     random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})
@@ -354,8 +315,8 @@ def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(synthe
                                                                           tmp_path):  # fmt: skip
     """``llm.exclude_history``: the stage-1 top items (shortlist, TP's listing, the encoder-alone reference) are
     the encoder's order with the history window's items taken out; a run built with it reads them so."""
-    from userllm.encoder.train import load_encoder
-    from userllm.tasks.train import build
+    from userllm.encoder.pretrained import load_encoder
+    from userllm.tasks.pipeline import build
 
     data = shortlist_data(synthetic_ds, backbone)
     examples = data.examples("test")
@@ -374,114 +335,6 @@ def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(synthe
         model, built = build(cfg, synthetic_ds)
         assert built.exclude_history and built.encoder_top(encoder, examples, 10) == top
         assert method == "textprompt" or model.cfg.exclude_history
-
-
-def test_train_on_shortlist_trains_only_on_answers_the_reranker_can_give(synthetic_ds, text_lm_dir, backbone, stage1,
-                                                                        tmp_path, monkeypatch):  # fmt: skip
-    """``train_on_shortlist``: the training examples are those whose target is among the stage-1 encoder's
-    ``shortlist`` items after their history (the others could never be answered by the reranker), and training
-    draws its batches from them alone; refused without a shortlist or outside next_item."""
-    from userllm.encoder.train import load_encoder
-    from userllm.errors import ConfigError
-    from userllm.tasks.train import shortlisted, training_shortlists
-
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
-    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(stage1),
-                      max_history=5, shortlist=10, train_on_shortlist=True, train_examples=8, batch_size=4)  # fmt: skip
-    data = shortlist_data(synthetic_ds, backbone)
-    examples = data.examples("train")
-    top = data.encoder_top(load_encoder(stage1), examples, 10)
-    hits = [(ex.user_idx, ex.end) for ex, row in zip(examples, top) if ex.label in row]
-    assert 0 < len(hits) < len(examples)
-    kept, rows = shortlisted(cfg, examples, training_shortlists(cfg, data, examples))
-    assert [(ex.user_idx, ex.end) for ex in kept] == hits and all(ex.label in row for ex, row in zip(kept, rows))
-    off = cfg.model_copy(update={"train_on_shortlist": False})
-    assert training_shortlists(off, data, examples) is None and shortlisted(off, examples, None) == (examples, None)
-    parts = spy_batches(monkeypatch)
-    train(cfg)
-    seen = [(ex.user_idx, ex.end) for part in parts for ex in part]
-    assert len(seen) == 8 and set(seen) <= set(hits)
-    for bad in ({"shortlist": 0}, {"task": "favorite_genre"}):
-        with pytest.raises(ValueError, match="train_on_shortlist trains a next_item reranker"):
-            TrainConfig(**{**cfg.model_dump(), **bad})
-    with pytest.raises(ConfigError, match="train_on_shortlist"):
-        from userllm.config import load_config
-
-        load_config(TrainConfig, overrides={"task": "next_item", "train_on_shortlist": True})
-
-
-def test_rank_negatives_score_each_answer_against_other_titles_of_its_shortlist(synthetic_ds, text_lm_dir, backbone,
-                                                                               stage1, tmp_path, monkeypatch):  # fmt: skip
-    """``rank_negatives`` k: each training example brings k other titles of its stage-1 shortlist (seeded, never
-    its own title); training scores the answer and the k titles together under the same prompt and user, and
-    adds the listwise loss -log softmax(s)_0 over their summed log-probabilities; its FLOPs count every
-    sequence; micro-batches give the same step; refused without a shortlist longer than k."""
-    from safetensors.torch import load_file
-
-    from userllm.encoder.train import load_encoder
-    from userllm.tasks.train import rank_negatives, scored_sequences, training_shortlists
-
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="proj", cross_attention_every=1)
-    common = dict(dataset=synthetic_ds.root, task="next_item", llm=llm, encoder=str(stage1), max_history=5, shortlist=6,
-                  train_examples=8, batch_size=4, lr=3e-3, encoder_dropout=0.0)  # fmt: skip
-    cfg = TrainConfig(out=tmp_path / "rank", rank_negatives=2, **common)
-    data = shortlist_data(synthetic_ds, backbone)
-    examples = data.examples("train")
-    top = data.encoder_top(load_encoder(stage1), examples, 6)
-    assert training_shortlists(cfg, data, examples) == top
-    negatives = rank_negatives(cfg, data, examples, top)
-    titles = synthetic_ds.item_titles
-    for ex, row, shortlist in zip(examples, negatives, top):
-        assert len(row) == 2 and set(row) <= set(shortlist) and all(titles[j] != ex.answer for j in row)
-    assert rank_negatives(cfg, data, examples, top) == negatives
-    assert rank_negatives(cfg.model_copy(update={"seed": 1}), data, examples, top) != negatives
-    assert rank_negatives(cfg.model_copy(update={"rank_negatives": 0}), data, examples, top) is None
-    groups = scored_sequences(data, examples, negatives)
-    assert [[s.answer for s in g] for g in groups] == [[ex.answer, *(titles[j] for j in row)] for ex, row in zip(examples, negatives)]
-    assert all(s.prompt == g[0].prompt and (s.user_idx, s.start, s.end) == (g[0].user_idx, g[0].start, g[0].end)
-               for g in groups for s in g)  # fmt: skip
-
-    parts = spy_batches(monkeypatch)
-    ranked = train(cfg)
-    assert len(parts) == 2 and all(len(p) == 12 for p in parts)  # 4 examples x (answer + 2 negatives) per step
-    by_example = {(ex.user_idx, ex.end): g for ex, g in zip(examples, groups)}
-    for part in parts:
-        for i in range(0, 12, 3):
-            assert [s.answer for s in part[i : i + 3]] == [s.answer for s in by_example[part[i].user_idx, part[i].end]]
-    plain = train(TrainConfig(out=tmp_path / "plain", **common))
-    assert ranked["train_flops"] > 2.5 * plain["train_flops"]  # 3 sequences per example (titles differ in length)
-    # the same first batch from the same model: the same language-model loss plus a listwise term (> 0)
-    assert ranked["losses"][0] > plain["losses"][0]
-    micro = train(TrainConfig(out=tmp_path / "micro", rank_negatives=2, micro_batch_size=1, **common))
-    assert micro["losses"] == pytest.approx(ranked["losses"], rel=1e-4)
-    a, b = (load_file(tmp_path / r / "model" / "userllm.safetensors") for r in ("rank", "micro"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    for bad in ({"shortlist": 2}, {"shortlist": 0}, {"task": "favorite_genre"}):
-        with pytest.raises(ValueError, match="rank_negatives ranks each answer"):
-            TrainConfig(**{**cfg.model_dump(), **bad})
-
-
-def test_listwise_loss_is_the_answers_lm_loss_plus_its_softmax_rank():
-    """:func:`answer_log_probs` sums log p over the answer tokens only (labels shifted by one, prompt and
-    padding -100); :func:`listwise_loss` returns the answers' summed negative log-likelihood and
-    sum over groups of -log softmax(scores)_0, which falls as the answer's score rises above its negatives'."""
-    from userllm.tasks.train import answer_log_probs, listwise_loss
-
-    torch.manual_seed(0)
-    logits = torch.randn(4, 5, 7)
-    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, 1], [IGNORE, IGNORE, IGNORE, 2, 1], [IGNORE, IGNORE, 5, 6, 1],
-                           [IGNORE, IGNORE, IGNORE, IGNORE, 1]])  # fmt: skip
-    logp = logits.log_softmax(-1)
-    expected = torch.stack([sum(logp[r, t - 1, labels[r, t]] for t in range(5) if labels[r, t] != IGNORE) for r in range(4)])
-    scores = answer_log_probs(logits, labels)
-    assert torch.allclose(scores, expected)
-    lm, rank = listwise_loss(logits, labels, 2)
-    assert torch.isclose(lm, -(expected[0] + expected[2]))
-    pairs = expected.view(2, 2)
-    assert torch.isclose(rank, -(pairs.log_softmax(1)[:, 0]).sum())
-    boosted = logits.clone()
-    boosted[0, 1, 3] += 5.0  # the first answer's first token more likely
-    assert listwise_loss(boosted, labels, 2)[1] < rank
 
 
 def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
@@ -543,7 +396,7 @@ def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp
         pytest.fail("the model was loaded before --extend was refused")
 
     with monkeypatch.context() as patch, pytest.raises(InputError, match="nothing to extend"):
-        patch.setattr(ev, "load_run", loaded)
+        patch.setattr(ev.Pipeline, "from_pretrained", loaded)
         evaluate(run, extend=True)
     full = evaluate(run)
     every = {r["user_id"]: r for r in read_records(run)}
@@ -553,7 +406,7 @@ def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp
     marked = {**kept[0], "ranked": ["<kept from records.jsonl>"]}
     (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [marked, *kept[1:]]))
     with monkeypatch.context() as patch, pytest.raises(InputError, match="another trained model or scoring"):
-        patch.setattr(ev, "load_run", loaded)
+        patch.setattr(ev.Pipeline, "from_pretrained", loaded)
         evaluate(run, extend=True, bf16=True)
     m = evaluate(run, extend=True)
     assert m["examples"] == full["examples"] == len(every) and m["users"] == "all"
@@ -735,8 +588,6 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     so; evaluation runs in eval mode; train and test prompts are the same tokens and the history window ends
     right before the target; the no-grad (absorbed) constrained scores equal the training forward's
     teacher-forced log-probabilities of answer + eos; and swapping two users' contexts changes the scores."""
-    from userllm.tasks.train import load_run
-
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1, item_words=["category"])
     cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="favorite_genre", llm=llm, encoder="random",
                       max_history=5, train_examples=32, batch_size=4, lr=1e-2, checkpoint_every=4, encoder_dropout=0.0)  # fmt: skip
@@ -744,7 +595,8 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     last = summary["gates"][-1]
     assert [g["step"] for g in summary["gates"]] == [4, 8]
     assert all(abs(b["attn_gate"]) > 0.01 and b["attn_norm"] > 0 for k, b in last.items() if k != "step")
-    _, model, data = load_run(tmp_path / "run")
+    run = userllm.load(tmp_path / "run")
+    model, data = run.model, run.data
     assert not model.training and not model.encoder.training
     train_ex, test_ex = data.examples("train"), data.examples("test")
     assert {e.prompt for e in train_ex} == {e.prompt for e in test_ex} and len({e.prompt for e in test_ex}) == 1
@@ -771,24 +623,22 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     logp = model(data.user_batch([a]), full, fmask).logits.log_softmax(-1)[0, -len(seq) - 1 : -1]
     assert logp.gather(1, torch.tensor(seq)[:, None]).sum().item() == pytest.approx(s, abs=1e-4)
     # users side by side, as `userllm answer` shows them: constrained answers from each one's latest history
-    from userllm.tasks.evaluate import ranked_for_users
-
     ids = synthetic_ds.sequences.get_column("user_id").to_list()[:2]
-    shown = ranked_for_users(tmp_path / "run", ids, top=3)
+    shown = run.answer(ids, top=3)
     genres = set(synthetic_ds.vocab["category"][2:])
     assert [r["user_id"] for r in shown] == ids
     assert all(len(r["answers"]) == 3 and {a for a, _ in r["answers"]} <= genres for r in shown)
     assert all(1 >= r["answers"][0][1] >= r["answers"][1][1] > 0 and r["events"] == 5 for r in shown)
     assert shown[0]["answers"] != shown[1]["answers"]
     with pytest.raises(InputError, match="not in dataset"):
-        ranked_for_users(tmp_path / "run", ["nobody"])
+        run.answer(["nobody"])
     # --bf16 answers as `evaluate --bf16` scores: under autocast, so the probabilities move by bf16's rounding
     # (the flag was not passed on before) while the answers stay those of float32 up to near-ties
-    half = ranked_for_users(tmp_path / "run", ids, top=3, bf16=True)
+    half = Pipeline.from_pretrained(tmp_path / "run", bf16=True).answer(ids, top=3)
     assert [r["answers"] for r in half] != [r["answers"] for r in shown]
     for h, f in zip(half, shown):
         assert dict(h["answers"]) == pytest.approx(dict(f["answers"]), rel=0.1)
-    assert ranked_for_users(tmp_path / "run", ids, top=3, bf16=False) == shown  # the run trained in float32
+    assert Pipeline.from_pretrained(tmp_path / "run", bf16=False).answer(ids, top=3) == shown  # trained in float32
 
 
 def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, tmp_path):

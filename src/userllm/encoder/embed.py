@@ -26,22 +26,12 @@ from safetensors.torch import save_file
 import userllm
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
-from userllm.encoder.train import encoder_weights, load_encoder
+from userllm.encoder.pretrained import encode_latest, encoder_weights, load_encoder
 from userllm.errors import OutputExistsError
 from userllm.io import sha256, write_dir_atomically, write_file_atomically, write_json
 from userllm.progress import progress_bar
 
 SHARD_USERS = 4096
-
-
-@torch.no_grad()
-def embed_users(model, tl: Timelines, users: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Embeddings (u, n, d) and mask (u, n) of the last ``max_len`` events of ``users``; and each window's start."""
-    ends = tl.lengths[users]
-    starts = np.maximum(ends - model.cfg.max_len, 0)
-    batch = tl.collate(users, starts, ends, device=device)
-    h, mask = model.encode(batch)
-    return h.float().cpu(), mask.cpu(), starts
 
 
 def embed_dataset(run: Path, dataset: Path, out: Path, *, force: bool = False, device: str = "cpu",
@@ -63,7 +53,7 @@ def embed_dataset(run: Path, dataset: Path, out: Path, *, force: bool = False, d
         task = progress.add_task("embedding users", total=tl.num_users)
         for s in range(0, tl.num_users, batch_size):
             users = np.arange(s, min(s + batch_size, tl.num_users))
-            batches.append((users, *embed_users(model, tl, users, device)))
+            batches.append((users, *encode_latest(model, tl, users, device)))
             progress.advance(task, len(users))
     if out.suffix == ".parquet":
         rows = write_parquet(out, batches, tl, ds, manifest)

@@ -20,17 +20,59 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from userllm.data.dataset import PreparedDataset
-from userllm.encoder.data import Timelines
+from userllm.encoder.data import Timelines, eval_inputs, history_items
 from userllm.encoder.model import UserEncoder
-from userllm.encoder.train import encoder_scores, load_encoder, rank_split
-from userllm.eval.metrics import ranking_metrics
+from userllm.encoder.pretrained import load_encoder
 from userllm.io import write_json, write_text_atomically
+from userllm.metrics import ranking_metrics, target_ranks
 
 SPLITS, VARIANTS = ("valid", "test"), ("unmasked", "masked")
 HISTORY_BUCKETS = ((0, 20), (20, 50), (50, 100), (100, 200), (200, None))
 TABLE_METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "mrr@10")
+
+
+@torch.no_grad()
+def rank_split(score_fn, tl: Timelines, split: str, max_len: int, *, masked: bool, batch_size: int = 512) -> tuple[Tensor, np.ndarray]:
+    """Full-ranking ranks of each user's ``split`` target, and the user's history length before it.
+
+    ``score_fn(users, starts, ends) -> (b, V)`` scores all items after the window ``[start, end)``. Padding
+    and unknown items are never ranked. ``masked`` also excludes every item of the user's full history
+    before the target (except the target itself); unmasked is RecBole's protocol for sequential models.
+    """
+    users, starts, ends, targets = eval_inputs(tl, split, max_len)
+    ranks = []
+    for c in range(0, len(users), batch_size):
+        sl = slice(c, c + batch_size)
+        scores = score_fn(users[sl], starts[sl], ends[sl]).float()
+        scores[:, :2] = float("-inf")
+        t = torch.from_numpy(targets[sl]).to(scores.device)
+        if masked:
+            rows, items = history_items(tl, users[sl], ends[sl])
+            rows_t, items_t = torch.from_numpy(rows).to(scores.device), torch.from_numpy(items).to(scores.device)
+            not_target = items_t != t[rows_t]
+            scores[rows_t[not_target], items_t[not_target]] = float("-inf")
+        ranks.append(target_ranks(scores, t).cpu())
+    return torch.cat(ranks), ends
+
+
+def encoder_scores(model: UserEncoder, tl: Timelines, device: str):
+    """A ``score_fn`` for :func:`rank_split`: the item logits after each window's last event."""
+
+    def score(users, starts, ends):
+        batch = tl.collate(users, starts, ends, device=device)
+        h, _ = model.encode(batch)
+        last = torch.from_numpy(ends - starts - 1).to(device)
+        return model.item_logits(h[torch.arange(len(users), device=device), last])
+
+    return score
+
+
+def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, masked: bool = False) -> dict[str, float]:
+    ranks, _ = rank_split(encoder_scores(model, tl, device), tl, split, model.cfg.max_len, masked=masked)
+    return ranking_metrics(ranks)
 
 
 def popularity_scores(tl: Timelines, num_items: int):

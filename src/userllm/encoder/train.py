@@ -16,9 +16,6 @@ valid epoch, moving average if on: ``model.safetensors`` + ``config.json``), ``h
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
 from pathlib import Path
 
@@ -26,98 +23,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from userllm.config import EncoderConfig, PretrainConfig, dump_config, save_config
+from userllm.config import PretrainConfig, dump_config, save_config
 from userllm.data.dataset import PreparedDataset
-from userllm.encoder.data import Timelines, eval_inputs, history_items, train_windows
-from userllm.encoder.model import UserEncoder
-from userllm.errors import ConfigError, InputError
-from userllm.eval.metrics import ranking_metrics, target_ranks
+from userllm.encoder.data import Timelines, train_windows
 from userllm.distributed import barrier, setup_distributed
-from userllm.io import runtime, start_run, write_dir_atomically, write_json
+from userllm.errors import ConfigError
+from userllm.encoder.evaluate import evaluate_split
+from userllm.encoder.model import UserEncoder
+from userllm.encoder.pretrained import build_encoder, save_encoder
+from userllm.io import runtime, start_run, state_hash, write_dir_atomically, write_json
 from userllm.precision import autocast
+from userllm.schedule import lr_lambda
 from userllm.progress import progress_bar
 
 MARKER = "config.json"
-
-
-def encoder_inputs(ds: PreparedDataset, cfg: EncoderConfig) -> tuple[EncoderConfig, Tensor]:
-    """The encoder config with the dataset's vocabulary sizes, and the (V, c) item -> categories table."""
-    cats = ds.item_categories
-    width = max(len(c) for c in cats)
-    table = torch.zeros(len(cats), width, dtype=torch.long)
-    for i, c in enumerate(cats):
-        table[i, : len(c)] = torch.tensor(c)
-    table[:2] = 0  # padding and unknown items have no categories
-    vs = ds.manifest["vocab_sizes"]
-    cfg = cfg.model_copy(update={"num_items": vs["item"], "num_ratings": vs["rating"], "num_categories": vs["category"]})
-    return cfg, table
-
-
-def item_text_table(path: Path | None, cfg: EncoderConfig) -> Tensor | None:
-    """The fixed (V, text_dim) item-text embeddings for the 'text' feature, checked against the vocabulary."""
-    if "text" not in cfg.features:
-        return None
-    if path is None:
-        raise ConfigError("the 'text' feature needs item_text_path: a .npy array (item vocabulary size, text_dim)")
-    try:
-        table = np.load(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"item_text_path {path}: cannot read a .npy array: {err}") from None
-    if table.ndim != 2 or table.shape[0] != cfg.num_items:
-        raise ConfigError(f"item_text_path {path}: expected shape ({cfg.num_items}, text_dim), got {table.shape}")
-    return torch.from_numpy(table.astype(np.float32))
-
-
-def build_encoder(ds: PreparedDataset, cfg: EncoderConfig, seed: int, item_text_path: Path | None = None) -> UserEncoder:
-    cfg, cats = encoder_inputs(ds, cfg)
-    text = item_text_table(item_text_path, cfg)
-    if text is not None:
-        cfg = cfg.model_copy(update={"text_dim": text.shape[1]})
-    torch.manual_seed(seed)
-    return UserEncoder(cfg, item_categories=cats, item_text=text)
-
-
-def save_model(model: UserEncoder, path: Path) -> None:
-    """``path/model.safetensors`` + ``path/config.json`` (the encoder config)."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(dump_config(model.cfg), indent=2))
-
-
-def encoder_weights(path: Path) -> Path:
-    """The ``model.safetensors`` of a run (its best ``model/``) or of a ``model/`` / ``checkpoint/`` directory."""
-    path = Path(path)
-    if (path / "model" / "model.safetensors").exists():
-        path = path / "model"
-    if not (path / "model.safetensors").exists():
-        raise InputError(f"{path} holds no encoder (model.safetensors); train one with `userllm pretrain`")
-    return path / "model.safetensors"
-
-
-def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
-    """Load an encoder saved by :func:`save_model` (a run's ``model/`` or ``checkpoint/`` directory, or the run)."""
-    weights = encoder_weights(path)
-    cfg = EncoderConfig.from_saved(json.loads((weights.parent / "config.json").read_text()))
-    state = load_file(weights, device=device)
-    model = UserEncoder(cfg, item_categories=state["embed.item_categories"], item_text=state["embed.item_text"])
-    model.load_state_dict(state)
-    return model.to(device)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return f
 
 
 def item_proposal(tl: Timelines, num_items: int) -> Tensor:
@@ -158,50 +82,9 @@ def next_event_loss(
     return loss, {"item": item_loss.item(), "rating": rating_loss.item(), "category": category_loss.item()}
 
 
-@torch.no_grad()
-def rank_split(score_fn, tl: Timelines, split: str, max_len: int, *, masked: bool, batch_size: int = 512) -> tuple[Tensor, np.ndarray]:
-    """Full-ranking ranks of each user's ``split`` target, and the user's history length before it.
-
-    ``score_fn(users, starts, ends) -> (b, V)`` scores all items after the window ``[start, end)``. Padding
-    and unknown items are never ranked. ``masked`` also excludes every item of the user's full history
-    before the target (except the target itself); unmasked is RecBole's protocol for sequential models.
-    """
-    users, starts, ends, targets = eval_inputs(tl, split, max_len)
-    ranks = []
-    for c in range(0, len(users), batch_size):
-        sl = slice(c, c + batch_size)
-        scores = score_fn(users[sl], starts[sl], ends[sl]).float()
-        scores[:, :2] = float("-inf")
-        t = torch.from_numpy(targets[sl]).to(scores.device)
-        if masked:
-            rows, items = history_items(tl, users[sl], ends[sl])
-            rows_t, items_t = torch.from_numpy(rows).to(scores.device), torch.from_numpy(items).to(scores.device)
-            not_target = items_t != t[rows_t]
-            scores[rows_t[not_target], items_t[not_target]] = float("-inf")
-        ranks.append(target_ranks(scores, t).cpu())
-    return torch.cat(ranks), ends
-
-
-def encoder_scores(model: UserEncoder, tl: Timelines, device: str):
-    """A ``score_fn`` for :func:`rank_split`: the item logits after each window's last event."""
-
-    def score(users, starts, ends):
-        batch = tl.collate(users, starts, ends, device=device)
-        h, _ = model.encode(batch)
-        last = torch.from_numpy(ends - starts - 1).to(device)
-        return model.item_logits(h[torch.arange(len(users), device=device), last])
-
-    return score
-
-
-def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, masked: bool = False) -> dict[str, float]:
-    ranks, _ = rank_split(encoder_scores(model, tl, device), tl, split, model.cfg.max_len, masked=masked)
-    return ranking_metrics(ranks)
-
-
 def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, ema, state: dict) -> None:
     def write(tmp: Path) -> None:
-        save_model(model, tmp)
+        save_encoder(model, tmp)
         extra = {"ema": ema.state_dict()} if ema is not None else {}
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **extra, **state}, tmp / "train_state.pt")
 
@@ -286,7 +169,7 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
                 if valid["ndcg@10"] > state["best_ndcg10"]:
                     state.update(best_ndcg10=valid["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
                     if rank == 0:
-                        write_dir_atomically(out / "model", lambda tmp: save_model(best, tmp), force=True, marker=MARKER)
+                        write_dir_atomically(out / "model", lambda tmp: save_encoder(best, tmp), force=True, marker=MARKER)
                 else:
                     state["bad_epochs"] += 1
             state["history"].append(record)
@@ -312,12 +195,3 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
     if rank == 0:
         write_json(out / "summary.json", summary)
     return summary
-
-
-def state_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, then bytes), in state-dict order."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()

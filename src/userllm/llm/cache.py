@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from userllm.encoder.model import EncoderState
-from userllm.encoder.train import state_hash
+from userllm.io import state_hash
 from userllm.io import write_json
 from userllm.llm.connectors import ContextKV
 from userllm.llm.model import UserContext, UserLLM

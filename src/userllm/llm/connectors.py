@@ -85,32 +85,11 @@ class ItemWords(nn.Module):
         return sum(self.maps[name](getattr(self, f"table_{name}")[items]) for name in self.names)
 
 
-def first_token_embeddings(tokenizer, embedding: nn.Embedding, texts: list[str], n: int) -> Tensor:
-    """(len(texts), n, d): ``embedding``'s rows for each text's first ``n`` tokens (zeros past its end)."""
-    weight = embedding.weight.detach().float()
-    out = torch.zeros(len(texts), n, weight.shape[1])
-    for i, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=False).input_ids[:n] if text else []
-        if ids:
-            out[i, : len(ids)] = weight[ids]
-    return out
-
-
 class EncoderCandidates(nn.Module):
     """The user encoder's own next-item guesses, in the LLM's words (beyond the paper): the ``k`` items it
     scores highest after the last event, each one context entry (b, k, d) = its title's words (a frozen
     (V, d) table, e.g. :func:`mean_token_embeddings` of every title) through a linear map initialised to the
     identity, plus a learned embedding of its rank. Cross-attention can then copy a candidate's title tokens.
-
-    With ``title_tokens`` (a frozen (V, T, d) table, :func:`first_token_embeddings` of every title) each
-    candidate also enters as its title's first T tokens, one entry each (the token's embedding through its
-    own identity-initialised map, plus the candidate's rank and a learned position-in-title embedding): a
-    mean over a title's tokens is dominated by the year's, which every candidate shares, while a token entry
-    is the very token the answer has to write next. Entries past a title's end are masked.
-
-    ``rank_init`` > 0 draws the rank embeddings from a normal of that many times the title entries' RMS per
-    coordinate (0: zeros). Zero-initialised, they grow to ~4% of an entry's norm in a thousand examples, too
-    little for attention to tell the first candidate from the twentieth (benchmarks/copy_probe.py).
 
     Example::
 
@@ -118,7 +97,7 @@ class EncoderCandidates(nn.Module):
         entries, valid = cand(encoder.item_logits(h_last))             # (b, 10, d), (b, 10)
     """
 
-    def __init__(self, title_table: Tensor, k: int, title_tokens: Tensor | None = None, rank_init: float = 0.0) -> None:
+    def __init__(self, title_table: Tensor, k: int) -> None:
         super().__init__()
         d = title_table.shape[1]
         self.k = k
@@ -126,35 +105,13 @@ class EncoderCandidates(nn.Module):
         self.map = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.map.weight)
         self.rank = nn.Parameter(torch.zeros(k, d))
-        if rank_init:
-            real = title_table[title_table.abs().sum(-1) > 0].float()  # rows 0 and 1 (padding, unknown) are zeros
-            nn.init.normal_(self.rank, std=rank_init * real.pow(2).mean().sqrt().item())
-        self.tokens = 0 if title_tokens is None else title_tokens.shape[1]
-        if self.tokens:
-            self.register_buffer("table_tokens", title_tokens.float(), persistent=True)
-            self.token_map = nn.Linear(d, d, bias=False)
-            nn.init.eye_(self.token_map.weight)
-            self.position = nn.Parameter(torch.zeros(self.tokens, d))
-
-    @property
-    def entries(self) -> int:
-        """Context entries per user: k, plus k * T with title tokens."""
-        return self.k * (1 + self.tokens)
 
     def forward(self, item_scores: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """item_scores (b, V) over item indices (0 and 1, padding and unknown, are never chosen, nor the items
-        of ``exclude`` (b, n)) -> entries (b, :attr:`entries`, d) and their mask (b, :attr:`entries`), True for
-        real entries."""
+        of ``exclude`` (b, n)) -> entries (b, k, d) and their mask (b, k), all True."""
         top = top_items(item_scores, self.k, exclude)  # (b, k)
         entries = self.map(self.table_title[top]) + self.rank  # (b, k, d)
-        valid = torch.ones(top.shape, dtype=torch.bool, device=top.device)
-        if not self.tokens:
-            return entries, valid
-        words = self.table_tokens[top]  # (b, k, T, d)
-        tokens = self.token_map(words) + self.rank[:, None] + self.position  # (b, k, T, d)
-        b = top.shape[0]
-        return (torch.cat([entries, tokens.reshape(b, -1, entries.shape[-1])], 1),
-                torch.cat([valid, words.abs().sum(-1).gt(0).reshape(b, -1)], 1))  # fmt: skip
+        return entries, torch.ones(top.shape, dtype=torch.bool, device=top.device)
 
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (a module factory, as in flamingo-pytorch)
@@ -185,27 +142,17 @@ class MaskedCrossAttention(nn.Module):
     ``kv`` (precomputed keys/values from :meth:`context_kv`, or their :meth:`absorb`-ed form) lets a decoder
     reuse them at every step. A query whose context is entirely masked receives zeros.
 
-    ``identity_values``: the value and output projections start as the identity (after their default draw,
-    so the random state is as without), so the output is at once the attention-weighted mean of the context
-    entries themselves: a block over entries in the LLM's embedding space (a candidate title's tokens) can
-    copy one by learning only where to attend. Needs ``dim_context == dim``.
     """
 
-    def __init__(self, *, dim: int, heads: int, dim_context: int | None = None, identity_values: bool = False) -> None:
+    def __init__(self, *, dim: int, heads: int, dim_context: int | None = None) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        if identity_values and (dim_context or dim) != dim:
-            raise ValueError(f"identity_values needs the context's width {dim_context} to equal dim={dim}")
         self.heads = heads
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(dim_context or dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim, bias=False)
-        if identity_values:
-            with torch.no_grad():
-                self.to_kv.weight[dim:].copy_(torch.eye(dim))
-                self.to_out.weight.copy_(torch.eye(dim))
 
     def context_kv(self, context: Tensor) -> ContextKV:
         """Keys and values of a context (b, n, d) -> two (b, heads, n, d/heads)."""
@@ -253,48 +200,31 @@ class GatedCrossAttentionBlock(nn.Module):
     """Flamingo's gated xattn-dense block: x + tanh(a) * xattn(x, ctx), then + tanh(f) * ffw(x).
 
     Both gates start at ``gate_init`` (0 by default, as in Flamingo), so the block starts as the identity.
-    ``ff_mult=0``: no feed-forward branch (and no ``ff_gate``): the block's only output is what it read from
-    the context, so it cannot become an adapter that is the same for every user.
-    ``scale_to_hidden``: the gated attention output is multiplied by each token's hidden-state RMS, so what the
-    block reads from the context joins the residual stream at that layer's scale (a decoder's hidden states
-    grow by orders of magnitude with depth, SmolLM2-135M's from RMS ~0.1 at layer 0 to ~90 at layer 24, while
-    context entries stay embedding-sized; unscaled, a block deep in the stack would need ~100x larger weights
-    to move the answer).
-    ``identity_values``: see :class:`MaskedCrossAttention`.
     """
 
-    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0,
-                 scale_to_hidden: bool = False, identity_values: bool = False) -> None:  # fmt: skip
+    def __init__(self, *, dim: int, heads: int, ff_mult: int = 4, gate_init: float = 0.0) -> None:
         super().__init__()
-        self.scale_to_hidden = scale_to_hidden
-        self.attn = MaskedCrossAttention(dim=dim, heads=heads, identity_values=identity_values)
+        self.attn = MaskedCrossAttention(dim=dim, heads=heads)
         self.attn_gate = nn.Parameter(torch.full((1,), gate_init))
-        self.ff = FeedForward(dim, ff_mult) if ff_mult else None
-        self.ff_gate = nn.Parameter(torch.full((1,), gate_init)) if ff_mult else None
+        self.ff = FeedForward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.full((1,), gate_init))
 
     def forward(
         self, x: Tensor, context: Tensor | None, *, context_mask: Tensor, kv: ContextKV | AbsorbedContext | None = None
     ) -> Tensor:
         """x: (b, t, d) LLM hidden states; context: (b, n, d) user context (or ``kv`` precomputed)."""
         a = self.attn(x, context, context_mask, kv).to(x.dtype) * self.attn_gate.tanh().to(x.dtype)
-        if self.scale_to_hidden:
-            a = a * x.pow(2).mean(-1, keepdim=True).sqrt()
-        branches = {"attn": a}
-        if self.ff is not None:
-            branches["ff"] = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype)
+        f = self.ff(x + a) * self.ff_gate.tanh().to(x.dtype)
         if self.training:  # how much each branch moves the hidden states, for the training log
             with torch.no_grad():
                 size = x.norm(dim=-1).mean().clamp(min=1e-12)
-                self.contribution = {k: v.norm(dim=-1).mean() / size for k, v in branches.items()}
-        out = x + a
-        return out + branches["ff"] if self.ff is not None else out
+                self.contribution = {k: v.norm(dim=-1).mean() / size for k, v in (("attn", a), ("ff", f))}
+        return x + a + f
 
     def gate_report(self) -> dict[str, float]:
         """tanh of both gates and, from the last training forward, each gated branch's output norm relative to
         the hidden states' (mean over tokens)."""
-        out = {"attn_gate": self.attn_gate.tanh().item()}
-        if self.ff_gate is not None:
-            out["ff_gate"] = self.ff_gate.tanh().item()
+        out = {"attn_gate": self.attn_gate.tanh().item(), "ff_gate": self.ff_gate.tanh().item()}
         for branch, value in getattr(self, "contribution", {}).items():
             out[f"{branch}_norm"] = float(value)
         return out

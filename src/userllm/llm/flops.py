@@ -60,7 +60,7 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
             user += 2 * n * d * d * len(model.item_words.names)
         m = n
         if model.candidates is not None:  # score the catalogue once after the last event, map k titles
-            k = model.candidates.entries  # k titles (and k * T title tokens), each through a d x d map
+            k = model.candidates.k  # k titles, each through a d x d map
             head = 0 if isinstance(model.encoder.item_head, nn.Identity) else 2 * e.d_model * e.d_feature
             user += head + 2 * e.d_feature * e.num_items + 2 * k * d * d
             m = n + k

@@ -16,7 +16,7 @@ in cross-attention mode its keys/values are computed once per call and reused at
 Example::
 
     model = UserLLM(UserLLMConfig(mode="cross_attention", strategy="enc", item_words=[]), encoder=enc, llm=backbone.model)
-    # the recipe's category words need their tables: item_words=userllm.tasks.train.item_word_tables(ds, backbone, ["category"])
+    # the recipe's category words need their tables: item_words=userllm.tasks.pipeline.item_word_tables(ds, backbone, ["category"])
     loss = model(user_batch, input_ids, attention_mask, labels).loss
     tokens = model.generate(user_batch, input_ids, attention_mask, max_new_tokens=16)
 """
@@ -181,8 +181,7 @@ class UserLLM(ConditionedLM):
         if missing:
             raise InputError(f"item_words {sorted(missing)} need their tables (item_words=...; see tasks.train.build)")
         self.item_words = ItemWords({k: item_words[k] for k in cfg.item_words}) if cfg.item_words else None
-        self.candidates = (EncoderCandidates(item_words["title"], cfg.candidates, item_words.get("title_tokens"),
-                                             rank_init=cfg.candidate_rank_init) if cfg.candidates else None)  # fmt: skip
+        self.candidates = EncoderCandidates(item_words["title"], cfg.candidates) if cfg.candidates else None
         self.perceiver = (
             PerceiverResampler(dim=d, num_latents=cfg.perceiver_latents, depth=cfg.perceiver_depth, heads=heads)
             if cfg.perceiver_latents else None
@@ -196,9 +195,7 @@ class UserLLM(ConditionedLM):
             if bad:
                 raise InputError(f"cross_attention_layers {bad} are outside 0..{len(layers) - 1}")
             for i in where:
-                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init,
-                                                              scale_to_hidden=cfg.scale_to_hidden,
-                                                              identity_values=cfg.xattn_identity_values)  # fmt: skip
+                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init)
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
 
@@ -219,10 +216,8 @@ class UserLLM(ConditionedLM):
 
     @staticmethod
     def word_tables_needed(cfg: UserLLMConfig) -> list[str]:
-        """The item-word tables a config needs (``item_words``, and ``title`` for ``candidates``, plus
-        ``title_tokens`` for ``candidate_tokens``)."""
-        needed = set(cfg.item_words) | ({"title"} if cfg.candidates else set())
-        return sorted(needed | ({"title_tokens"} if cfg.candidates and cfg.candidate_tokens else set()))
+        """The item-word tables a config needs (``item_words``, and ``title`` for ``candidates``)."""
+        return sorted(set(cfg.item_words) | ({"title"} if cfg.candidates else set()))
 
     def groups(self) -> dict[str, list[nn.Module]]:
         return {
@@ -373,8 +368,6 @@ class UserLLM(ConditionedLM):
         words = {name: state[f"item_words.table_{name}"] for name in cfg.item_words}
         if cfg.candidates:  # one title table serves both when both are on, and is saved once
             words["title"] = state.get("candidates.table_title", state.get("item_words.table_title"))
-            if cfg.candidate_tokens:
-                words["title_tokens"] = state["candidates.table_tokens"]
         model = cls(cfg, encoder=encoder, llm=llm, item_words=words)
         model.load_trained(path, state)
         return model

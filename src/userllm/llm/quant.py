@@ -4,7 +4,7 @@ Decoding one token is a matrix-vector product per layer, bound by reading the we
 538 MB of float32 per token. Its 30 decoder layers (425 MB of it) stored as 4 bits per weight with a scale
 and an offset per group of 32 inputs take 66 MB, and PyTorch's ``_weight_int4pack_mm_for_cpu`` (bfloat16
 activations) computes them from the packed form: ~80 -> ~40 ms per decoded token on 2 cores here, prefill
-unchanged (``benchmarks/int4_decode.py``, ``userllm bench serve``). The LM head (tied to the input embeddings,
+unchanged (``python -m userllm.bench.int4_decode``, ``userllm bench serve``). The LM head (tied to the input embeddings,
 which are not 4-bit in the file) stays float32: callers quantize :func:`decoder_layers`.
 
 For the default backbone the conversion is exact: SmolLM2-135M-Instruct (Q4_1) *is* 4-bit with groups of

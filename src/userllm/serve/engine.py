@@ -35,7 +35,7 @@ from userllm.serve.metrics import Metrics
 from userllm.serve.store import EventStore, Fingerprint
 from userllm.serve.timeline import RunVocabulary
 from userllm.tasks import prompts
-from userllm.tasks.train import load_run
+from userllm.tasks.pipeline import Pipeline
 
 
 WEIGHTS = ("float32", "int4")  # how the served backbone holds its weights
@@ -103,10 +103,10 @@ class Engine:
                  bf16: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         check_weights(weights)
         self.run_dir = Path(run_dir)
-        self.cfg, self.model, self.data = load_run(self.run_dir)
-        self.model.eval()
+        run = Pipeline.from_pretrained(self.run_dir, bf16=bf16)
+        self.cfg, self.model, self.data = run.cfg, run.model, run.data
         self.weights = weights
-        self.bf16 = self.cfg.bf16 if bf16 is None else bf16
+        self.bf16 = self.cfg.bf16
         self.quantized = self.model.quantize_backbone() if weights == "int4" else None
         self.store = store
         self.metrics = metrics or Metrics()

@@ -7,7 +7,7 @@ next_item        Recall@{1,5,10} of the titles from a beam search constrained to
                  (token trie; beams = the largest K), a hit when the target's title is in the top K; with
                  ``shortlist`` N, of the titles of the stage-1 encoder's top N items per user (the LLM
                  reranks the encoder's shortlist; the encoder alone ranks the same list), all N ranked
-                 exactly by log p(title + eos) (``shortlist_ranking: exact``) or by the beam search;
+                 exactly by log p(title + eos);
                  ``exact_match`` and ``valid_title``: unconstrained greedy generation equals the target's
                  title / equals some catalogue title
 favorite_genre   accuracy of the top answer of a beam search constrained to the category vocabulary
@@ -15,7 +15,7 @@ review           ROUGE-1/2/Lsum F-measures of greedy generation against the user
 ===============  =========================================================================================
 
 Every metric is the mean over the test users (one example each) with its 95% bootstrap interval, seeded
-(:func:`~userllm.eval.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
+(:func:`~userllm.metrics.estimate`): ``{"value", "low", "high"}``. Beside the run's own metrics,
 ``metrics.json`` holds reference rows on the same users (``references``): the label prior and, for
 next_item, the stage-1 encoder alone (its own top-K items as titles: what the LLM is given to read) and,
 with a shortlist, the shortlist in random order (its expected Recall@K: what a reranker that ignores the
@@ -41,18 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from userllm.config import TrainConfig, dump_config, load_config
+from userllm.config import TrainConfig, dump_config, with_overrides
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.eval.metrics import estimate, list_ranks, paired_estimate, random_order_recall, recall_values, rouge_per_example
+from userllm.metrics import estimate, list_ranks, paired_estimate, random_order_recall, recall_values, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
-from userllm.llm.decoding import TokenTrie, constrained_beam_search, generate_tokens, prefill, rank_sequences
+from userllm.llm.decoding import constrained_beam_search, generate_tokens, prefill, rank_sequences
 from userllm.precision import autocast
 from userllm.progress import progress_bar
-from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
-from userllm.tasks.train import load_run, shortlists, stage1_encoder
+from userllm.tasks.pipeline import Pipeline, answer_space, answer_trie, shortlist_titles, shortlists, stage1_encoder
 
 HISTORY_BUCKETS = (10, 25, 50, 100, 200)  # upper edges of the history-length buckets; the last is open
 GENERAL_TEXT = "general_english.txt"
@@ -87,33 +86,10 @@ def history_bucket(length: int) -> str:
     return f">{HISTORY_BUCKETS[-1]}"
 
 
-def answer_trie(data: TaskData) -> TokenTrie:
-    """The token trie of the task's answer vocabulary (titles or categories); answer i is vocabulary index i + 2."""
-    return TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
-
-
-def shortlist_titles(vocab: list[str], items: list[int]) -> list[str]:
-    """The distinct titles of a shortlist's item indices, in its order (two items may share a title)."""
-    return list(dict.fromkeys(vocab[i] for i in items))
-
-
 def recorded_shortlist(record: dict) -> list[str] | None:
     """The whole shortlist a next_item record's run ranked, in the run's order (its ``shortlist_scores``);
     None for a record scored without them (a beam search keeps only its top titles)."""
     return [t for t, *_ in record["shortlist_scores"]] if "shortlist_scores" in record else None
-
-
-def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
-                 shortlists: dict[str, list[int]] | None = None) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:  # fmt: skip
-    """What the constrained search may answer for a batch, and each row's answers in trie order: ``trie``
-    (the whole answer vocabulary) for every row, or per row a trie of the distinct titles of the user's
-    shortlist (item indices, :func:`shortlists`; two items may share a title)."""
-    vocab = data.answer_vocabulary()
-    if shortlists is None:
-        return trie, [vocab[2:]] * len(examples)
-    names = [shortlist_titles(vocab, shortlists[ex.user_id]) for ex in examples]
-    eos = data.tokenizer.eos_token_id
-    return [TokenTrie([data.tokens(t) for t in row], eos_token_id=eos) for row in names], names
 
 
 def scoring_id(run_dir: Path, scoring: str = "") -> str:
@@ -143,10 +119,9 @@ def load_partial(run_dir: Path, model_id: str) -> tuple[Path, dict[str, dict]]:
 
 
 def scoring(cfg: TrainConfig) -> str:
-    """How a run is scored, as :func:`scoring_id` appends it: next_item's shortlist and its ranking, and the
-    precision (e.g. ``+shortlist20+exact+bf16``)."""
-    exact = ("+exact" + ("+mean" if cfg.shortlist_score == "mean" else "")) if cfg.shortlist_ranking == "exact" else ""
-    listed = f"+shortlist{cfg.shortlist}{exact}" if cfg.task == "next_item" and cfg.shortlist else ""
+    """How a run is scored, as :func:`scoring_id` appends it: next_item's shortlist and the precision (e.g.
+    ``+shortlist20+bf16``)."""
+    listed = f"+shortlist{cfg.shortlist}" if cfg.task == "next_item" and cfg.shortlist else ""
     return listed + ("+bf16" if cfg.bf16 else "")
 
 
@@ -174,13 +149,6 @@ def finished_records(run_dir: Path, wanted: set[str]) -> dict[str, dict]:
     return records
 
 
-def with_overrides(cfg: TrainConfig, **overrides) -> TrainConfig:
-    """``cfg`` with those of ``overrides`` that are not None (a command's options), validated as a config
-    file's fields are: a bad value is a clear error naming the field."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return load_config(TrainConfig, None, {**dump_config(cfg), **overrides}) if overrides else cfg
-
-
 @torch.no_grad()
 def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str, partial: Path | None = None,
             done: dict[str, dict] | None = None, shortlist: dict[str, list[int]] | None = None) -> list[dict]:  # fmt: skip
@@ -188,9 +156,8 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
     ``partial``, each batch's records are appended to that file as they are made, and the examples of users
     in ``done`` (records read back from it, see :func:`load_partial`) are not scored again. With
     ``shortlist`` ({user_id: item indices}) next_item ranks only each user's shortlisted titles: all of them
-    exactly with ``cfg.shortlist_ranking`` 'exact' (:func:`rank_sequences`; by the sum or the per-token mean of
-    log p(title + eos), ``cfg.shortlist_score``; each record keeps every title's ``[title, log p, tokens]`` as
-    ``shortlist_scores``), else by the beam search."""
+    exactly by log p(title + eos) (:func:`rank_sequences`; each record keeps every title's
+    ``[title, log p, tokens]`` as ``shortlist_scores``)."""
     done = done or {}
     todo = scoring_order([ex for ex in examples if ex.user_id not in done])
     tok, eos = data.tokenizer, data.tokenizer.eos_token_id
@@ -225,15 +192,12 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                               for row in new.tolist()]  # fmt: skip
                 if rank:
                     tries, names = answer_space(data, trie, batch, shortlist)
-                    if shortlist is not None and cfg.shortlist_ranking == "exact":
+                    if shortlist is not None:
                         sequences = [t.sequences for t in tries]
                         found = rank_sequences(model, embeds, prefix_mask, sequences, eos_token_id=eos, prefilled=prefixes.pop())
                         tokens = [[len(s) + 1 for s in row] for row in sequences]  # each title's tokens + eos
-                        # every title's [title, log p(title + eos), tokens], best sum first, for any normalisation afterwards
+                        # every title's [title, log p(title + eos), tokens], best first
                         scores = [[[names[r][i], round(lp, 4), tokens[r][i]] for i, lp in row] for r, row in enumerate(found)]
-                        if cfg.shortlist_score == "mean":
-                            found = [sorted(((i, lp / tokens[r][i]) for i, lp in row), key=lambda x: -x[1])
-                                     for r, row in enumerate(found)]  # fmt: skip
                     else:
                         found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
                     ranked = [[names[r][i] for i, _ in row[:beams]] for r, row in enumerate(found)]
@@ -299,7 +263,7 @@ def encoder_records(encoder, data: TaskData, examples: list[TaskExample], beams:
 
 def random_order(lists: list[list[str]], truths: list[str], beams: int) -> dict[str, list[float]]:
     """next_item's Recall@{1,5,10} (those <= ``beams``) of each shortlist of distinct titles in uniformly random
-    order, expected (:func:`~userllm.eval.metrics.random_order_recall`), per example: what a reranker that
+    order, expected (:func:`~userllm.metrics.random_order_recall`), per example: what a reranker that
     ignores the user gets from the list alone."""
     return {f"recall@{k}": random_order_recall(lists, truths, k).tolist() for k in (1, 5, 10) if k <= beams}
 
@@ -353,12 +317,10 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
 
 def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
              force: bool = False, device: str | None = None, shortlist: int | None = None,
-             shortlist_ranking: str | None = None, shortlist_score: str | None = None,
              bf16: bool | None = None, extend: bool = False) -> dict:  # fmt: skip
-    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``,
-    ``shortlist_ranking`` and ``shortlist_score`` override the run's (next_item); ``bf16`` scores under bf16
-    autocast (default: as the run trained), with log-probabilities moved by bf16's rounding
-    (``benchmarks/bf16_scoring.py``); faster or slower than float32 depending on the CPU (README). ``extend``
+    """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
+    overrides the run's (next_item); ``bf16`` scores under bf16 autocast (default: as the run trained), with
+    log-probabilities moved by bf16's rounding; faster or slower than float32 depending on the CPU (README). ``extend``
     keeps the records of the run's finished scoring (the same model and scoring, :func:`finished_records`) and
     scores only the users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten
     over all."""
@@ -366,11 +328,11 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     out = run_dir / "metrics.json"
     if out.exists() and not (force or extend):
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again (or --extend to add users)")
-    overrides = dict(shortlist=shortlist, shortlist_ranking=shortlist_ranking, shortlist_score=shortlist_score, bf16=bf16)
+    overrides = dict(shortlist=shortlist, bf16=bf16)
     if extend:
         extendable(run_dir, **overrides)
-    cfg, model, data = load_run(run_dir, device or "cpu")
-    cfg = with_overrides(cfg, **overrides)
+    run = Pipeline.from_pretrained(run_dir, device=device or "cpu")
+    cfg, model, data = with_overrides(run.cfg, **overrides), run.model, run.data
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
@@ -460,7 +422,7 @@ def paired_difference(run_a: Path | list[Path], run_b: Path | list[Path], seed: 
 
     Either side may be several runs of one recipe (e.g. its training seeds): each user's metric is then the
     mean over that side's runs, over the users all runs were scored on, and the interval also resamples the
-    runs (:func:`~userllm.eval.metrics.paired_estimate`), so it includes the spread between training runs that
+    runs (:func:`~userllm.metrics.paired_estimate`), so it includes the spread between training runs that
     a single pair of runs cannot show."""
     sides = [[Path(r) for r in ([run] if isinstance(run, (str, Path)) else run)] for run in (run_a, run_b)]
     if not all(sides):
@@ -492,8 +454,8 @@ def paired_vs_random_order(run: Path, seed: int = 0) -> tuple[int, dict[str, dic
     find the next item more often than no order at all?"""
     records = [r for r in read_records(run) if recorded_shortlist(r) is not None]
     if not records:
-        raise InputError(f"{run}: its records hold no whole shortlist (shortlist_scores: a shortlist ranked with "
-                         "shortlist_ranking 'exact'); score it so, with --force")  # fmt: skip
+        raise InputError(f"{run}: its records hold no whole shortlist (shortlist_scores: a next_item run scored "
+                         "with a shortlist); score it so, with --force")  # fmt: skip
     lists = [recorded_shortlist(r) for r in records]
     beams = json.loads((Path(run) / "config.json").read_text())["beams"]
     return len(records), _paired_values([per_example("next_item", records, set(), beams)],
@@ -509,67 +471,9 @@ def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> d
 
 
 def _paired_values(va: list[dict[str, list[float]]], vb: list[dict[str, list[float]]], seed: int) -> dict[str, dict]:
-    """Per metric both sides have, :func:`~userllm.eval.metrics.paired_estimate` of the per-example values of
+    """Per metric both sides have, :func:`~userllm.metrics.paired_estimate` of the per-example values of
     ``va`` minus ``vb`` (one {metric: values} per run, each over the same users in the same order)."""
     return {m: paired_estimate([v[m] for v in va], [v[m] for v in vb], seed=seed)
             for m in va[0] if all(m in v for v in va + vb)}  # fmt: skip
 
 
-def latest_request(cfg, data: TaskData, user_id: str, instruction: str) -> TaskExample:
-    """A request about one user of the run's dataset: ``instruction`` over their last ``max_history`` events."""
-    ids = data.ds.sequences.get_column("user_id").to_list()
-    if user_id not in ids:
-        raise InputError(f"user {user_id!r} is not in dataset {cfg.dataset} (user ids look like {ids[0]!r})")
-    u = ids.index(user_id)
-    end = int(data.tl.lengths[u])
-    return data.request(u, max(0, end - cfg.max_history), end, instruction, user_id)
-
-
-def load_for_answers(run_dir: Path, bf16: bool | None) -> tuple[TrainConfig, torch.nn.Module, TaskData]:
-    """:func:`load_run`, answering in bf16 if ``bf16`` (None: as the run trained, as :func:`evaluate` scores)."""
-    cfg, model, data = load_run(run_dir)
-    return with_overrides(cfg, bf16=bf16), model, data
-
-
-@torch.no_grad()
-def ranked_for_users(run_dir: Path, user_ids: list[str], *, top: int = 5, bf16: bool | None = None) -> list[dict]:
-    """The run's task answered for each user from their latest history, as evaluation answers it: the ``top``
-    answers of the constrained beam search (titles or categories) with their probabilities, beside the user's
-    most recent titles and most frequent categories (what the answer should reflect); under bf16 autocast if
-    ``bf16`` (None: as the run trained)."""
-    cfg, model, data = load_for_answers(run_dir, bf16)
-    if data.task == "review":
-        raise InputError(f"{run_dir}: a review run writes free text; use `userllm generate` for it")
-    text = prompts.instruction(data.task, data.words)
-    examples = [latest_request(cfg, data, u, text) for u in user_ids]
-    vocab = data.answer_vocabulary()
-    tries, names = answer_space(data, answer_trie(data), examples, shortlists(cfg, data, examples))
-    ids, mask, _ = data.batch(examples, with_answers=False)
-    users = data.user_batch(examples) if cfg.method == "userllm" else None
-    with autocast(cfg.bf16), model.conditioned(users, ids, mask) as (embeds, prefix_mask):
-        found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=min(top, len(vocab) - 2))
-    out = []
-    for r, (ex, row) in enumerate(zip(examples, found)):
-        rows = data.tl.offsets[ex.user_idx] + np.arange(ex.start, ex.end)
-        items = data.tl.item[rows]
-        cats = Counter(data.categories[c] for i in items for c in data.ds.item_categories[i] if c > 1)
-        out.append({"user_id": ex.user_id, "events": ex.history_len,
-                    "recent": [data.ds.item_titles[i] for i in items[-3:][::-1]],
-                    "top_categories": [c for c, _ in cats.most_common(3)],
-                    "answers": [(names[r][i], math.exp(s)) for i, s in row]})  # fmt: skip
-    return out
-
-
-@torch.no_grad()
-def generate_for_user(run_dir: Path, user_id: str, instruction: str, *, max_new_tokens: int = 48,
-                      bf16: bool | None = None) -> str:  # fmt: skip
-    """A personalized answer of a trained run for one user of its dataset (history: their last events); under
-    bf16 autocast if ``bf16`` (None: as the run trained)."""
-    cfg, model, data = load_for_answers(run_dir, bf16)
-    example = latest_request(cfg, data, user_id, instruction)
-    ids_t, mask, _ = data.batch([example], with_answers=False)
-    users = data.user_batch([example]) if cfg.method == "userllm" else None
-    eos = data.tokenizer.eos_token_id
-    with autocast(cfg.bf16):
-        new = model.generate(users, ids_t, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
-    return data.tokenizer.decode([t for t in new[0].tolist() if t != eos], skip_special_tokens=True).strip()

@@ -146,7 +146,6 @@ def run_experiment(path: Path, *, only: list[str] | None = None, task: str | Non
     unknown = sorted(set(only or []) - names) + ([task] if task and task not in spec["tasks"] else [])
     if unknown:
         raise ConfigError(f"{path}: no cell or task named {unknown}; cells: {sorted(names)}, tasks: {spec['tasks']}")
-    out = Path(spec["out"])
     prep = load_config(PrepareConfig, None, flatten(spec.get("prepare") or {}))
     if not all((prep.out / f).exists() for f in FILES):
         prepare_dataset(prep)
@@ -211,9 +210,6 @@ def collect(spec: dict) -> list[dict]:
                 "references": m.get("references") or {}, "run": str(run),
                 "subset": bool((cell.get("evaluate") or {}).get("users")),  # scored on users of its own
                 "shortlist": c.get("shortlist", 0) if task == "next_item" else 0,
-                # configs saved before shortlist_ranking existed ranked the shortlist by beams
-                "shortlist_ranking": c.get("shortlist_ranking", "beams") if task == "next_item" and c.get("shortlist") else None,
-                "shortlist_score": c.get("shortlist_score", "sum") if task == "next_item" and c.get("shortlist") else None,
                 "exclude_history": task == "next_item" and bool(c["llm"].get("exclude_history")),  # what the shortlist leaves out
             })  # fmt: skip
     return rows
@@ -388,8 +384,7 @@ def write_results(spec: dict) -> Path:
             flops = f"{r['train_flops'] / 1e15:.2f}" if r["train_flops"] else "-"
             cost = "- | - | - | -" if ref else f"{r['train_examples']} | {flops} | {r['train_seconds']:.0f} | {r['llm_input_tokens']:.0f}"
             cost = ("-" if ref else answer_summary(Path(r["run"]), users)) + " | " + cost
-            ranking = (r.get("shortlist_ranking") or "beams") + (", mean" if r.get("shortlist_score") == "mean" else "")
-            mode = f"{r['mode']}, shortlist {r['shortlist']} ({ranking})" if r.get("shortlist") else r["mode"]
+            mode = f"{r['mode']}, shortlist {r['shortlist']}" if r.get("shortlist") else r["mode"]
             lines.append(f"| {r['cell']} | {r['method']} | {mode} | {r['xattn_layers']} | {r['strategy']} | {r['perceiver'] or '-'} | "
                          f"{r['item_words'] or '-'} | {r['encoder']} | {r['history']} | {r['users']} | "
                          + " | ".join(interval(r["metrics"][n]) if n in r["metrics"] else "-" for n in names)
@@ -400,8 +395,7 @@ def write_results(spec: dict) -> Path:
                   "stage-1 encoder's own top items as titles. Answers: how many distinct top answers the cell gave "
                   "and its most frequent one. Train FLOPs: analytic, 3 forwards per example."
                   + (" Shortlist N: the LLM ranked only the titles of the stage-1 encoder's N highest-scoring items "
-                     "for each user (the encoder alone ranks the same list), all N exactly by log p(title + eos) "
-                     "(exact) or with the beam search (beams)." if any(r.get("shortlist") for r in part) else ""),
+                     "for each user (the encoder alone ranks the same list), all N exactly by log p(title + eos)." if any(r.get("shortlist") for r in part) else ""),
                   ""]  # fmt: skip
         if title == f"### {task}":
             lines += difference_lines(rows, task, seed)

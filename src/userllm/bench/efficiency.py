@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from userllm.config import EncoderConfig, PrepareConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
-from userllm.encoder.train import build_encoder
+from userllm.encoder.pretrained import build_encoder
 from userllm.io import check_output, write_dir_atomically, write_json
 from userllm.llm.backbone import load_backbone
 from userllm.llm.cache import UserContextCache

@@ -24,7 +24,7 @@ import torch
 
 from userllm.io import write_json
 from userllm.tasks.evaluate import predict, scoring_order
-from userllm.tasks.train import load_run, shortlists, stage1_encoder
+from userllm.tasks.pipeline import Pipeline
 
 OUT = Path(__file__).parent / "results"
 
@@ -35,12 +35,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="test users in the batch")
     p.add_argument("--rank", type=int, default=0, help="the batch's first place in prompt-length order, 0 = longest")
     args = p.parse_args()
-    cfg, model, data = load_run(args.run)
+    run = Pipeline.from_pretrained(args.run)
+    cfg, model, data = run.cfg, run.model, run.data
     ordered = scoring_order(data.examples("test"))
     if not 0 <= args.rank < len(ordered):
         raise SystemExit(f"--rank {args.rank}: the run has {len(ordered)} test users")
     examples = ordered[args.rank : args.rank + args.batch]
-    listed = shortlists(cfg, data, examples, stage1_encoder(cfg, data) if cfg.task == "next_item" else None)
+    listed = run.shortlists(examples)
     tokens = [len(data.tokenizer(ex.prompt).input_ids) for ex in examples]
     seconds, records = {}, {}
     for bf16 in (False, True):

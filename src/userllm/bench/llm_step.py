@@ -1,6 +1,6 @@
 """Stage 2 on SmolLM2-135M-Instruct (Q4_1): trainable parameters per strategy and one training step per mode.
 
-    python benchmarks/llm_step.py [--batch 4 --tokens 128 --events 50 --steps 3]
+    python -m userllm.bench.llm_step [--batch 4 --tokens 128 --events 50 --steps 3]
 
 Uses an encoder of the default stage-1 shape (d_model 64) over MovieLens-100K-sized vocabularies, random
 user timelines of ``--events`` events, and ``--tokens`` prompt tokens per example. The step time is the

@@ -21,7 +21,7 @@ import torch
 from userllm.io import write_json
 from userllm.llm.decoding import prefill
 from userllm.tasks.evaluate import scoring_order
-from userllm.tasks.train import load_run
+from userllm.tasks.pipeline import Pipeline
 
 OUT = Path(__file__).parent / "results" / "prefill_rows.json"
 PADDED = 10**9  # per_row_from that no prompt reaches: one padded call
@@ -34,10 +34,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="users in a batch")
     p.add_argument("--fp32", action="store_true", help="float32 instead of bf16 autocast")
     args = p.parse_args()
-    cfg, model, data = load_run(args.run)
+    run = Pipeline.from_pretrained(args.run)
+    cfg, model, data = run.cfg, run.model, run.data
     ordered = scoring_order(data.examples("test"))
     rows = []
-    print(f"| batch | positions | padded s | row by row s | speedup | max abs(d logit) |\n|---|---|---|---|---|---|")
+    print("| batch | positions | padded s | row by row s | speedup | max abs(d logit) |\n|---|---|---|---|---|---|")
     for rank in args.rank:
         examples = ordered[rank : rank + args.batch]
         ids, mask, _ = data.batch(examples, with_answers=False)

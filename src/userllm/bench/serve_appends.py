@@ -1,15 +1,15 @@
 """Single-event appends to ``userllm serve`` alone: the appends row of ``userllm bench serve`` without its
 chat levels (~1.5 min instead of ~15), so that two versions of the server can be compared in one session.
 
-    python benchmarks/serve_appends.py [--run runs/bench-serve/runs/userllm] [--repeat 2]
+    python -m userllm.bench.serve_appends [--run runs/bench-serve/runs/userllm] [--repeat 2]
     # another commit's server, same machine:  git worktree add /tmp/old REV
-    PYTHONPATH=/tmp/old/src python benchmarks/serve_appends.py
+    PYTHONPATH=/tmp/old/src python -m userllm.bench.serve_appends
 
 The run is the User-LLM run ``userllm bench serve`` trained (200 events of history; trained here, User-LLM
 only, when missing). Per repeat: a fresh SQLite store holding MovieLens-100K's timelines, a ``userllm serve
 --weights int4`` process, one chat per user with >= 200 events (warm cache), then 16 keep-alive clients
 appending single events for 10 s, and one chat per client 1.5 s later: how many found their context
-already refreshed (:func:`userllm.serve.bench.appends`).
+already refreshed (:func:`userllm.bench.serve.appends`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import asyncio
 from pathlib import Path
 
 from userllm.data.dataset import PreparedDataset
-from userllm.serve.bench import appends, free_port, level, start, train_runs
+from userllm.bench.serve import appends, free_port, level, start, train_runs
 from userllm.serve.store import EventStore, import_dataset
 
 DEFAULT_RUN = Path("runs/bench-serve/runs/userllm")  # where userllm bench serve trains its User-LLM run

@@ -8,7 +8,7 @@ import torch
 from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_llama
 from userllm.config import UserLLMConfig
-from userllm.eval.efficiency import METHODS, count_flops, paired_ratio
+from userllm.bench.efficiency import METHODS, count_flops, paired_ratio
 from userllm.llm.flops import analytic_flops
 from userllm.llm.decoding import llm_step
 from userllm.llm.model import TextPromptLM, UserLLM

@@ -6,7 +6,7 @@ activity), 27,000 movies (Zipf popularity), half-star ratings, increasing timest
 user in shuffled order. Then runs the real CLI in a subprocess and reports wall time, peak RSS of that
 process, and events/s against the targets (under 120 s and under 6 GB on 2 cores).
 
-    python benchmarks/prepare_scale.py [--ratings 20000000 --users 138000 --movies 27000]
+    python -m userllm.bench.prepare_scale [--ratings 20000000 --users 138000 --movies 27000]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-HERE = Path(__file__).resolve().parent
+HERE = Path("benchmarks")  # run from the repository root: writes benchmarks/.cache and benchmarks/results
 TARGET_S, TARGET_GB = 120.0, 6.0
 
 

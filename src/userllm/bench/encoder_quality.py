@@ -6,7 +6,7 @@ same recipe and the same wall-clock budget, the multi-feature early-fusion encod
 (SASRec-style) configuration, then evaluates both beside popularity and a random-init encoder, unmasked
 (RecBole's protocol) and masked (history excluded).
 
-    python benchmarks/encoder_quality.py [--epochs 40] [--budget SECONDS]
+    python -m userllm.bench.encoder_quality [--epochs 40] [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from userllm.data import prepare_dataset
 from userllm.encoder.evaluate import evaluate_run
 from userllm.encoder.train import pretrain
 
-HERE = Path(__file__).resolve().parent
+HERE = Path("benchmarks")  # run from the repository root: writes benchmarks/.cache and benchmarks/results
 
 # RecBole 1.2.1 on this machine (see benchmarks/README.md): test split
 RECBOLE = {

@@ -5,7 +5,7 @@
 Each test user is scored at both lengths on the same next item (their last event; only the window before it
 differs), so the lead at each length (User-LLM minus TP) and the change of the lead between the lengths are
 differences of per-user values, each with its 95% bootstrap interval over the users scored in all four runs
-(:func:`userllm.eval.metrics.estimate`). Target: the lead at the long length is at least as large as at the
+(:func:`userllm.metrics.estimate`). Target: the lead at the long length is at least as large as at the
 short one (the paper: gains grow with history length), i.e. long lead minus short lead >= 0.
 
 Both methods rerank the stage-1 encoder's shortlist, so the encoder's own order of it (the records'
@@ -36,7 +36,7 @@ import polars as pl
 
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
-from userllm.eval.metrics import estimate
+from userllm.metrics import estimate
 from userllm.io import write_json
 from userllm.tasks.evaluate import per_example, random_order, read_records, recorded_shortlist
 

@@ -8,7 +8,7 @@ The encoder's term is its log-softmax over the whole catalogue after the user's 
 probability summed over the items that share it), recomputed with the run's own stage-1 encoder and checked
 to give the very shortlist the run ranked. w = 0 is the run's own ranking; a large w is the encoder's order.
 Per weight: each run's Recall@10 and, paired over the users all four runs scored, User-LLM's lead over TP at
-each length and its change (:func:`userllm.eval.metrics.estimate`). A product of experts with a weight chosen
+each length and its change (:func:`userllm.metrics.estimate`). A product of experts with a weight chosen
 by looking at test users is a second look at them, not a method: this script reports, it does not select.
 Writes ``benchmarks/results/score_fusion.json`` (or ``--out``).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from userllm.errors import InputError, run_script
-from userllm.eval.metrics import estimate
+from userllm.metrics import estimate
 from userllm.io import write_json
 from userllm.tasks.evaluate import recorded_shortlist
 

@@ -7,11 +7,11 @@ a next_item run reranks, per shortlist size N (issue 13):
 
 Each RUN is a `userllm train` next_item run that reads a stage-1 encoder (its ``config.json`` names the
 dataset, the history window, ``exclude_history`` and the encoder). Over every test user, with 95% bootstrap
-intervals (:func:`userllm.eval.metrics.estimate`), for the distinct titles of the encoder's top N items
+intervals (:func:`userllm.metrics.estimate`), for the distinct titles of the encoder's top N items
 (:meth:`userllm.tasks.data.TaskData.encoder_top`, :func:`userllm.tasks.evaluate.shortlist_titles`):
 
 - listed: 1[the target's title is among them], the Recall@K of a reranker that always puts it first;
-- random order: their expected Recall@K in uniformly random order (:func:`userllm.eval.metrics.random_order_recall`),
+- random order: their expected Recall@K in uniformly random order (:func:`userllm.metrics.random_order_recall`),
   what a reranker that ignores the user gets from the list alone;
 - encoder order: Recall@K of the encoder's own order of them, which for N >= K is the encoder's own top K;
 - encoder - random: the band a reranker is judged in, paired per user.
@@ -32,12 +32,12 @@ import numpy as np
 from userllm.config import TrainConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
-from userllm.eval.metrics import estimate, random_order_recall
+from userllm.metrics import estimate, random_order_recall
 from userllm.io import write_json
 from userllm.llm.backbone import load_backbone
 from userllm.tasks.data import TaskData
 from userllm.tasks.evaluate import shortlist_titles
-from userllm.tasks.train import stage1_encoder
+from userllm.tasks.pipeline import stage1_encoder
 
 OUT = Path(__file__).parent / "results" / "shortlist_band.json"
 

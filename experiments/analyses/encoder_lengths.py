@@ -6,8 +6,8 @@
 Each run is a `userllm pretrain` directory, scored on the test split (every user's last event, full ranking,
 unmasked: RecBole's protocol, as `userllm evaluate-encoder`) with the history window it was trained for. Every
 user's target is the same whatever the window, so two recipes differ user by user: per-user Recall@10 and
-NDCG@10 (formulas in :mod:`userllm.eval.metrics`), a recipe's value the mean over its runs, each with its 95%
-bootstrap interval (:func:`userllm.eval.metrics.paired_estimate`: users resampled, and the runs of a recipe
+NDCG@10 (formulas in :mod:`userllm.metrics`), a recipe's value the mean over its runs, each with its 95%
+bootstrap interval (:func:`userllm.metrics.paired_estimate`: users resampled, and the runs of a recipe
 with several, so the spread between training seeds enters the interval), and each recipe minus the first.
 Over all users and split by the users whose history before the target has at most 50 events (where a 50- and
 a 200-event window read the same events) and more than 50. Writes ``benchmarks/results/encoder_lengths.json``.
@@ -23,9 +23,10 @@ import numpy as np
 
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
-from userllm.encoder.train import encoder_scores, load_encoder, rank_split
+from userllm.encoder.evaluate import encoder_scores, rank_split
+from userllm.encoder.pretrained import load_encoder
 from userllm.errors import InputError, run_script
-from userllm.eval.metrics import ndcg_values, paired_estimate, recall_values
+from userllm.metrics import ndcg_values, paired_estimate, recall_values
 from userllm.io import write_json
 
 OUT = Path(__file__).parent / "results" / "encoder_lengths.json"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from userllm.eval.metrics import (bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, random_order_recall,
+from userllm.metrics import (bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, random_order_recall,
                                    ranking_metrics, recall_at, target_ranks)
 
 
@@ -27,7 +27,7 @@ def test_metric_formulas():
 
 
 def test_generated_answer_metrics_hand_computed():
-    from userllm.eval.metrics import NOT_RANKED, list_ranks, rouge_scores
+    from userllm.metrics import NOT_RANKED, list_ranks, rouge_scores
 
     ranks = list_ranks([["a", "b", "c"], ["c", "a"], ["x"]], ["b", "c", "y"])
     assert ranks.tolist() == [1, 0, NOT_RANKED]

@@ -2,7 +2,7 @@
 also under bf16 autocast (``userllm serve --bf16``): decoding and prefill time, and how far the next-token
 distributions move.
 
-    python benchmarks/int4_decode.py [--steps 30 --context 60 --prefill 3400]
+    python -m userllm.bench.int4_decode [--steps 30 --context 60 --prefill 3400]
 
 Decoding: the mean over ``--steps`` single-token steps after a ``--context``-token prompt (KV
 cache on, logits of the last position only), after 3 warm-up steps. Prefill: one ``--prefill``-token prompt
