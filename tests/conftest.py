@@ -49,13 +49,21 @@ def ml100k_dir(tmp_path: Path) -> Path:
     """A tiny ml-100k layout: 3 users, 4 items, a latin-1 title, and 3 malformed rating lines."""
     d = tmp_path / "ml-100k"
     rows = [
-        "1\t10\t5\t100", "1\t20\t3\t200", "1\t30\t4\t300", "1\t40\t2\t300",
-        "2\t10\t4\t150", "2\t30\t5\t250", "2\t40\t1\t350",
-        "3\t20\t2\t120", "3\t10\t3\t220", "3\t30\t4\t320", "3\t40\t5\t420",
-        "3\t40\t5",            # line 12: wrong field count
-        "3\t10\tfive\t500",    # line 13: non-numeric rating
-        "3\t20\t4\tyesterday", # line 14: bad timestamp
-    ]  # fmt: skip
+        "1\t10\t5\t100",
+        "1\t20\t3\t200",
+        "1\t30\t4\t300",
+        "1\t40\t2\t300",
+        "2\t10\t4\t150",
+        "2\t30\t5\t250",
+        "2\t40\t1\t350",
+        "3\t20\t2\t120",
+        "3\t10\t3\t220",
+        "3\t30\t4\t320",
+        "3\t40\t5\t420",
+        "3\t40\t5",  # line 12: wrong field count
+        "3\t10\tfive\t500",  # line 13: non-numeric rating
+        "3\t20\t4\tyesterday",  # line 14: bad timestamp
+    ]
     write(d / "u.data", "\n".join(rows) + "\n")
     items = [
         f"10|Café Society (1995)|01-Jan-1995||http://x|{flags(5, 8)}",
@@ -98,30 +106,48 @@ def run_cli(monkeypatch, capsys):
 @pytest.fixture(scope="session")
 def synthetic_ds(tmp_path_factory) -> PreparedDataset:
     out = tmp_path_factory.mktemp("data") / "syn"
-    prepare_dataset(PrepareConfig(source="synthetic", out=out, max_history=8, train_examples_per_user=2,
-                                  synthetic=SyntheticConfig(num_users=24, num_items=30, num_genres=4, mean_events=10)))  # fmt: skip
+    prepare_dataset(
+        PrepareConfig(
+            source="synthetic",
+            out=out,
+            max_history=8,
+            train_examples_per_user=2,
+            synthetic=SyntheticConfig(num_users=24, num_items=30, num_genres=4, mean_events=10),
+        )
+    )
     return PreparedDataset(out)
 
 
 @pytest.fixture(scope="session")
 def text_lm_dir(tmp_path_factory, synthetic_ds) -> Path:
     """A tiny Llama whose byte-level BPE tokenizer was trained on the dataset's titles, genres and reviews."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    import torch
 
     corpus = synthetic_ds.item_titles + synthetic_ds.vocab["category"]
     corpus += [t for t in synthetic_ds.examples.get_column("review_text").to_list() if t]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     out = tmp_path_factory.mktemp("lm") / "tiny-bpe"
     LlamaForCausalLM(cfg).save_pretrained(out)
     fast.save_pretrained(out)

@@ -10,8 +10,19 @@ from tests.conftest import write
 
 def test_prepare_and_inspect_synthetic(tmp_path, run_cli):
     out = tmp_path / "ds"
-    code, stdout, stderr = run_cli("prepare", "--source", "synthetic", "--synthetic-users", "30", "--out", out,
-                                   "--max-history", "20", "--seed", "5")  # fmt: skip
+    code, stdout, stderr = run_cli(
+        "prepare",
+        "--source",
+        "synthetic",
+        "--synthetic-users",
+        "30",
+        "--out",
+        out,
+        "--max-history",
+        "20",
+        "--seed",
+        "5",
+    )
     assert code == 0, stderr
     assert "split_min_events" in stdout and "prepared" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -78,13 +89,24 @@ def test_yaml_config_with_flag_override(tmp_path, run_cli):
     assert code == 2 and "max_histroy: Extra inputs are not permitted" in stderr
 
 
-@pytest.mark.parametrize("raised,code,message", [
-    (EOFError("Compressed file ended before the end-of-stream marker was reached"), 2, "an input ended before it was complete"),
-    (zlib.error("invalid stored block lengths"), 2, "a compressed input is corrupt (error: invalid stored block lengths)"),
-    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2, "not valid utf-8 text at byte 0"),
-    (KeyboardInterrupt(), 130, "interrupted: outputs are only ever renamed into place"),
-    (BrokenPipeError(32, "Broken pipe"), 1, "the output pipe was closed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "raised,code,message",
+    [
+        (
+            EOFError("Compressed file ended before the end-of-stream marker was reached"),
+            2,
+            "an input ended before it was complete",
+        ),
+        (
+            zlib.error("invalid stored block lengths"),
+            2,
+            "a compressed input is corrupt (error: invalid stored block lengths)",
+        ),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2, "not valid utf-8 text at byte 0"),
+        (KeyboardInterrupt(), 130, "interrupted: outputs are only ever renamed into place"),
+        (BrokenPipeError(32, "Broken pipe"), 1, "the output pipe was closed"),
+    ],
+)
 def test_low_level_exceptions_are_messages_not_aborted(tmp_path, run_cli, monkeypatch, raised, code, message):
     """What click/typer would print as a bare ``Aborted.`` (EOFError) or swallow (KeyboardInterrupt, a broken
     pipe) is one message and its own exit code, from any command."""

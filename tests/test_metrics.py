@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from userllm.metrics import (bootstrap_interval, estimate, mrr_at, paired_estimate, ndcg_at, random_order_recall,
-                                   ranking_metrics, recall_at, target_ranks)
+from userllm.metrics import (
+    bootstrap_interval,
+    estimate,
+    mrr_at,
+    ndcg_at,
+    paired_estimate,
+    random_order_recall,
+    ranking_metrics,
+    recall_at,
+    target_ranks,
+)
 
 
 def test_ranks_hand_computed():
@@ -19,7 +28,9 @@ def test_ranks_hand_computed():
 def test_metric_formulas():
     ranks = torch.tensor([0, 1, 4, 9, 30])
     assert math.isclose(recall_at(ranks, 5), 3 / 5, rel_tol=1e-6)
-    assert math.isclose(ndcg_at(ranks, 10), (1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 5, rel_tol=1e-6)
+    assert math.isclose(
+        ndcg_at(ranks, 10), (1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 5, rel_tol=1e-6
+    )
     assert math.isclose(mrr_at(ranks, 10), (1 + 1 / 2 + 1 / 5 + 1 / 10) / 5, rel_tol=1e-6)
     m = ranking_metrics(ranks)
     assert set(m) == {"recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr@10"}
@@ -31,7 +42,9 @@ def test_generated_answer_metrics_hand_computed():
 
     ranks = list_ranks([["a", "b", "c"], ["c", "a"], ["x"]], ["b", "c", "y"])
     assert ranks.tolist() == [1, 0, NOT_RANKED]
-    assert math.isclose(recall_at(ranks, 1), 1 / 3, rel_tol=1e-6) and math.isclose(recall_at(ranks, 2), 2 / 3, rel_tol=1e-6)
+    assert math.isclose(recall_at(ranks, 1), 1 / 3, rel_tol=1e-6) and math.isclose(
+        recall_at(ranks, 2), 2 / 3, rel_tol=1e-6
+    )
     # accuracy is Recall@1 of the ranked answers: 2 of 3 top answers are right
     top = list_ranks([["Drama"], ["Comedy", "Horror"], ["War"]], ["Drama", "Horror", "War"])
     assert math.isclose(recall_at(top, 1), 2 / 3, rel_tol=1e-6)

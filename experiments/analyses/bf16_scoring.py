@@ -55,24 +55,42 @@ def main() -> None:
         "top-10 set": sum(set(a["ranked"][:10]) == set(b["ranked"][:10]) for a, b in pairs),
         "greedy answer": sum(a["greedy"] == b["greedy"] for a, b in pairs),
     }
-    drift = [abs(x[1] - y[1]) for a, b in pairs if "shortlist_scores" in a
-             for x, y in zip(sorted(a["shortlist_scores"]), sorted(b["shortlist_scores"]))]  # fmt: skip
+    drift = [
+        abs(x[1] - y[1])
+        for a, b in pairs
+        if "shortlist_scores" in a
+        for x, y in zip(sorted(a["shortlist_scores"]), sorted(b["shortlist_scores"]))
+    ]
     speedup = seconds["fp32"] / seconds["bf16"]
     met = speedup >= 1.5 and same["top-10 set"] >= 7 / 8 * len(pairs)
-    print(f"\n{args.run}: {len(pairs)} users from place {args.rank} by prompt length, "
-          f"{min(tokens):,}-{max(tokens):,} prompt tokens, {torch.get_num_threads()} threads\n")  # fmt: skip
+    print(
+        f"\n{args.run}: {len(pairs)} users from place {args.rank} by prompt length, "
+        f"{min(tokens):,}-{max(tokens):,} prompt tokens, {torch.get_num_threads()} threads\n"
+    )
     print(f"s per user: fp32 {seconds['fp32']:.2f}, bf16 {seconds['bf16']:.2f}: {speedup:.2f}X faster")
     print("users with the same " + ", ".join(f"{k}: {v}/{len(pairs)}" for k, v in same.items()))
     if drift:
-        print(f"|log p(bf16) - log p(fp32)| over the {len(drift)} shortlisted titles: mean {sum(drift) / len(drift):.3f}, "
-              f"max {max(drift):.3f}")  # fmt: skip
+        print(
+            f"|log p(bf16) - log p(fp32)| over the {len(drift)} shortlisted titles: mean {sum(drift) / len(drift):.3f}, "
+            f"max {max(drift):.3f}"
+        )
     print(f"target (>= 1.5X, the same top-10 set for >= 7 users in 8): {'met' if met else 'MISSED'}")
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / f"bf16_scoring-rank{args.rank}.json", {
-        "run": str(args.run), "rank": args.rank, "users": len(pairs), "prompt_tokens": tokens,
-        "seconds_per_user": seconds, "speedup": speedup, "same": same,
-        "logp_drift": {"mean": sum(drift) / len(drift), "max": max(drift)} if drift else None,
-        "torch_threads": torch.get_num_threads(), "target_met": met})  # fmt: skip
+    write_json(
+        OUT / f"bf16_scoring-rank{args.rank}.json",
+        {
+            "run": str(args.run),
+            "rank": args.rank,
+            "users": len(pairs),
+            "prompt_tokens": tokens,
+            "seconds_per_user": seconds,
+            "speedup": speedup,
+            "same": same,
+            "logp_drift": {"mean": sum(drift) / len(drift), "max": max(drift)} if drift else None,
+            "torch_threads": torch.get_num_threads(),
+            "target_met": met,
+        },
+    )
 
 
 if __name__ == "__main__":

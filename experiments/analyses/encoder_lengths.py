@@ -26,8 +26,8 @@ from userllm.encoder.data import Timelines
 from userllm.encoder.evaluate import encoder_scores, rank_split
 from userllm.encoder.pretrained import load_encoder
 from userllm.errors import InputError, run_script
-from userllm.metrics import ndcg_values, paired_estimate, recall_values
 from userllm.io import write_json
+from userllm.metrics import ndcg_values, paired_estimate, recall_values
 
 OUT = Path(__file__).parent / "results" / "encoder_lengths.json"
 SPLIT_AT = 50  # history length separating the two groups of users
@@ -52,8 +52,9 @@ def score(run: Path, timelines: dict[tuple[str, int], Timelines]) -> tuple[dict[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("recipes", nargs="+", help="pretraining runs (seeds of one recipe joined by commas), the first "
-                    "the reference")  # fmt: skip
+    ap.add_argument(
+        "recipes", nargs="+", help="pretraining runs (seeds of one recipe joined by commas), the first the reference"
+    )
     args = ap.parse_args()
     recipes = {arg: [Path(p) for p in arg.split(",") if p] for arg in args.recipes}
     if len(recipes) < 2 or not all(recipes.values()):
@@ -69,11 +70,17 @@ def main() -> None:
                 raise InputError(f"the runs were pretrained on different datasets: {', '.join(sorted(datasets))}")
             history = ends if history is None else history
         values[name] = {m: np.stack([v[m] for v, *_ in scored]) for m in ("recall@10", "ndcg@10")}  # (runs, users)
-    groups = {"all": np.ones(len(history), bool), f"<= {SPLIT_AT} events": history <= SPLIT_AT,
-              f"> {SPLIT_AT} events": history > SPLIT_AT}  # fmt: skip
+    groups = {
+        "all": np.ones(len(history), bool),
+        f"<= {SPLIT_AT} events": history <= SPLIT_AT,
+        f"> {SPLIT_AT} events": history > SPLIT_AT,
+    }
     fmt = lambda m, sign="": f"{m['value']:{sign}.4f} [{m['low']:{sign}.4f}, {m['high']:{sign}.4f}]"  # noqa: E731
-    out = {"recipes": {k: [str(r) for r in v] for k, v in recipes.items()},
-           "users": {g: int(s.sum()) for g, s in groups.items()}, "metrics": {}}  # fmt: skip
+    out = {
+        "recipes": {k: [str(r) for r in v] for k, v in recipes.items()},
+        "users": {g: int(s.sum()) for g, s in groups.items()},
+        "metrics": {},
+    }
     ref = next(iter(recipes))
     width = max(len(k) for k in recipes)
     for metric in ("recall@10", "ndcg@10"):

@@ -36,9 +36,10 @@ import polars as pl
 
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
-from userllm.metrics import estimate
 from userllm.io import write_json
-from userllm.tasks.evaluate import per_example, random_order, read_records, recorded_shortlist
+from userllm.metrics import estimate
+from userllm.tasks.records import read_records, recorded_shortlist
+from userllm.tasks.scoring import per_example, random_order
 
 OUT = Path(__file__).parent / "results" / "paired_lengths.json"
 
@@ -54,10 +55,16 @@ def unseen(records: dict[str, dict], run: Path) -> tuple[dict[str, dict], dict[s
     for u, r in records.items():
         rated = {names[i] for i in items[u][: target[u]]}
         listed = titles(r, run)
-        out[u] = {**r, "ranked": [t for t in listed if t not in rated],
-                  "shortlist_scores": [s for s in r["shortlist_scores"] if s[0] not in rated]}
-        for name, share in (("shortlist", np.mean([t in rated for t in listed])), ("first answer", r["ranked"][0] in rated),
-                            ("target", r["truth"] in rated)):  # fmt: skip
+        out[u] = {
+            **r,
+            "ranked": [t for t in listed if t not in rated],
+            "shortlist_scores": [s for s in r["shortlist_scores"] if s[0] not in rated],
+        }
+        for name, share in (
+            ("shortlist", np.mean([t in rated for t in listed])),
+            ("first answer", r["ranked"][0] in rated),
+            ("target", r["truth"] in rated),
+        ):
             shares[name].append(float(share))
     return out, {name: float(np.mean(v)) for name, v in shares.items()}
 
@@ -67,8 +74,10 @@ def titles(record: dict, run: Path) -> list[str]:
     (:func:`~userllm.tasks.evaluate.recorded_shortlist`)."""
     listed = recorded_shortlist(record)
     if listed is None:
-        raise InputError(f"{run}: user {record['user_id']} has no shortlist_scores; the runs must rank their whole "
-                         "shortlist exactly (shortlist_ranking: exact)")  # fmt: skip
+        raise InputError(
+            f"{run}: user {record['user_id']} has no shortlist_scores; the runs must rank their whole "
+            "shortlist exactly (shortlist_ranking: exact)"
+        )
     return listed
 
 
@@ -89,25 +98,39 @@ def four_runs_arguments(ap: argparse.ArgumentParser, out: Path, long: str = "run
     ``out``)."""
     ap.add_argument("--short", type=Path, default=Path("runs/stage2/next_item"), help="the 50-event cells' folder")
     ap.add_argument("--long", type=Path, default=Path(long), help="the 200-event cells' folder")
-    ap.add_argument("--short-cells", default="shortlist20-proj-tpflops-exact,tp-256-shortlist20-exact",
-                    help="User-LLM cell,TP cell at the short length")  # fmt: skip
-    ap.add_argument("--long-cells", default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
-                    help="User-LLM cell,TP cell at the long length")  # fmt: skip
-    ap.add_argument("--users-of", type=Path, help="only the users of a seeded subset a run was scored on (its "
-                    "eval_users-N-seedS.json), e.g. the figures of a TP run before --extend carried it to every user")
+    ap.add_argument(
+        "--short-cells",
+        default="shortlist20-proj-tpflops-exact,tp-256-shortlist20-exact",
+        help="User-LLM cell,TP cell at the short length",
+    )
+    ap.add_argument(
+        "--long-cells",
+        default="shortlist20-proj-tpflops-h200,tp-h200-shortlist20",
+        help="User-LLM cell,TP cell at the long length",
+    )
+    ap.add_argument(
+        "--users-of",
+        type=Path,
+        help="only the users of a seeded subset a run was scored on (its "
+        "eval_users-N-seedS.json), e.g. the figures of a TP run before --extend carried it to every user",
+    )
     ap.add_argument("--out", type=Path, default=out, help="where the figures are written as JSON")
 
 
 def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict[str, dict]], list[str]]:
     """The runs :func:`four_runs_arguments` name, as {"User-LLM short" | "TP short" | ...: run}, their records by
     user and the users all four scored (of those ``--users-of`` lists, when given: user indices of the dataset)."""
-    runs = {f"{method} {length}": folder / cell
-            for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
-            for method, cell in zip(("User-LLM", "TP"), cells.split(","))}  # fmt: skip
+    runs = {
+        f"{method} {length}": folder / cell
+        for length, folder, cells in (("short", args.short, args.short_cells), ("long", args.long, args.long_cells))
+        for method, cell in zip(("User-LLM", "TP"), cells.split(","))
+    }
     records = {name: {r["user_id"]: r for r in read_records(run)} for name, run in runs.items()}
     users = sorted(set.intersection(*(set(r) for r in records.values())), key=str)
     if args.users_of:
-        ids = PreparedDataset(json.loads((runs["TP short"] / "config.json").read_text())["dataset"]).sequences["user_id"]
+        ids = PreparedDataset(json.loads((runs["TP short"] / "config.json").read_text())["dataset"]).sequences[
+            "user_id"
+        ]
         subset = {ids[i] for i in json.loads(args.users_of.read_text())}
         users = [u for u in users if u in subset]
     if not users:
@@ -118,23 +141,35 @@ def four_runs(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     four_runs_arguments(ap, OUT)
-    ap.add_argument("--unseen", nargs="?", const="both", choices=("both", "short", "long"),
-                    help="rank without the titles each user has already rated (both lengths' runs, or one's)")
+    ap.add_argument(
+        "--unseen",
+        nargs="?",
+        const="both",
+        choices=("both", "short", "long"),
+        help="rank without the titles each user has already rated (both lengths' runs, or one's)",
+    )
     args = ap.parse_args()
     runs, records, users = four_runs(args)
     for u in users:
         if len({records[name][u]["truth"] for name in records}) != 1:
-            raise InputError(f"user {u} has different next items across {', '.join(map(str, runs.values()))}: "
-                             "the runs are not of the same test split")  # fmt: skip
+            raise InputError(
+                f"user {u} has different next items across {', '.join(map(str, runs.values()))}: "
+                "the runs are not of the same test split"
+            )
         for length in ("short", "long"):
             ul, tp = records[f"User-LLM {length}"][u], records[f"TP {length}"][u]
             same = set(titles(ul, runs[f"User-LLM {length}"])) == set(titles(tp, runs[f"TP {length}"]))
             if ul["encoder_ranked"] != tp["encoder_ranked"] or not same:
-                raise InputError(f"user {u}: the {length} User-LLM and TP runs rerank different encoder shortlists "
-                                 f"({runs[f'User-LLM {length}']}, {runs[f'TP {length}']})")  # fmt: skip
-    encoder = {f"encoder {length}": {u: {"ranked": r["encoder_ranked"], "truth": r["truth"]}
-                                     for u, r in records[f"User-LLM {length}"].items()}
-               for length in ("short", "long")}  # fmt: skip
+                raise InputError(
+                    f"user {u}: the {length} User-LLM and TP runs rerank different encoder shortlists "
+                    f"({runs[f'User-LLM {length}']}, {runs[f'TP {length}']})"
+                )
+    encoder = {
+        f"encoder {length}": {
+            u: {"ranked": r["encoder_ranked"], "truth": r["truth"]} for u, r in records[f"User-LLM {length}"].items()
+        }
+        for length in ("short", "long")
+    }
     rated = {}
     if args.unseen:
         for name in [n for n in records if args.unseen in ("both", n.split()[-1])]:
@@ -143,10 +178,18 @@ def main() -> None:
         for name, shares in rated.items():
             print(f"{name}: already rated: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
     fmt = lambda m, sign: f"{m['value']:{sign}.3f} [{m['low']:{sign}.3f}, {m['high']:{sign}.3f}]"  # noqa: E731
-    out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "unseen": args.unseen, "rated": rated, "metrics": {}}
+    out = {
+        "users": len(users),
+        "runs": {k: str(v) for k, v in runs.items()},
+        "unseen": args.unseen,
+        "rated": rated,
+        "metrics": {},
+    }
     print(f"{len(users)} users scored in all four runs: " + ", ".join(f"{k} = {v}" for k, v in runs.items()))
-    recalls = {name: per_example("next_item", [recs[u] for u in users], set(), 10)
-               for name, recs in {**records, **encoder}.items()}  # fmt: skip
+    recalls = {
+        name: per_example("next_item", [recs[u] for u in users], set(), 10)
+        for name, recs in {**records, **encoder}.items()
+    }
     for length in ("short", "long"):  # the list each user's two runs ranked (without rated titles with --unseen)
         recs = [records[f"TP {length}"][u] for u in users]
         lists = [titles(r, runs[f"TP {length}"]) for r in recs]
@@ -154,8 +197,10 @@ def main() -> None:
     for k in (1, 5, 10):
         v = {name: np.array(r[f"recall@{k}"]) for name, r in recalls.items()}
         references = ("encoder",) if encoder else ()
-        lead = {m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")}
-                for m in ("User-LLM", *references)}  # fmt: skip
+        lead = {
+            m: {length: v[f"{m} {length}"] - v[f"TP {length}"] for length in ("short", "long")}
+            for m in ("User-LLM", *references)
+        }
         rows = {
             **{name: estimate(x) for name, x in v.items()},
             "lead short (User-LLM - TP)": estimate(lead["User-LLM"]["short"]),
@@ -168,9 +213,14 @@ def main() -> None:
                 "encoder's order: lead long (encoder - TP)": estimate(lead["encoder"]["long"]),
                 "encoder's order: lead long - lead short": estimate(lead["encoder"]["long"] - lead["encoder"]["short"]),
             }
-        rows |= {f"{m} {length} - random order": estimate(v[f"{m} {length}"] - v[f"random order {length}"])
-                 for length in ("short", "long") for m in ("User-LLM", "TP", *references)}  # fmt: skip
-        rows |= {f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *references)}
+        rows |= {
+            f"{m} {length} - random order": estimate(v[f"{m} {length}"] - v[f"random order {length}"])
+            for length in ("short", "long")
+            for m in ("User-LLM", "TP", *references)
+        }
+        rows |= {
+            f"{m} long - short": estimate(v[f"{m} long"] - v[f"{m} short"]) for m in ("User-LLM", "TP", *references)
+        }
         out["metrics"][f"recall@{k}"] = rows
         print(f"\nrecall@{k}")
         for name, m in rows.items():
@@ -180,9 +230,14 @@ def main() -> None:
         out["follows encoder"] = {}
         for name in records:
             first, rho = np.array([follows_encoder(records[name][u], runs[name]) for u in users]).T
-            out["follows encoder"][name] = {"first title the encoder's": estimate(first), "spearman, encoder's top 10": estimate(rho)}
-            print(f"  {name:<15} first title the encoder's {fmt(estimate(first), '')}   "
-                  f"Spearman over the encoder's top 10 {fmt(estimate(rho), '+')}")  # fmt: skip
+            out["follows encoder"][name] = {
+                "first title the encoder's": estimate(first),
+                "spearman, encoder's top 10": estimate(rho),
+            }
+            print(
+                f"  {name:<15} first title the encoder's {fmt(estimate(first), '')}   "
+                f"Spearman over the encoder's top 10 {fmt(estimate(rho), '+')}"
+            )
     write_json(args.out, out)
     print(f"\nwrote {args.out}")
 

@@ -45,21 +45,43 @@ def main() -> None:
         users = data.user_batch(examples, "cpu") if cfg.method == "userllm" else None
         seconds, logits = {}, {}
         for name, per_row_from in (("padded", PADDED), ("row by row", 0)):
-            with (torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32),
-                  model.conditioned(users, ids, mask) as (embeds, m)):  # fmt: skip
+            with (
+                torch.no_grad(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32),
+                model.conditioned(users, ids, mask) as (embeds, m),
+            ):
                 start = time.perf_counter()
                 logits[name] = prefill(model, embeds, m, per_row_from=per_row_from)[0][0]
                 seconds[name] = time.perf_counter() - start
         diff = (logits["padded"] - logits["row by row"]).abs().max().item()
         speedup = seconds["padded"] / seconds["row by row"]
-        print(f"| --rank {rank} | {mask.shape[1]:,} | {seconds['padded']:.1f} | {seconds['row by row']:.1f} | "
-              f"{speedup:.2f}X | {diff:.3f} |")  # fmt: skip
-        rows.append({"rank": rank, "positions": int(mask.shape[1]), "seconds": seconds, "speedup": speedup, "max_logit_diff": diff})
+        print(
+            f"| --rank {rank} | {mask.shape[1]:,} | {seconds['padded']:.1f} | {seconds['row by row']:.1f} | "
+            f"{speedup:.2f}X | {diff:.3f} |"
+        )
+        rows.append(
+            {
+                "rank": rank,
+                "positions": int(mask.shape[1]),
+                "seconds": seconds,
+                "speedup": speedup,
+                "max_logit_diff": diff,
+            }
+        )
     met = rows[0]["speedup"] >= 1.5
     print(f"\ntarget (row by row >= 1.5X faster for --rank {rows[0]['rank']}): {'met' if met else 'MISSED'}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    write_json(OUT, {"run": str(args.run), "precision": "fp32" if args.fp32 else "bf16", "batch": args.batch,
-                     "batches": rows, "torch_threads": torch.get_num_threads(), "target_met": met})  # fmt: skip
+    write_json(
+        OUT,
+        {
+            "run": str(args.run),
+            "precision": "fp32" if args.fp32 else "bf16",
+            "batch": args.batch,
+            "batches": rows,
+            "torch_threads": torch.get_num_threads(),
+            "target_met": met,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-from userllm.errors import InputError, run_script
-from userllm.metrics import estimate
-from userllm.io import write_json
-from userllm.tasks.evaluate import recorded_shortlist
-
 from paired_lengths import four_runs, four_runs_arguments  # noqa: E402  (benchmarks/, the script's folder)
 from shortlist_band import run_encoder  # noqa: E402
+
+from userllm.errors import InputError, run_script
+from userllm.io import write_json
+from userllm.metrics import estimate
+from userllm.tasks.records import recorded_shortlist
 
 OUT = Path(__file__).parent / "results" / "score_fusion.json"
 
@@ -48,7 +47,9 @@ def encoder_title_logprobs(run: Path, tokenizers: dict) -> dict[str, dict[str, f
     return out
 
 
-def fused_hits(records: dict[str, dict], encoder: dict[str, dict[str, float]], users: list[str], w: float) -> np.ndarray:
+def fused_hits(
+    records: dict[str, dict], encoder: dict[str, dict[str, float]], users: list[str], w: float
+) -> np.ndarray:
     """Per user, 1 if the truth is in the top 10 by log p_LLM + w * log p_encoder."""
     hits = []
     for u in users:
@@ -72,20 +73,27 @@ def main() -> None:
     for name, recs in records.items():
         for u in users:
             if set(recorded_shortlist(recs[u]) or ()) != set(encoder[name][u]):
-                raise InputError(f"{runs[name]}: user {u}'s recorded shortlist is not its encoder's top items now "
-                                 "(another encoder, or a ranking without shortlist_scores)")  # fmt: skip
+                raise InputError(
+                    f"{runs[name]}: user {u}'s recorded shortlist is not its encoder's top items now "
+                    "(another encoder, or a ranking without shortlist_scores)"
+                )
     fmt = lambda m: f"{m['value']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"  # noqa: E731
     out = {"users": len(users), "runs": {k: str(v) for k, v in runs.items()}, "recall@10": {}}
     print(f"{len(users)} users scored in all four runs; Recall@10 by log p_LLM + w log p_encoder")
     for w in weights:
         hits = {name: fused_hits(records[name], encoder[name], users, w) for name in runs}
         lead = {length: hits[f"User-LLM {length}"] - hits[f"TP {length}"] for length in ("short", "long")}
-        row = {**{name: float(h.mean()) for name, h in hits.items()},
-               "lead short": estimate(lead["short"]), "lead long": estimate(lead["long"]),
-               "lead long - lead short": estimate(lead["long"] - lead["short"])}  # fmt: skip
+        row = {
+            **{name: float(h.mean()) for name, h in hits.items()},
+            "lead short": estimate(lead["short"]),
+            "lead long": estimate(lead["long"]),
+            "lead long - lead short": estimate(lead["long"] - lead["short"]),
+        }
         out["recall@10"][str(w)] = row
-        leads = (f"lead short {fmt(row['lead short'])}, long {fmt(row['lead long'])}, "
-                 f"change {fmt(row['lead long - lead short'])}")
+        leads = (
+            f"lead short {fmt(row['lead short'])}, long {fmt(row['lead long'])}, "
+            f"change {fmt(row['lead long - lead short'])}"
+        )
         print(f"w={w:<5g} " + "  ".join(f"{name} {row[name]:.3f}" for name in runs) + " | " + leads)
     write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -32,12 +32,11 @@ import numpy as np
 from userllm.config import TrainConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, run_script
-from userllm.metrics import estimate, random_order_recall
 from userllm.io import write_json
 from userllm.llm.backbone import load_backbone
+from userllm.metrics import estimate, random_order_recall
 from userllm.tasks.data import TaskData
-from userllm.tasks.evaluate import shortlist_titles
-from userllm.tasks.pipeline import stage1_encoder
+from userllm.tasks.pipeline import shortlist_titles, stage1_encoder
 
 OUT = Path(__file__).parent / "results" / "shortlist_band.json"
 
@@ -52,8 +51,14 @@ def run_encoder(run: Path, tokenizers: dict) -> tuple[TrainConfig, TaskData, obj
         raise InputError(f"{run}: a {cfg.task} run; shortlists are next_item's")
     if cfg.llm.backbone not in tokenizers:
         tokenizers[cfg.llm.backbone] = load_backbone(cfg.llm.backbone).tokenizer
-    data = TaskData(PreparedDataset(cfg.dataset), tokenizers[cfg.llm.backbone], task="next_item", method="userllm", max_history=cfg.max_history,
-                    exclude_history=cfg.llm.exclude_history)  # fmt: skip
+    data = TaskData(
+        PreparedDataset(cfg.dataset),
+        tokenizers[cfg.llm.backbone],
+        task="next_item",
+        method="userllm",
+        max_history=cfg.max_history,
+        exclude_history=cfg.llm.exclude_history,
+    )
     encoder = stage1_encoder(cfg, data)
     if encoder is None:
         raise InputError(f"{run}: reads no stage-1 encoder (encoder: random or none), so it has no shortlist")
@@ -73,10 +78,19 @@ def band(run: Path, sizes: list[int], k: int, tokenizers: dict) -> dict:
         listed = np.array([float(t in names) for names, t in zip(lists, truths)])
         rand = random_order_recall(lists, truths, k)
         ordered = np.array([float(t in names[:k]) for names, t in zip(lists, truths)])
-        rows[n] = {"listed": estimate(listed), "random order": estimate(rand), "encoder order": estimate(ordered),
-                   "encoder - random": estimate(ordered - rand)}  # fmt: skip
-    return {"history": cfg.max_history, "exclude_history": cfg.llm.exclude_history, "users": len(examples),
-            "encoder": str(cfg.encoder), "sizes": rows}  # fmt: skip
+        rows[n] = {
+            "listed": estimate(listed),
+            "random order": estimate(rand),
+            "encoder order": estimate(ordered),
+            "encoder - random": estimate(ordered - rand),
+        }
+    return {
+        "history": cfg.max_history,
+        "exclude_history": cfg.llm.exclude_history,
+        "users": len(examples),
+        "encoder": str(cfg.encoder),
+        "sizes": rows,
+    }
 
 
 def main() -> None:
@@ -99,8 +113,11 @@ def main() -> None:
         print(f"\n{run}: {res['history']} events, {res['users']} users, Recall@{args.k}")
         print(f"  {'N':>4}  {'listed':<22} {'random order':<22} {'encoder order':<22} encoder - random")
         for n, row in res["sizes"].items():
-            print(f"  {n:>4}  " + " ".join(f"{fmt(row[c]):<22}" for c in ("listed", "random order", "encoder order"))
-                  + fmt(row["encoder - random"]))  # fmt: skip
+            print(
+                f"  {n:>4}  "
+                + " ".join(f"{fmt(row[c]):<22}" for c in ("listed", "random order", "encoder order"))
+                + fmt(row["encoder - random"])
+            )
     write_json(args.out, out)
     print(f"\nwrote {args.out}")
 

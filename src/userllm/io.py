@@ -20,10 +20,14 @@ def check_output(out: Path, force: bool, marker: str = "manifest.json") -> None:
     if not force:
         raise OutputExistsError(f"output {out} already exists; pass --force to replace it")
     if out.is_file() or (any(out.iterdir()) and not (out / marker).exists()):
-        raise OutputExistsError(f"output {out} exists and is not a userllm output (it has no {marker}); refusing to replace it")
+        raise OutputExistsError(
+            f"output {out} exists and is not a userllm output (it has no {marker}); refusing to replace it"
+        )
 
 
-def write_dir_atomically(out: Path, write: Callable[[Path], None], *, force: bool, marker: str = "manifest.json") -> None:
+def write_dir_atomically(
+    out: Path, write: Callable[[Path], None], *, force: bool, marker: str = "manifest.json"
+) -> None:
     """Call ``write(tmp_dir)`` on a temporary directory beside ``out``, then rename it into place.
 
     An interrupted run leaves nothing at ``out`` (or the previous version); leftovers of killed runs are
@@ -94,7 +98,9 @@ def start_run(out: Path, *, resume: bool, force: bool, rank: int, marker: str, c
     """Check a training run directory before starting: an existing run needs ``resume`` (continue its
     ``checkpoint``) or ``force`` (start over: rank 0 empties it, refusing directories that are not ours)."""
     if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise OutputExistsError(f"run directory {out} already exists; pass --resume to continue it or --force to replace it")
+        raise OutputExistsError(
+            f"run directory {out} already exists; pass --resume to continue it or --force to replace it"
+        )
     if resume and not (out / checkpoint / "train_state.pt").exists():
         raise InputError(f"--resume: no checkpoint in {out} to continue from")
     if force and not resume and rank == 0 and out.exists():
@@ -111,8 +117,12 @@ def source_commit() -> str | None:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -125,5 +135,10 @@ def runtime() -> dict:
     may drift from there (``tests/encoder/test_train.py``: identical across processes and hash seeds)."""
     import torch
 
-    return {"commit": source_commit(), "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    return {
+        "commit": source_commit(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

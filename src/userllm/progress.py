@@ -70,8 +70,12 @@ def _log_lines(progress: Progress, unit: str, stop: threading.Event, every_s: fl
             total = f"/{task.total:,.0f}" if task.total else ""
             left_s = remaining(task)
             left = f", ~{left_s:.0f} s left" if left_s else ""
-            console.print(f"{task.description}: {task.completed:,.0f}{total}, {format_rate(rate(task), task.fields.get('unit', unit))}, "
-                          f"{task.elapsed or 0:.0f} s{left}", highlight=False, soft_wrap=True)  # fmt: skip
+            console.print(
+                f"{task.description}: {task.completed:,.0f}{total}, {format_rate(rate(task), task.fields.get('unit', unit))}, "
+                f"{task.elapsed or 0:.0f} s{left}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @contextmanager

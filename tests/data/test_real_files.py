@@ -20,8 +20,9 @@ AMAZON = "amazon-reviews-2018"
 ENTITY = r"&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);|<[A-Za-z/]"  # an HTML entity or tag left in a text
 
 
-@pytest.mark.parametrize("name,users,items", [("Gift_Cards_5", 458, 148), ("AMAZON_FASHION_5", 406, 31),
-                                              ("Appliances_5", 47, 48)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,users,items", [("Gift_Cards_5", 458, 148), ("AMAZON_FASHION_5", 406, 31), ("Appliances_5", 47, 48)]
+)
 def test_real_5core_files_prepare_end_to_end(tmp_path, name, users, items):
     reviews = real_file(f"{AMAZON}/{name}.json.gz")
     paths = [reviews] + ([real_file(f"{AMAZON}/meta_Gift_Cards.json.gz")] if name == "Gift_Cards_5" else [])
@@ -73,7 +74,10 @@ def test_real_truncated_gzip_keeps_the_complete_lines_and_says_so(tmp_path, run_
     raw = read_amazon([cut], ReadContext(skips))
     full = read_amazon([src], ReadContext(SkipLog())).events
     assert raw.events.height == lines and raw.events.equals(full.head(lines))
-    assert skips.counts == {"truncated_file": 1} and f"Gift_Cards_5.json.gz:{lines + 1}:" in skips.examples["truncated_file"][0]
+    assert (
+        skips.counts == {"truncated_file": 1}
+        and f"Gift_Cards_5.json.gz:{lines + 1}:" in skips.examples["truncated_file"][0]
+    )
 
     code, _, stderr = run_cli("prepare", "--source", "amazon", cut, "--out", tmp_path / "ds")
     assert code == 0, stderr

@@ -14,8 +14,17 @@ def tiny_encoder(**kw) -> UserEncoder:
     cats[2:, 0] = 2 + torch.arange(V - 2) % (C - 2)
     cats[2::3, 1] = 2 + (torch.arange(2, V, 3) + 1) % (C - 2)
     text = torch.randn(V, 5) if "text" in kw.get("features", []) else None
-    base = dict(num_items=V, num_ratings=R, num_categories=C, d_model=16, d_feature=8, n_heads=2, max_len=12,
-                dropout=0.0, text_dim=5 if text is not None else 0)  # fmt: skip
+    base = dict(
+        num_items=V,
+        num_ratings=R,
+        num_categories=C,
+        d_model=16,
+        d_feature=8,
+        n_heads=2,
+        max_len=12,
+        dropout=0.0,
+        text_dim=5 if text is not None else 0,
+    )
     cfg = EncoderConfig(**(base | kw))
     return UserEncoder(cfg, item_categories=cats, item_text=text).eval()
 
@@ -35,12 +44,24 @@ def random_batch(b: int, n: int, lengths: list[int] | None = None, seed: int = 0
 
 
 ALL = ["item", "rating", "category", "time_gap", "text"]
-CONFIGS = [dict(fusion="early"), dict(fusion="late"), dict(fusion="early", features=ALL),
-           dict(fusion="late", features=ALL), dict(features=["item"]), dict(d_model=8),  # no item head
-           dict(positions="alibi"), dict(fusion="late", positions="alibi")]  # fmt: skip
+CONFIGS = [
+    dict(fusion="early"),
+    dict(fusion="late"),
+    dict(fusion="early", features=ALL),
+    dict(fusion="late", features=ALL),
+    dict(features=["item"]),
+    dict(d_model=8),  # no item head
+    dict(positions="alibi"),
+    dict(fusion="late", positions="alibi"),
+]
 
 
-@pytest.fixture(params=CONFIGS, ids=lambda c: f"{c.get('fusion', 'early')}-{len(c.get('features', [1, 2, 3]))}f-d{c.get('d_model', 16)}"
-                                              f"-{c.get('positions', 'learned')}")
+@pytest.fixture(
+    params=CONFIGS,
+    ids=lambda c: (
+        f"{c.get('fusion', 'early')}-{len(c.get('features', [1, 2, 3]))}f-d{c.get('d_model', 16)}"
+        f"-{c.get('positions', 'learned')}"
+    ),
+)
 def encoder(request) -> UserEncoder:
     return tiny_encoder(**request.param)

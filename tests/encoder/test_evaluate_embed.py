@@ -10,12 +10,23 @@ from safetensors.torch import load_file
 
 from userllm.data import PreparedDataset
 from userllm.encoder.data import Timelines
-from userllm.encoder.evaluate import popularity_scores
-from userllm.encoder.evaluate import rank_split
+from userllm.encoder.evaluate import popularity_scores, rank_split
 from userllm.encoder.pretrained import load_encoder
 
-TINY = ["-s", "encoder.d_model=16", "-s", "encoder.d_feature=8", "-s", "encoder.n_layers=1", "-s", "encoder.max_len=12",
-        "-s", "batch_size=16", "-s", "warmup_steps=2"]  # fmt: skip
+TINY = [
+    "-s",
+    "encoder.d_model=16",
+    "-s",
+    "encoder.d_feature=8",
+    "-s",
+    "encoder.n_layers=1",
+    "-s",
+    "encoder.max_len=12",
+    "-s",
+    "batch_size=16",
+    "-s",
+    "warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +36,30 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ee")
     cli = [sys.executable, "-m", "userllm.cli"]
-    subprocess.run([*cli, "prepare", "--source", "synthetic", "--synthetic-users", "40", "--synthetic-items", "50",
-                    "--max-history", "12", "--out", str(root / "ds")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            *cli,
+            "prepare",
+            "--source",
+            "synthetic",
+            "--synthetic-users",
+            "40",
+            "--synthetic-items",
+            "50",
+            "--max-history",
+            "12",
+            "--out",
+            str(root / "ds"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     for name, extra in (("run", []), ("items", ["--features", "item"])):
-        subprocess.run([*cli, "pretrain", str(root / "ds"), "--out", str(root / name), "--epochs", "2", *TINY, *extra],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*cli, "pretrain", str(root / "ds"), "--out", str(root / name), "--epochs", "2", *TINY, *extra],
+            check=True,
+            capture_output=True,
+        )
     return root
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.encoder.conftest import tiny_encoder, random_batch, V, R, C
+from tests.encoder.conftest import C, R, V, random_batch, tiny_encoder
 from userllm.encoder.model import EncoderState
 
 

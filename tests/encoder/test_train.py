@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from userllm.config import EncoderConfig, PretrainConfig, PrepareConfig, SyntheticConfig
+from userllm.config import EncoderConfig, PrepareConfig, PretrainConfig, SyntheticConfig
 from userllm.data import prepare_dataset
 from userllm.encoder.data import Timelines, eval_inputs, train_windows
 from userllm.encoder.evaluate import evaluate_split
@@ -55,13 +55,22 @@ def test_loss_falls_and_structure_is_recovered(tmp_path):
     syn = SyntheticConfig(num_users=400, num_items=200, num_genres=10, mean_events=30, drift=0.0, seed=0)
     prepare_dataset(PrepareConfig(source="synthetic", out=tmp_path / "ds", synthetic=syn, max_history=20))
     enc = ENC.model_copy(update={"features": ["item", "rating", "category"]})
-    summary = pretrain(cfg(tmp_path / "ds", tmp_path / "run", encoder=enc, epochs=30, batch_size=16, lr=5e-3,
-                           warmup_steps=10, patience=30))  # fmt: skip
+    summary = pretrain(
+        cfg(
+            tmp_path / "ds",
+            tmp_path / "run",
+            encoder=enc,
+            epochs=30,
+            batch_size=16,
+            lr=5e-3,
+            warmup_steps=10,
+            patience=30,
+        )
+    )
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history[-1]["loss"] < history[0]["loss"] - 0.2
     from userllm.data import PreparedDataset
-    from userllm.encoder.evaluate import popularity_scores
-    from userllm.encoder.evaluate import encoder_scores, rank_split
+    from userllm.encoder.evaluate import encoder_scores, popularity_scores, rank_split
     from userllm.metrics import ranking_metrics
 
     ds = PreparedDataset(tmp_path / "ds")
@@ -74,8 +83,10 @@ def test_loss_falls_and_structure_is_recovered(tmp_path):
     truth = model.embed.item_categories[torch.from_numpy(targets)]
     accuracy = (truth == predicted[:, None]).any(1).float().mean().item()
     assert accuracy > 0.25  # 10 genres (30% of items have a second one): chance is about 0.13
-    ndcg = {name: ranking_metrics(rank_split(fn, tl, "test", 20, masked=True)[0])["ndcg@10"]
-            for name, fn in (("pop", popularity_scores(tl, ds.num_items)), ("enc", encoder_scores(model, tl, "cpu")))}
+    ndcg = {
+        name: ranking_metrics(rank_split(fn, tl, "test", 20, masked=True)[0])["ndcg@10"]
+        for name, fn in (("pop", popularity_scores(tl, ds.num_items)), ("enc", encoder_scores(model, tl, "cpu")))
+    }
     assert ndcg["enc"] > 2 * ndcg["pop"], ndcg
     assert summary["finished"]
 
@@ -85,14 +96,20 @@ def test_checkpoint_round_trip_exact(dataset, tmp_path):
     model = load_encoder(tmp_path / "run" / "checkpoint")
     saved = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
-    batch = {"item": torch.tensor([[2, 3, 4]]), "rating": torch.tensor([[2, 3, 4]]), "time_gap": torch.tensor([[1, 5, 6]])}
+    batch = {
+        "item": torch.tensor([[2, 3, 4]]),
+        "rating": torch.tensor([[2, 3, 4]]),
+        "time_gap": torch.tensor([[1, 5, 6]]),
+    }
     again = load_encoder(tmp_path / "run" / "checkpoint")
     torch.testing.assert_close(model.encode(batch)[0], again.encode(batch)[0], rtol=0, atol=0)
 
 
 def test_run_saved_before_item_head_existed_loads(dataset, tmp_path):
     """A saved encoder config without ``item_head`` (written before the option) had the head: it loads."""
-    pretrain(cfg(dataset, tmp_path / "run", epochs=1, encoder=ENC.model_copy(update={"d_model": 16, "item_head": True})))
+    pretrain(
+        cfg(dataset, tmp_path / "run", epochs=1, encoder=ENC.model_copy(update={"d_model": 16, "item_head": True}))
+    )
     path = tmp_path / "run" / "checkpoint" / "config.json"
     saved = json.loads(path.read_text())
     del saved["item_head"]
@@ -122,17 +139,41 @@ def test_pretraining_is_identical_across_processes(dataset, tmp_path):
     runs = []
     for hash_seed in ("1", "2"):
         out = tmp_path / f"run{hash_seed}"
-        cmd = [sys.executable, "-m", "userllm.cli", "pretrain", str(dataset), "--out", str(out), "--epochs", "1",
-               "-s", "encoder.d_model=32", "-s", "encoder.d_feature=16", "-s", "encoder.n_layers=1",
-               "-s", "encoder.max_len=20", "-s", "batch_size=8"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "userllm.cli",
+            "pretrain",
+            str(dataset),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "-s",
+            "encoder.d_model=32",
+            "-s",
+            "encoder.d_feature=16",
+            "-s",
+            "encoder.n_layers=1",
+            "-s",
+            "encoder.max_len=20",
+            "-s",
+            "batch_size=8",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(out)
-    assert (runs[0] / "model" / "model.safetensors").read_bytes() == (runs[1] / "model" / "model.safetensors").read_bytes()
+    assert (runs[0] / "model" / "model.safetensors").read_bytes() == (
+        runs[1] / "model" / "model.safetensors"
+    ).read_bytes()
     losses = [[r["loss"] for r in json.loads((run / "history.json").read_text())] for run in runs]
     assert losses[0] == losses[1]
     runtime = json.loads((runs[0] / "summary.json").read_text())["runtime"]
-    assert runtime["torch"] == torch.__version__ and runtime["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert (
+        runtime["torch"] == torch.__version__ and runtime["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    )
 
 
 def test_ema_is_what_is_validated_and_saved(dataset, tmp_path):
@@ -171,10 +212,33 @@ def test_sampled_softmax_trains(dataset, tmp_path):
 def test_two_process_ddp_replicas_identical(dataset, tmp_path):
     """torchrun with 2 gloo processes: the run completes and both replicas hold identical weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "userllm.cli", "pretrain", str(dataset), "--out", str(tmp_path / "ddp"), "--epochs", "2",
-           "-s", "encoder.d_model=32", "-s", "encoder.d_feature=16", "-s", "encoder.n_layers=1",
-           "-s", "encoder.max_len=20", "-s", "batch_size=32", "-s", "warmup_steps=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "userllm.cli",
+        "pretrain",
+        str(dataset),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--epochs",
+        "2",
+        "-s",
+        "encoder.d_model=32",
+        "-s",
+        "encoder.d_feature=16",
+        "-s",
+        "encoder.n_layers=1",
+        "-s",
+        "encoder.max_len=20",
+        "-s",
+        "batch_size=32",
+        "-s",
+        "warmup_steps=2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -182,7 +246,9 @@ def test_two_process_ddp_replicas_identical(dataset, tmp_path):
     assert summary["epochs"] == 2
 
 
-@pytest.mark.parametrize("variant", [{"bf16": True}, {"encoder": ENC.model_copy(update={"fusion": "late"})}], ids=["bf16", "late"])
+@pytest.mark.parametrize(
+    "variant", [{"bf16": True}, {"encoder": ENC.model_copy(update={"fusion": "late"})}], ids=["bf16", "late"]
+)
 def test_bf16_and_late_fusion_train(dataset, tmp_path, variant):
     summary = pretrain(cfg(dataset, tmp_path / "run", epochs=2, **variant))
     history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -204,4 +270,6 @@ def test_text_feature_from_npy(dataset, tmp_path):
     np.save(tmp_path / "text.npy", np.random.default_rng(0).normal(size=(n, 6)))
     pretrain(cfg(dataset, tmp_path / "c", epochs=1, encoder=enc, item_text_path=tmp_path / "text.npy"))
     model = load_encoder(tmp_path / "c")
-    assert model.cfg.text_dim == 6 and torch.allclose(model.embed.item_text[5], torch.from_numpy(np.load(tmp_path / "text.npy")[5]).float())
+    assert model.cfg.text_dim == 6 and torch.allclose(
+        model.embed.item_text[5], torch.from_numpy(np.load(tmp_path / "text.npy")[5]).float()
+    )

@@ -5,11 +5,16 @@ import torch
 
 from tests.encoder.conftest import random_batch
 from tests.llm.test_model import build, prompts
+from userllm.llm.base import UserContext
 from userllm.llm.cache import UserContextCache
-from userllm.llm.model import UserContext
 
-SETUPS = [dict(mode="cross_attention"), dict(mode="cross_attention", perceiver_latents=3), dict(mode="soft_prompt"),
-          dict(mode="cross_attention", item_words=["title", "category"]), dict(mode="cross_attention", candidates=3)]
+SETUPS = [
+    dict(mode="cross_attention"),
+    dict(mode="cross_attention", perceiver_latents=3),
+    dict(mode="soft_prompt"),
+    dict(mode="cross_attention", item_words=["title", "category"]),
+    dict(mode="cross_attention", candidates=3),
+]
 IDS = ["xattn", "xattn-perceiver", "soft", "xattn-words", "xattn-candidates"]
 
 
@@ -76,7 +81,10 @@ def test_get_many_computes_each_user_as_get_alone_does(setup):
             for a, b in zip(got[user].kv[key], alone.kv[key]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert together.entries["a"]["h"].shape[0] == 1  # its own tensors, not a view of the batch
-    assert together.entries["a"]["h"].untyped_storage().data_ptr() != together.entries["b"]["h"].untyped_storage().data_ptr()
+    assert (
+        together.entries["a"]["h"].untyped_storage().data_ptr()
+        != together.entries["b"]["h"].untyped_storage().data_ptr()
+    )
     again = together.get_many({u: users[u] for u in ("a", "b")})
     assert together.stats["hit"] == 2 and torch.equal(again["a"].ctx, got["a"].ctx)
 

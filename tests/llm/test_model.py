@@ -25,7 +25,9 @@ def word_tables(names, d=32) -> dict[str, torch.Tensor]:
 def build(arch="llama", **kw) -> UserLLM:
     torch.manual_seed(1)
     cfg = UserLLMConfig(**({"cross_attention_every": 1} | kw))
-    return UserLLM(cfg, encoder=tiny_encoder(), llm=MAKERS[arch](), item_words=word_tables(UserLLM.word_tables_needed(cfg)))
+    return UserLLM(
+        cfg, encoder=tiny_encoder(), llm=MAKERS[arch](), item_words=word_tables(UserLLM.word_tables_needed(cfg))
+    )
 
 
 def prompts(b=2, t=6, lengths=None, seed=0):
@@ -96,7 +98,9 @@ def test_beam_search_over_an_absorbed_context_matches_keys_and_values():
             found[absorbed] = constrained_beam_search(model, embeds.detach(), m, trie, beams=3)
     assert [[i for i, _ in row] for row in found[True]] == [[i for i, _ in row] for row in found[False]]
     for a, b in zip(found[True], found[False]):
-        torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_beam_search_with_a_trie_per_row_ranks_each_rows_own_sequences():
@@ -148,7 +152,9 @@ def test_exact_ranking_equals_beam_search_with_a_beam_per_sequence(arch, mode):
     assert [[i for i, _ in row] for row in exact] == [[i for i, _ in row] for row in beams]
     assert [len(row) for row in exact] == [4, 3, 4]
     for a, b in zip(exact, beams):
-        torch.testing.assert_close(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=1e-4, atol=1e-4
+        )
     with pytest.raises(ValueError, match="one non-empty list of non-empty sequences per prefix row"):
         rank_sequences(model, embeds, m, rows[:2], eos_token_id=2)
 
@@ -165,8 +171,12 @@ def test_batch_equals_single_under_left_padding(arch, mode):
     batched = model.generate(users, ids, mask, max_new_tokens=5)
     for i in range(2):
         n = int(mask[i].sum())
-        single = model.generate({k: v[i : i + 1, : 5 if i == 0 else 2] for k, v in users.items()},
-                                ids[i : i + 1, -n:], mask[i : i + 1, -n:], max_new_tokens=5)  # fmt: skip
+        single = model.generate(
+            {k: v[i : i + 1, : 5 if i == 0 else 2] for k, v in users.items()},
+            ids[i : i + 1, -n:],
+            mask[i : i + 1, -n:],
+            max_new_tokens=5,
+        )
         assert torch.equal(single[0], batched[i])
 
 
@@ -227,7 +237,9 @@ def test_save_load_round_trip_exact(tmp_path, strategy):
     model.eval()
     expected = model(users, ids, mask).logits
     model.save(tmp_path / "saved")
-    loaded = UserLLM.load(tmp_path / "saved", llm=tiny_llama(), encoder=model.encoder if strategy == "proj" else None).eval()
+    loaded = UserLLM.load(
+        tmp_path / "saved", llm=tiny_llama(), encoder=model.encoder if strategy == "proj" else None
+    ).eval()
     assert torch.equal(loaded(users, ids, mask).logits, expected)
     saved = set(model.trained_state_dict())
     assert any(k.startswith("llm.") for k in saved) == (strategy in ("full", "lora"))
@@ -240,8 +252,11 @@ def test_save_load_round_trip_exact(tmp_path, strategy):
 def test_full_strategy_saves_tied_embeddings_once(tmp_path):
     """SmolLM2 ties its embeddings to the LM head: saved once, and both are restored exactly."""
     torch.manual_seed(1)
-    model = UserLLM(UserLLMConfig(strategy="full", cross_attention_every=2, item_words=[]), encoder=tiny_encoder(),
-                    llm=tiny_llama(tie=True))  # fmt: skip
+    model = UserLLM(
+        UserLLMConfig(strategy="full", cross_attention_every=2, item_words=[]),
+        encoder=tiny_encoder(),
+        llm=tiny_llama(tie=True),
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     ids, mask = prompts()
     users = random_batch(2, 5)
@@ -309,8 +324,18 @@ def test_sampling_is_seeded_and_top1_is_greedy(mode):
     model = build(mode=mode)
     ids, mask = prompts(lengths=[6, 4])
     users = random_batch(2, 5)
-    sample = lambda seed, **kw: model.generate(users, ids, mask, max_new_tokens=6, do_sample=True,  # noqa: E731
-                                               generator=torch.Generator().manual_seed(seed), **kw)
+
+    def sample(seed, **kw):
+        return model.generate(
+            users,
+            ids,
+            mask,
+            max_new_tokens=6,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
+
     assert torch.equal(sample(3, temperature=1.5), sample(3, temperature=1.5))
     assert not all(torch.equal(sample(3, temperature=1.5), sample(s, temperature=1.5)) for s in (4, 5, 6))
     assert torch.equal(sample(7, top_k=1), model.generate(users, ids, mask, max_new_tokens=6))
@@ -343,7 +368,10 @@ def test_item_words_start_as_the_words_and_move_each_event():
 
 def test_gate_init_sets_both_gates():
     model = build(gate_init=0.3)
-    assert all(b.attn_gate.item() == pytest.approx(0.3) and b.ff_gate.item() == pytest.approx(0.3) for b in model.xattn.values())
+    assert all(
+        b.attn_gate.item() == pytest.approx(0.3) and b.ff_gate.item() == pytest.approx(0.3)
+        for b in model.xattn.values()
+    )
 
 
 def test_candidates_are_the_encoders_top_items_in_words():
@@ -401,9 +429,15 @@ def test_sample_token_temperature_top_p_and_top_k():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(400, 1)
     assert sample_token(logits, temperature=0).eq(0).all()  # greedy
     g = torch.Generator().manual_seed(0)
-    assert sample_token(logits, temperature=1.0, top_p=0.5, generator=g).eq(0).all()  # the nucleus holds only the top token
+    assert (
+        sample_token(logits, temperature=1.0, top_p=0.5, generator=g).eq(0).all()
+    )  # the nucleus holds only the top token
     drawn = sample_token(logits, temperature=1.0, top_p=0.9, generator=g)
-    assert set(drawn.tolist()) == {0, 1, 2}  # 0.61 + 0.22 < 0.9: the third token completes the nucleus; never the fourth
+    assert set(drawn.tolist()) == {
+        0,
+        1,
+        2,
+    }  # 0.61 + 0.22 < 0.9: the third token completes the nucleus; never the fourth
     assert set(sample_token(logits, temperature=1.0, top_k=2, generator=g).tolist()) == {0, 1}
     same = [sample_token(logits[:5], temperature=1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*same)  # seeded
@@ -456,16 +490,21 @@ def test_row_by_row_prefill_equals_the_padded_batch(arch, mode):
     for per_row_from in (10_000, 0):  # one padded call; row by row
         with torch.no_grad(), model.conditioned(users, ids, mask) as (embeds, m):
             a, b, c = prefill(model, embeds, m, copies=3, per_row_from=per_row_from)
-            out[per_row_from] = (a[0].clone(), generate_tokens(model, embeds, m, max_new_tokens=6, prefilled=a),
-                                 constrained_beam_search(model, embeds, m, trie, beams=3, prefilled=b),
-                                 rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=c))  # fmt: skip
+            out[per_row_from] = (
+                a[0].clone(),
+                generate_tokens(model, embeds, m, max_new_tokens=6, prefilled=a),
+                constrained_beam_search(model, embeds, m, trie, beams=3, prefilled=b),
+                rank_sequences(model, embeds, m, rows, eos_token_id=2, prefilled=c),
+            )
     (logits, greedy, beams, exact), (logits1, greedy1, beams1, exact1) = out[10_000], out[0]
     torch.testing.assert_close(logits1, logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(greedy1, greedy)
     for found, found1 in ((beams, beams1), (exact, exact1)):
         assert [[i for i, _ in row] for row in found1] == [[i for i, _ in row] for row in found]
         for x, y in zip(found1, found):
-            torch.testing.assert_close(torch.tensor([s for _, s in x]), torch.tensor([s for _, s in y]), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor([s for _, s in x]), torch.tensor([s for _, s in y]), rtol=1e-4, atol=1e-4
+            )
 
 
 @pytest.mark.parametrize("arch", MAKERS)

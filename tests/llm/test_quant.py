@@ -61,7 +61,7 @@ def test_quantize_linears_replaces_the_decoder_layers_only_and_keeps_the_logits_
 
 def test_quantize_linears_leaves_lora_adapters_float():
     from userllm.config import UserLLMConfig
-    from userllm.llm.model import apply_llm_strategy
+    from userllm.llm.base import apply_llm_strategy
 
     cfg = UserLLMConfig(strategy="lora", lora_rank=16, lora_alpha=16, lora_targets=["q_proj", "v_proj"])
     model = apply_llm_strategy(tiny_llama(), cfg)  # the library's own LoRA wrapping (PEFT)

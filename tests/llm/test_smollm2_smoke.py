@@ -25,8 +25,11 @@ def test_smollm2_train_step_and_generate(smollm2, mode, latents):
     tok = smollm2.tokenizer
     tok.padding_side = "left"
     batch = tok(["Recommend a movie:", "Which genre do I like?"], return_tensors="pt", padding=True)
-    model = UserLLM(UserLLMConfig(mode=mode, perceiver_latents=latents, strategy="proj", cross_attention_every=10, item_words=[]),
-                    encoder=tiny_encoder(), llm=smollm2.model)  # fmt: skip
+    model = UserLLM(
+        UserLLMConfig(mode=mode, perceiver_latents=latents, strategy="proj", cross_attention_every=10, item_words=[]),
+        encoder=tiny_encoder(),
+        llm=smollm2.model,
+    )
     users = random_batch(2, 6, lengths=[6, 3])
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -13,10 +13,21 @@ from userllm.tasks.train import train
 
 
 def trained_run(root: Path, ds, lm_dir: Path, method: str) -> Path:
-    llm = UserLLMConfig(backbone=str(lm_dir), strategy="lora" if method == "textprompt" else "enc", cross_attention_every=1)
-    cfg = TrainConfig(dataset=ds.root, out=root / method, task="next_item", method=method, llm=llm,
-                      encoder="random" if method == "userllm" else None, max_history=6, train_examples=8,
-                      batch_size=4, lr=3e-3)  # fmt: skip
+    llm = UserLLMConfig(
+        backbone=str(lm_dir), strategy="lora" if method == "textprompt" else "enc", cross_attention_every=1
+    )
+    cfg = TrainConfig(
+        dataset=ds.root,
+        out=root / method,
+        task="next_item",
+        method=method,
+        llm=llm,
+        encoder="random" if method == "userllm" else None,
+        max_history=6,
+        train_examples=8,
+        batch_size=4,
+        lr=3e-3,
+    )
     train(cfg)
     return root / method
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from sqlalchemy import text
 
+from userllm.bench.serve import free_port, start
 from userllm.errors import OutputExistsError
 from userllm.llm.cache import UserContextCache
 from userllm.serve.app import ServeConfig, create_app
-from userllm.bench.serve import free_port, start
 from userllm.serve.engine import Engine
 from userllm.serve.store import EventStore
 
@@ -35,15 +35,23 @@ def test_fifty_concurrent_clients_lose_no_event_and_never_see_a_stale_context(tm
         async with app.router.lifespan_context(app):
             transport = httpx2.ASGITransport(app=app)
             async with httpx2.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+
                 async def client(k: int) -> list[int]:
                     seen = []
                     for i in range(3):
                         event = {"item_id": item[i], "rating": 4, "timestamp": 1000 + i, "event_id": f"{k}-{i}"}
                         r = await c.post(f"/v1/users/load-{k}/events", json={"events": [event]})
                         assert r.status_code == 200 and r.json()["events"] == i + 1
-                        chat = await c.post("/v1/chat/completions", json={
-                            "model": engine.name, "user": f"load-{k}", "max_tokens": 2, "temperature": 0,
-                            "messages": [{"role": "user", "content": "next?"}]})  # fmt: skip
+                        chat = await c.post(
+                            "/v1/chat/completions",
+                            json={
+                                "model": engine.name,
+                                "user": f"load-{k}",
+                                "max_tokens": 2,
+                                "temperature": 0,
+                                "messages": [{"role": "user", "content": "next?"}],
+                            },
+                        )
                         assert chat.status_code == 200, chat.text
                         seen.append(chat.json()["usage"]["user_events"])
                     return seen
@@ -85,7 +93,9 @@ def test_sigkill_during_appends_loses_no_acknowledged_event(tmp_path, ul_run, sy
             for i in range(100_000):
                 if stop.is_set():
                     return
-                body = {"events": [{"item_id": item, "rating": 4, "timestamp": i, "event_id": f"e{i}", "text": "x" * 200}]}
+                body = {
+                    "events": [{"item_id": item, "rating": 4, "timestamp": i, "event_id": f"e{i}", "text": "x" * 200}]
+                }
                 try:
                     r = c.post("/v1/users/crash-user/events", json=body)
                 except httpx2.TransportError:
@@ -121,14 +131,27 @@ def test_serve_bench_runs_end_to_end(tmp_path, ul_run, tp_run, synthetic_ds):
     model come from `userllm bench serve`."""
     from userllm.bench.serve import run_serve_bench
 
-    report = run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, history=6, levels=(1, 2), max_tokens=3,
-                             append_seconds=0.5, runs={"userllm": ul_run, "textprompt": tp_run})  # fmt: skip
+    report = run_serve_bench(
+        tmp_path / "bench",
+        dataset=synthetic_ds.root,
+        history=6,
+        levels=(1, 2),
+        max_tokens=3,
+        append_seconds=0.5,
+        runs={"userllm": ul_run, "textprompt": tp_run},
+    )
     assert {r["concurrency"] for r in report["methods"]["textprompt"]} == {1, 2}
-    assert all(r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows)
+    assert all(
+        r["requests_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for rows in report["methods"].values() for r in rows
+    )
     assert [a["events_per_request"] for a in report["appends"]] == [1, 10] and report["appends"][1]["events"] % 10 == 0
     assert all(a["events"] > 0 for a in report["appends"]) and report["bare_ratio"] > 0
-    assert all(a["chats_after_with_current_context"] <= a["chats_after"] for a in report["appends"])  # requests' hits only
-    assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (tmp_path / "bench" / "serve.md").read_text()
+    assert all(
+        a["chats_after_with_current_context"] <= a["chats_after"] for a in report["appends"]
+    )  # requests' hits only
+    assert (tmp_path / "bench" / "serve.png").stat().st_size > 0 and "events/s" in (
+        tmp_path / "bench" / "serve.md"
+    ).read_text()
     with pytest.raises(OutputExistsError):  # measured results are not replaced without --force
         run_serve_bench(tmp_path / "bench", dataset=synthetic_ds.root, runs={"userllm": ul_run, "textprompt": tp_run})
 
@@ -142,11 +165,24 @@ def test_health_checks_and_appends_answer_while_the_model_decodes(tmp_path, ul_r
 
     async def scenario():
         async with app.router.lifespan_context(app):
-            async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
-                long = asyncio.create_task(c.post("/v1/chat/completions", json={
-                    "model": engine.name, "user": "busy", "max_tokens": 3000, "ignore_eos": True,
-                    "messages": [{"role": "user", "content": "talk"}]}))  # fmt: skip
-                while not engine.metrics.counters.get("userllm_batch_size") and not engine.metrics.histograms.get("userllm_batch_size"):
+            async with httpx2.AsyncClient(
+                transport=httpx2.ASGITransport(app=app), base_url="http://t", timeout=300
+            ) as c:
+                long = asyncio.create_task(
+                    c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": engine.name,
+                            "user": "busy",
+                            "max_tokens": 3000,
+                            "ignore_eos": True,
+                            "messages": [{"role": "user", "content": "talk"}],
+                        },
+                    )
+                )
+                while not engine.metrics.counters.get("userllm_batch_size") and not engine.metrics.histograms.get(
+                    "userllm_batch_size"
+                ):
                     await asyncio.sleep(0.01)  # the decode has started on the model thread
                 health = await c.get("/healthz")
                 added = await c.post("/v1/users/other/events", json={"events": [{"item_id": item, "timestamp": 2}]})

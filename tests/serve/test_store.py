@@ -16,7 +16,7 @@ def ev(item, t, **kw):
 
 
 def test_append_orders_by_time_and_fingerprints(store):
-    assert store.fingerprint("u1").count == 0 and store.timeline("u1") [1] == []
+    assert store.fingerprint("u1").count == 0 and store.timeline("u1")[1] == []
     assert store.append("u1", [ev("a", 300), ev("b", 100)]) == 2
     assert store.append("u1", [ev("c", 200, text="ok")]) == 3
     fp, rows = store.timeline("u1")
@@ -84,7 +84,10 @@ def test_cli_store_import_and_serve_errors(tmp_path, synthetic_ds, run_cli):
     for _ in range(2):  # idempotent
         code, stdout, stderr = run_cli("store", "import", synthetic_ds.root, "--db", db)
         assert code == 0, stderr
-        assert f"the store holds {synthetic_ds.events.height:,} events of {synthetic_ds.sequences.height:,} users" in " ".join(stdout.split())
+        assert (
+            f"the store holds {synthetic_ds.events.height:,} events of {synthetic_ds.sequences.height:,} users"
+            in " ".join(stdout.split())
+        )
     code, _, stderr = run_cli("store", "import", synthetic_ds.root, "--db", "redis://localhost")
     assert code == 2 and "runs on sqlite or postgresql" in " ".join(stderr.split())
     code, _, stderr = run_cli("serve", tmp_path / "no-run", "--db", db)

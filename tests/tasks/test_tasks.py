@@ -17,14 +17,15 @@ from userllm.data.dataset import PreparedDataset
 from userllm.data.prepare import prepare_dataset
 from userllm.encoder.pretrained import load_encoder
 from userllm.errors import EmptyResultError, InputError, OutputExistsError
+from userllm.io import sha256
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import TokenTrie, constrained_beam_search, rank_sequences
-from userllm.llm.model import TextPromptLM
+from userllm.llm.textprompt import TextPromptLM
 from userllm.tasks import prompts
 from userllm.tasks.data import IGNORE, TaskData
-from userllm.io import sha256
-from userllm.tasks.evaluate import evaluate, eval_users, read_records
+from userllm.tasks.evaluate import eval_users, evaluate
 from userllm.tasks.pipeline import Pipeline
+from userllm.tasks.records import read_records
 from userllm.tasks.train import train
 
 
@@ -50,7 +51,7 @@ def test_next_item_examples_and_labels(synthetic_ds, backbone):
     for r in range(3):  # labels score exactly the answer tokens + eos, at the end of the row
         answer = data.answer_tokens(ex[r].answer)
         scored = labels[r][labels[r] != IGNORE].tolist()
-        assert scored == answer and ids[r, -len(answer):].tolist() == answer
+        assert scored == answer and ids[r, -len(answer) :].tolist() == answer
         assert mask[r].sum() == len(data.tokens(ex[r].prompt)) + len(answer)
     assert (mask[:, -1] == 1).all()  # left padding
 
@@ -73,7 +74,9 @@ def test_review_examples_and_refusal_without_reviews(synthetic_ds, backbone, tmp
     data = task_data(synthetic_ds, backbone, "review")
     e = data.examples("test")[0]
     title = synthetic_ds.item_titles[e.label]
-    assert f'"{title}"' in e.prompt and e.answer and e.answer in synthetic_ds.examples.get_column("review_text").to_list()
+    assert (
+        f'"{title}"' in e.prompt and e.answer and e.answer in synthetic_ds.examples.get_column("review_text").to_list()
+    )
     no_reviews = synthetic_ds.examples.with_columns(review_text=pl.lit(None, dtype=pl.String))
     data.ds.__dict__["examples"] = no_reviews
     try:
@@ -87,14 +90,33 @@ def test_review_reference_is_the_most_common_review(backbone, tmp_path):
     """The review task's floor: the train split's most common review (as ROUGE compares it), scored against
     every test review."""
     from userllm.metrics import rouge_per_example
-    from userllm.tasks.evaluate import label_prior
+    from userllm.tasks.scoring import label_prior
 
-    reviews = {"A": ["first", "great  gift card", "Great gift card!", "valid", "Slow delivery."],
-               "B": ["first", "Great gift card.", "meh", "valid", "Nice"]}  # train targets: positions 1-2
-    rows = [{"user_id": u, "item_id": f"i{k}", "timestamp": 100 * k, "rating": 5.0, "text": t}
-            for u, texts in reviews.items() for k, t in enumerate(texts)]  # fmt: skip
-    write(tmp_path / "Gift_Cards.json", "".join(json.dumps({"reviewerID": r["user_id"], "asin": r["item_id"],
-          "overall": r["rating"], "unixReviewTime": r["timestamp"], "reviewText": r["text"]}) + "\n" for r in rows))  # fmt: skip
+    reviews = {
+        "A": ["first", "great  gift card", "Great gift card!", "valid", "Slow delivery."],
+        "B": ["first", "Great gift card.", "meh", "valid", "Nice"],
+    }  # train targets: positions 1-2
+    rows = [
+        {"user_id": u, "item_id": f"i{k}", "timestamp": 100 * k, "rating": 5.0, "text": t}
+        for u, texts in reviews.items()
+        for k, t in enumerate(texts)
+    ]
+    write(
+        tmp_path / "Gift_Cards.json",
+        "".join(
+            json.dumps(
+                {
+                    "reviewerID": r["user_id"],
+                    "asin": r["item_id"],
+                    "overall": r["rating"],
+                    "unixReviewTime": r["timestamp"],
+                    "reviewText": r["text"],
+                }
+            )
+            + "\n"
+            for r in rows
+        ),
+    )
     prepare_dataset(PrepareConfig(source="amazon", paths=[tmp_path / "Gift_Cards.json"], out=tmp_path / "ds"))
     data = task_data(PreparedDataset(tmp_path / "ds"), backbone, "review")
     got = label_prior(data, None, 1)
@@ -120,7 +142,9 @@ def test_chat_template_wraps_prompt(backbone):
     assert plain == "Q?" + prompts.PLAIN_ANSWER
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
     try:
-        assert prompts.render(tok, "Q?", ["a; 4; x"], {"item": "item", "category": "category"}).startswith("<|user|>The user's")
+        assert prompts.render(tok, "Q?", ["a; 4; x"], {"item": "item", "category": "category"}).startswith(
+            "<|user|>The user's"
+        )
     finally:
         tok.chat_template = None
 
@@ -163,8 +187,10 @@ def test_bf16_autocast_decoding_ranks_as_fp32_does(synthetic_ds, backbone):
     out = {}
     for bf16 in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), model.conditioned(None, ids, mask) as (e, m):
-            out[bf16] = (rank_sequences(model, e, m, sequences, eos_token_id=backbone.tokenizer.eos_token_id),
-                         constrained_beam_search(model, e, m, trie, beams=3))  # fmt: skip
+            out[bf16] = (
+                rank_sequences(model, e, m, sequences, eos_token_id=backbone.tokenizer.eos_token_id),
+                constrained_beam_search(model, e, m, trie, beams=3),
+            )
     assert out[False][0] != out[True][0]  # autocast took effect
     for kind in range(2):
         for exact, low in zip(out[False][kind], out[True][kind]):
@@ -174,13 +200,31 @@ def test_bf16_autocast_decoding_ranks_as_fp32_does(synthetic_ds, backbone):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,mode", [("userllm", "cross_attention"), ("userllm", "soft_prompt"), ("textprompt", None)])
+@pytest.mark.parametrize(
+    "method,mode", [("userllm", "cross_attention"), ("userllm", "soft_prompt"), ("textprompt", None)]
+)
 def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, method, mode, monkeypatch):
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc",
-                        cross_attention_every=1, **({"mode": mode} if mode else {}))  # fmt: skip
-    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", method=method, llm=llm,
-                      encoder="random" if method == "userllm" else None, max_history=5, train_examples=16,
-                      batch_size=4, lr=3e-3, checkpoint_every=2, beams=3, max_new_tokens=8)  # fmt: skip
+    llm = UserLLMConfig(
+        backbone=str(text_lm_dir),
+        strategy="lora" if method == "textprompt" else "enc",
+        cross_attention_every=1,
+        **({"mode": mode} if mode else {}),
+    )
+    cfg = TrainConfig(
+        dataset=synthetic_ds.root,
+        out=tmp_path / "run",
+        task="next_item",
+        method=method,
+        llm=llm,
+        encoder="random" if method == "userllm" else None,
+        max_history=5,
+        train_examples=16,
+        batch_size=4,
+        lr=3e-3,
+        checkpoint_every=2,
+        beams=3,
+        max_new_tokens=8,
+    )
     summary = train(cfg)
     assert summary["steps"] == 4 and summary["last_loss"] < summary["first_loss"]
     run = tmp_path / "run"
@@ -193,10 +237,14 @@ def test_train_and_evaluate_end_to_end(synthetic_ds, text_lm_dir, tmp_path, meth
     titles = set(synthetic_ds.item_titles)
     assert all(len(p["ranked"]) == 3 and set(p["ranked"]) <= titles for p in m["predictions"])
     assert json.loads((run / "metrics.json").read_text())["config"]["method"] == method
-    assert eval_users(run, synthetic_ds.sequences.height, 6, 1) == json.loads((run / "eval_users-6-seed1.json").read_text())
+    assert eval_users(run, synthetic_ds.sequences.height, 6, 1) == json.loads(
+        (run / "eval_users-6-seed1.json").read_text()
+    )
     with pytest.raises(OutputExistsError):
         evaluate(run, users=6, seed=1)
-    answer = userllm.load(run).generate(synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4)
+    answer = userllm.load(run).generate(
+        synthetic_ds.sequences.get_column("user_id")[0], "Which movie next?", max_new_tokens=4
+    )
     assert isinstance(answer, str)
     # bf16 generates under autocast: the backbone's linear layers compute in bf16 (in float32 without it)
     for bf16, want in ((True, {torch.bfloat16}), (False, {torch.float32})):
@@ -222,47 +270,80 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
-    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="next_item", llm=llm, encoder=str(tmp_path / "enc"),
-                      max_history=5, train_examples=4, batch_size=4, beams=3, max_new_tokens=4, eval_batch_size=3)  # fmt: skip
+    cfg = TrainConfig(
+        dataset=synthetic_ds.root,
+        out=tmp_path / "run",
+        task="next_item",
+        llm=llm,
+        encoder=str(tmp_path / "enc"),
+        max_history=5,
+        train_examples=4,
+        batch_size=4,
+        beams=3,
+        max_new_tokens=4,
+        eval_batch_size=3,
+    )
     train(cfg)
     m = evaluate(tmp_path / "run", users=6, seed=1, shortlist=3)
     assert m["config"]["shortlist"] == 3
     assert set(m["references"]) == {"label prior", "encoder alone", "shortlist in random order"}
-    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="next_item", method="userllm",
-                    max_history=5, timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
+    data = TaskData(
+        synthetic_ds,
+        load_backbone(str(text_lm_dir)).tokenizer,
+        task="next_item",
+        method="userllm",
+        max_history=5,
+        timelines=Timelines.from_dataset(synthetic_ds, 8),
+    )
     examples = data.examples("test", eval_users(tmp_path / "run", synthetic_ds.sequences.height, 6, 1))
     top = data.encoder_top(load_encoder(tmp_path / "enc"), examples, 3)
     logp = data.encoder_logprobs(load_encoder(tmp_path / "enc"), examples)  # the distribution those are the top of
     assert logp.shape[0] == len(examples) and logp.topk(3, -1).indices.tolist() == top
-    tp = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "tp", "method": "textprompt", "shortlist": 3,
-                        "llm": {**cfg.llm.model_dump(), "strategy": "lora", "candidates": 3}})  # fmt: skip
+    tp = TrainConfig(
+        **{
+            **cfg.model_dump(),
+            "out": tmp_path / "tp",
+            "method": "textprompt",
+            "shortlist": 3,
+            "llm": {**cfg.llm.model_dump(), "strategy": "lora", "candidates": 3},
+        }
+    )
     train(tp)
     evaluate(tmp_path / "tp", users=6, seed=1)
     # TP's prompt lists the same 3 titles, best first, between its history and the question
     tp_data = userllm.load(tmp_path / "tp").data
     for ex, row in zip(tp_data.examples("test", [e.user_idx for e in examples]), top):
-        listed = "\n".join([prompts.CANDIDATES_HEADER.format(**tp_data.words), *(synthetic_ds.item_titles[i] for i in row)])
+        listed = "\n".join(
+            [prompts.CANDIDATES_HEADER.format(**tp_data.words), *(synthetic_ds.item_titles[i] for i in row)]
+        )
         assert listed + "\n\n" + prompts.instruction("next_item", tp_data.words) in ex.prompt
     with pytest.raises(ConfigError, match="a text prompt with candidates=3 lists a pretrained stage-1 encoder"):
         train(TrainConfig(**{**tp.model_dump(), "out": tmp_path / "tp2", "encoder": None}))
     for run in ("run", "tp"):
-        records = {json.loads(line)["user_id"]: json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()}
+        records = {
+            json.loads(line)["user_id"]: json.loads(line)
+            for line in (tmp_path / run / "records.jsonl").read_text().splitlines()
+        }
         for ex, row in zip(examples, top):
             assert sorted(records[ex.user_id]["ranked"]) == sorted({synthetic_ds.item_titles[i] for i in row})
     # the records keep the encoder's own answers: the run minus the encoder alone, paired per user
-    from userllm.tasks.evaluate import paired_vs_encoder, paired_vs_random_order, read_records
-    from userllm.tasks.experiment import reference_difference_lines
+    from userllm.tasks.records import paired_vs_encoder, paired_vs_random_order, read_records
+    from userllm.tasks.report import reference_difference_lines
 
     recs = read_records(tmp_path / "run")
     for ex, row in zip(examples, top):
-        assert next(r for r in recs if r["user_id"] == ex.user_id)["encoder_ranked"] == [synthetic_ds.item_titles[i] for i in row]
+        assert next(r for r in recs if r["user_id"] == ex.user_id)["encoder_ranked"] == [
+            synthetic_ds.item_titles[i] for i in row
+        ]
     users, diff = paired_vs_encoder(tmp_path / "run")
     want = m["metrics"]["recall@1"]["value"] - m["references"]["encoder alone"]["recall@1"]["value"]
     assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want)
     # the shortlist in random order: each user's 3 titles (or fewer distinct), Recall@1 = 1/len if listed
     listed = [{synthetic_ds.item_titles[i] for i in row} for row in top]
     random = [(ex.answer in titles) / len(titles) for ex, titles in zip(examples, listed)]
-    assert any(random) and m["references"]["shortlist in random order"]["recall@1"]["value"] == pytest.approx(sum(random) / 6)
+    assert any(random) and m["references"]["shortlist in random order"]["recall@1"]["value"] == pytest.approx(
+        sum(random) / 6
+    )
     users, diff = paired_vs_random_order(tmp_path / "run")
     want = m["metrics"]["recall@1"]["value"] - m["references"]["shortlist in random order"]["recall@1"]["value"]
     assert users == 6 and diff["recall@1"]["value"] == pytest.approx(want) and set(diff) == {"recall@1"}  # beams = 3
@@ -270,8 +351,12 @@ def test_shortlist_ranks_exactly_the_stage1_encoders_items(synthetic_ds, text_lm
     assert tables.count("| ul | 6 | ") == 2 and "minus the shortlist in random order" in tables
     # the ranking keeps every title's [title, log p(title + eos), tokens], best first
     for r in recs:
-        assert [t for t, _, _ in r["shortlist_scores"]] == r["ranked"] and all(n >= 2 for _, _, n in r["shortlist_scores"])
-        assert [lp for _, lp, _ in r["shortlist_scores"]] == sorted((lp for _, lp, _ in r["shortlist_scores"]), reverse=True)
+        assert [t for t, _, _ in r["shortlist_scores"]] == r["ranked"] and all(
+            n >= 2 for _, _, n in r["shortlist_scores"]
+        )
+        assert [lp for _, lp, _ in r["shortlist_scores"]] == sorted(
+            (lp for _, lp, _ in r["shortlist_scores"]), reverse=True
+        )
     full = evaluate(tmp_path / "run", users=6, seed=1, force=True, shortlist=0)  # the whole catalogue again
     assert full["config"]["shortlist"] == 0
     random = TrainConfig(**{**cfg.model_dump(), "out": tmp_path / "random", "encoder": "random", "shortlist": 3})
@@ -295,8 +380,14 @@ def stage1(synthetic_ds, tmp_path_factory):
 def shortlist_data(synthetic_ds, backbone) -> TaskData:
     from userllm.encoder.data import Timelines
 
-    return TaskData(synthetic_ds, backbone.tokenizer, task="next_item", method="userllm", max_history=5,
-                    timelines=Timelines.from_dataset(synthetic_ds, 8))  # fmt: skip
+    return TaskData(
+        synthetic_ds,
+        backbone.tokenizer,
+        task="next_item",
+        method="userllm",
+        max_history=5,
+        timelines=Timelines.from_dataset(synthetic_ds, 8),
+    )
 
 
 def spy_batches(monkeypatch) -> list[list]:
@@ -311,8 +402,9 @@ def spy_batches(monkeypatch) -> list[list]:
     return seen
 
 
-def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(synthetic_ds, text_lm_dir, backbone, stage1,
-                                                                          tmp_path):  # fmt: skip
+def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(
+    synthetic_ds, text_lm_dir, backbone, stage1, tmp_path
+):
     """``llm.exclude_history``: the stage-1 top items (shortlist, TP's listing, the encoder-alone reference) are
     the encoder's order with the history window's items taken out; a run built with it reads them so."""
     from userllm.encoder.pretrained import load_encoder
@@ -330,8 +422,16 @@ def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(synthe
         assert row == [i for i in p if i not in window][:10]
     for method, strategy in (("textprompt", "lora"), ("userllm", "proj")):
         llm = UserLLMConfig(backbone=str(text_lm_dir), strategy=strategy, candidates=3, exclude_history=True)
-        cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / method, task="next_item", method=method, llm=llm,
-                          encoder=str(stage1), max_history=5, shortlist=10)  # fmt: skip
+        cfg = TrainConfig(
+            dataset=synthetic_ds.root,
+            out=tmp_path / method,
+            task="next_item",
+            method=method,
+            llm=llm,
+            encoder=str(stage1),
+            max_history=5,
+            shortlist=10,
+        )
         model, built = build(cfg, synthetic_ds)
         assert built.exclude_history and built.encoder_top(encoder, examples, 10) == top
         assert method == "textprompt" or model.cfg.exclude_history
@@ -341,8 +441,17 @@ def test_resume_equals_uninterrupted(synthetic_ds, text_lm_dir, tmp_path):
     from safetensors.torch import load_file
 
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
-    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
-                  train_examples=16, batch_size=4, lr=3e-3, checkpoint_every=2)  # fmt: skip
+    common = dict(
+        dataset=synthetic_ds.root,
+        task="favorite_genre",
+        llm=llm,
+        encoder="random",
+        max_history=5,
+        train_examples=16,
+        batch_size=4,
+        lr=3e-3,
+        checkpoint_every=2,
+    )
     train(TrainConfig(out=tmp_path / "a", **common))
     assert train(TrainConfig(out=tmp_path / "b", **common), steps_this_run=2)["steps"] == 2
     with pytest.raises(OutputExistsError):
@@ -356,8 +465,17 @@ def test_interrupted_evaluation_resumes_from_its_partial_records(synthetic_ds, t
     """Records of an interrupted scoring of the same model are kept (not scored again); a cut last line is
     scored again; partial records of an earlier training are discarded; a finished scoring leaves none."""
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
-    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
-                  train_examples=8, batch_size=4, lr=3e-3, eval_batch_size=2)  # fmt: skip
+    common = dict(
+        dataset=synthetic_ds.root,
+        task="favorite_genre",
+        llm=llm,
+        encoder="random",
+        max_history=5,
+        train_examples=8,
+        batch_size=4,
+        lr=3e-3,
+        eval_batch_size=2,
+    )
     run = tmp_path / "run"
     train(TrainConfig(out=run, **common))
     evaluate(run, users=6, seed=1)
@@ -388,8 +506,20 @@ def test_extend_carries_a_subset_on_to_every_user(synthetic_ds, text_lm_dir, tmp
     first two before the model loads."""
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
     run = tmp_path / "run"
-    train(TrainConfig(dataset=synthetic_ds.root, out=run, task="favorite_genre", llm=llm, encoder="random",
-                      max_history=5, train_examples=8, batch_size=4, lr=3e-3, eval_batch_size=4))  # fmt: skip
+    train(
+        TrainConfig(
+            dataset=synthetic_ds.root,
+            out=run,
+            task="favorite_genre",
+            llm=llm,
+            encoder="random",
+            max_history=5,
+            train_examples=8,
+            batch_size=4,
+            lr=3e-3,
+            eval_batch_size=4,
+        )
+    )
     import userllm.tasks.evaluate as ev
 
     def loaded(*args, **kwargs):
@@ -423,9 +553,21 @@ def test_micro_batches_give_the_same_step(synthetic_ds, text_lm_dir, tmp_path, m
     """Gradient accumulation over micro-batches of 1 (unequal answer lengths) == the whole batch at once."""
     from safetensors.torch import load_file
 
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc", cross_attention_every=1)
-    common = dict(dataset=synthetic_ds.root, task="next_item", method=method, llm=llm, encoder="random", max_history=5,
-                  train_examples=8, batch_size=4, lr=3e-3, random_encoder={"dropout": 0.0})  # fmt: skip
+    llm = UserLLMConfig(
+        backbone=str(text_lm_dir), strategy="lora" if method == "textprompt" else "enc", cross_attention_every=1
+    )
+    common = dict(
+        dataset=synthetic_ds.root,
+        task="next_item",
+        method=method,
+        llm=llm,
+        encoder="random",
+        max_history=5,
+        train_examples=8,
+        batch_size=4,
+        lr=3e-3,
+        random_encoder={"dropout": 0.0},
+    )
     whole = train(TrainConfig(out=tmp_path / "whole", **common))
     parts = train(TrainConfig(out=tmp_path / "parts", micro_batch_size=1, **common))
     assert parts["losses"] == pytest.approx(whole["losses"], rel=1e-4)
@@ -437,19 +579,26 @@ def test_micro_batches_give_the_same_step(synthetic_ds, text_lm_dir, tmp_path, m
 def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_dir, tmp_path, monkeypatch, run_cli):
     import yaml
 
-    from userllm.tasks import experiment
+    from userllm.tasks import experiment, report
 
     spec = {
         "out": str(tmp_path / "exp"),
         "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
         "tasks": ["favorite_genre"],
         "evaluate": {"seed": 0},
-        "defaults": {"llm": {"backbone": str(text_lm_dir), "cross_attention_every": 1}, "encoder": "random",
-                     "max_history": 4, "train_examples": 4, "batch_size": 2},
-        "cells": [{"name": "xattn", "set": {"method": "userllm"}},
-                  {"name": "tp", "set": {"method": "textprompt", "llm.strategy": "lora"}, "evaluate": {"users": 3}},
-                  {"name": "xattn-equal", "set": {"method": "userllm", "batch_size": 1}, "match_flops": "tp"}],
-    }  # fmt: skip
+        "defaults": {
+            "llm": {"backbone": str(text_lm_dir), "cross_attention_every": 1},
+            "encoder": "random",
+            "max_history": 4,
+            "train_examples": 4,
+            "batch_size": 2,
+        },
+        "cells": [
+            {"name": "xattn", "set": {"method": "userllm"}},
+            {"name": "tp", "set": {"method": "textprompt", "llm.strategy": "lora"}, "evaluate": {"users": 3}},
+            {"name": "xattn-equal", "set": {"method": "userllm", "batch_size": 1}, "match_flops": "tp"},
+        ],
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
     trims = []  # the heap is trimmed after every cell, so no cell's peak stacks on the last one's leftovers
@@ -458,11 +607,13 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert code == 0, err
     assert len(trims) == 3
     table = (tmp_path / "exp" / "results.md").read_text()
-    assert "| xattn | userllm | cross_attention | every 1 |" in table and "| tp | textprompt | text | - | lora |" in table
+    assert (
+        "| xattn | userllm | cross_attention | every 1 |" in table and "| tp | textprompt | text | - | lora |" in table
+    )
     # tp was scored on 3 users: its own table re-scores the other cells on those users from their records
     same = table.split("on the 3 test users tp was scored on")[1]
     assert "| tp | textprompt |" in same and "| xattn | userllm |" in same and "label prior (same users)" in same
-    from userllm.tasks.evaluate import answer_summary, paired_difference, rescore, scored_users
+    from userllm.tasks.records import answer_summary, paired_difference, rescore, scored_users
 
     runs = tmp_path / "exp" / "favorite_genre"
     xattn = json.loads((runs / "xattn" / "metrics.json").read_text())
@@ -470,8 +621,10 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert len(scored_users(runs / "tp")) == 3 < len(scored_users(runs / "xattn"))
     # the paired difference: over tp's 3 users, per user, equal to the difference of the re-scored means
     users, diff = paired_difference(runs / "xattn", runs / "tp")
-    want = rescore(runs / "xattn", scored_users(runs / "tp"))["accuracy"]["value"] - json.loads(
-        (runs / "tp" / "metrics.json").read_text())["metrics"]["accuracy"]["value"]  # fmt: skip
+    want = (
+        rescore(runs / "xattn", scored_users(runs / "tp"))["accuracy"]["value"]
+        - json.loads((runs / "tp" / "metrics.json").read_text())["metrics"]["accuracy"]["value"]
+    )
     assert users == 3 and diff["accuracy"]["value"] == pytest.approx(want)
     assert diff["accuracy"]["low"] <= diff["accuracy"]["value"] <= diff["accuracy"]["high"]
     assert "User-LLM minus TP, paired over the same users" in table and "| xattn | tp | 3 |" in table
@@ -481,7 +634,9 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     # a side of several runs (a recipe's seeds): each user's mean over them, and the runs resampled too
     users, two = paired_difference([runs / "xattn", runs / "xattn-equal"], runs / "tp")
     _, other = paired_difference(runs / "xattn-equal", runs / "tp")
-    assert users == 3 and two["accuracy"]["value"] == pytest.approx((diff["accuracy"]["value"] + other["accuracy"]["value"]) / 2)
+    assert users == 3 and two["accuracy"]["value"] == pytest.approx(
+        (diff["accuracy"]["value"] + other["accuracy"]["value"]) / 2
+    )
     code, shown, err = run_cli("compare", f"{runs / 'xattn'},{runs / 'xattn-equal'}", runs / "tp")
     assert code == 0, err
     assert "2 vs 1 runs resampled too" in " ".join(shown.split()) and f"{two['accuracy']['value']:+.3f}" in shown
@@ -491,14 +646,18 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     assert f"| {answer_summary(runs / 'tp')} |" in same
     assert (tmp_path / "exp" / "results.png").stat().st_size > 0
     prior = next(r for r in json.loads((tmp_path / "exp" / "results.json").read_text()) if r["method"] == "label prior")
-    data = TaskData(synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4)
+    data = TaskData(
+        synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=4
+    )
     top = Counter(e.answer for e in data.examples("train")).most_common(1)[0][0]
     test = data.examples("test")
     assert prior["cell"] == "prior-h4" and "| prior-h4 | label prior |" in table
     assert prior["metrics"]["accuracy"]["value"] == pytest.approx(sum(e.answer == top for e in test) / len(test))
     cells = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert all(set(c) == set(experiment.RESULT_KEYS) for c in cells)
-    assert {c["precision"] for c in cells if c["method"] in ("userllm", "textprompt")} == {"fp32"}  # no cell asked for bf16
+    assert all(set(c) == set(report.RESULT_KEYS) for c in cells)
+    assert {c["precision"] for c in cells if c["method"] in ("userllm", "textprompt")} == {
+        "fp32"
+    }  # no cell asked for bf16
     assert {c["precision"] for c in cells if c["method"] == "label prior"} == {"-"}
     assert all(c["train_flops"] > 0 for c in cells if c["method"] in ("userllm", "textprompt"))
     flops = {c["cell"]: c["train_flops"] for c in cells}
@@ -516,16 +675,34 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
 
 def test_plot_draws_cells_of_several_results_files(tmp_path, run_cli):
     """``userllm plot``: two experiments at different history lengths in one figure, one dataset's cells."""
+
     def cell(name, method, history, value, dataset="ml-100k"):
-        return {"dataset": dataset, "task": "favorite_genre", "cell": name, "method": method,
-                "mode": "text" if method == "textprompt" else "cross_attention" if method == "userllm" else "-",
-                "history": history, "train_examples": 8, "train_flops": 1e14 if method != "label prior" else 0,
-                "train_seconds": 1.0, "users": 10, "commit": "x",
-                "metrics": {"accuracy": {"value": value, "low": value - 0.05, "high": value + 0.05}}}  # fmt: skip
+        return {
+            "dataset": dataset,
+            "task": "favorite_genre",
+            "cell": name,
+            "method": method,
+            "mode": "text" if method == "textprompt" else "cross_attention" if method == "userllm" else "-",
+            "history": history,
+            "train_examples": 8,
+            "train_flops": 1e14 if method != "label prior" else 0,
+            "train_seconds": 1.0,
+            "users": 10,
+            "commit": "x",
+            "metrics": {"accuracy": {"value": value, "low": value - 0.05, "high": value + 0.05}},
+        }
 
     h50, h200 = tmp_path / "h50.json", tmp_path / "h200.json"
-    h50.write_text(json.dumps([cell("ul", "userllm", 50, 0.8), cell("tp", "textprompt", 50, 0.7),
-                               cell("prior-h50", "label prior", 50, 0.5), cell("other", "userllm", 50, 0.1, "gift_cards")]))
+    h50.write_text(
+        json.dumps(
+            [
+                cell("ul", "userllm", 50, 0.8),
+                cell("tp", "textprompt", 50, 0.7),
+                cell("prior-h50", "label prior", 50, 0.5),
+                cell("other", "userllm", 50, 0.1, "gift_cards"),
+            ]
+        )
+    )
     h200.write_text(json.dumps([cell("ul-200", "userllm", 200, 0.8), cell("tp-200", "textprompt", 200, 0.6)]))
     out = tmp_path / "plot.png"
     code, shown, err = run_cli("plot", h50, h200, "--out", out, "--dataset", "ml-100k")
@@ -559,7 +736,16 @@ def test_a_shortlisting_tp_cell_gets_the_specs_encoder(tmp_path):
 
 
 def test_cli_train_errors_are_clear(synthetic_ds, run_cli, tmp_path):
-    code, _, err = run_cli("train", synthetic_ds.root, "--out", tmp_path / "r", "--method", "userllm", "--backbone", "nope/none-such-model-x")
+    code, _, err = run_cli(
+        "train",
+        synthetic_ds.root,
+        "--out",
+        tmp_path / "r",
+        "--method",
+        "userllm",
+        "--backbone",
+        "nope/none-such-model-x",
+    )
     assert code != 0 and "encoder" in err  # no --encoder given: named before any model is loaded
     code, _, err = run_cli("train", synthetic_ds.root, "--out", tmp_path / "r", "--task", "nonsense")
     assert code == 2 and "task" in err
@@ -572,10 +758,33 @@ def test_two_process_torchrun_train_replicas_identical(synthetic_ds, text_lm_dir
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           "-m", "userllm.cli", "train", str(synthetic_ds.root), "--out", str(tmp_path / "ddp"), "--encoder", "random",
-           "--backbone", str(text_lm_dir), "--strategy", "lora", "--max-history", "4", "--train-examples", "8",
-           "-s", "batch_size=4", "-s", "llm.cross_attention_every=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29531",
+        "-m",
+        "userllm.cli",
+        "train",
+        str(synthetic_ds.root),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--encoder",
+        "random",
+        "--backbone",
+        str(text_lm_dir),
+        "--strategy",
+        "lora",
+        "--max-history",
+        "4",
+        "--train-examples",
+        "8",
+        "-s",
+        "batch_size=4",
+        "-s",
+        "llm.cross_attention_every=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -589,8 +798,19 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     right before the target; the no-grad (absorbed) constrained scores equal the training forward's
     teacher-forced log-probabilities of answer + eos; and swapping two users' contexts changes the scores."""
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1, item_words=["category"])
-    cfg = TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "run", task="favorite_genre", llm=llm, encoder="random",
-                      max_history=5, train_examples=32, batch_size=4, lr=1e-2, checkpoint_every=4, encoder_dropout=0.0)  # fmt: skip
+    cfg = TrainConfig(
+        dataset=synthetic_ds.root,
+        out=tmp_path / "run",
+        task="favorite_genre",
+        llm=llm,
+        encoder="random",
+        max_history=5,
+        train_examples=32,
+        batch_size=4,
+        lr=1e-2,
+        checkpoint_every=4,
+        encoder_dropout=0.0,
+    )
     summary = train(cfg)
     last = summary["gates"][-1]
     assert [g["step"] for g in summary["gates"]] == [4, 8]
@@ -603,7 +823,10 @@ def test_trained_userllm_reads_the_user_the_same_way_in_training_and_evaluation(
     for e in test_ex[:3]:
         assert e.end - e.start == min(5, e.end)
         window = data.user_batch([e])["item"][0]
-        assert window.tolist() == data.tl.item[data.tl.offsets[e.user_idx] + e.start : data.tl.offsets[e.user_idx] + e.end].tolist()
+        assert (
+            window.tolist()
+            == data.tl.item[data.tl.offsets[e.user_idx] + e.start : data.tl.offsets[e.user_idx] + e.end].tolist()
+        )
     a, b = test_ex[0], next(e for e in test_ex if e.user_idx != test_ex[0].user_idx)
     ids, mask, _ = data.batch([a, b], with_answers=False)
     trie = TokenTrie([data.tokens(v) for v in data.answer_vocabulary()[2:]], eos_token_id=data.tokenizer.eos_token_id)
@@ -646,8 +869,17 @@ def test_default_gate_learning_rate_opens_the_gates(synthetic_ds, text_lm_dir, t
     move ~lr per Adam step and stay near 0 while the blocks' own weights move at full speed; the default
     gate_lr_scale (20) opens them ~20x as far in the same steps."""
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
-    common = dict(dataset=synthetic_ds.root, task="favorite_genre", llm=llm, encoder="random", max_history=5,
-                  train_examples=32, batch_size=4, warmup_steps=0, checkpoint_every=8)  # fmt: skip
+    common = dict(
+        dataset=synthetic_ds.root,
+        task="favorite_genre",
+        llm=llm,
+        encoder="random",
+        max_history=5,
+        train_examples=32,
+        batch_size=4,
+        warmup_steps=0,
+        checkpoint_every=8,
+    )
     opened = {}
     for scale in (1.0, TrainConfig().gate_lr_scale):
         gates = train(TrainConfig(out=tmp_path / f"g{scale}", gate_lr_scale=scale, **common))["gates"][-1]
@@ -669,9 +901,13 @@ def test_experiment_refuses_runs_made_with_another_recipe(synthetic_ds, tmp_path
     saved = PretrainConfig(dataset=synthetic_ds.root, out=enc, force=True, encoder={"max_len": 8, "num_items": 42})
     write(enc / "config.json", json.dumps(dump_config(saved)))
     write(enc / "summary.json", json.dumps({"finished": True}))
-    spec = {"out": str(tmp_path / "exp"), "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
-            "pretrain": {"out": str(enc), "encoder": {"max_len": 8, "positions": "alibi"}},
-            "tasks": ["favorite_genre"], "cells": [{"name": "x", "set": {"lr": 0.01}}]}  # fmt: skip
+    spec = {
+        "out": str(tmp_path / "exp"),
+        "prepare": {"source": "synthetic", "out": str(synthetic_ds.root)},
+        "pretrain": {"out": str(enc), "encoder": {"max_len": 8, "positions": "alibi"}},
+        "tasks": ["favorite_genre"],
+        "cells": [{"name": "x", "set": {"lr": 0.01}}],
+    }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(spec))
     code, _, err = run_cli("experiment", path)
@@ -681,15 +917,23 @@ def test_experiment_refuses_runs_made_with_another_recipe(synthetic_ds, tmp_path
 
     spec["pretrain"]["encoder"]["positions"] = "learned"
     cell = tmp_path / "exp" / "favorite_genre" / "x"  # finished (metrics.json) with lr 0.001, the spec now says 0.01
-    run = TrainConfig(dataset=synthetic_ds.root, task="favorite_genre", out=cell, encoder=str(enc), lr=0.001, force=True)
+    run = TrainConfig(
+        dataset=synthetic_ds.root, task="favorite_genre", out=cell, encoder=str(enc), lr=0.001, force=True
+    )
     write(cell / "config.json", json.dumps(dump_config(run)))
     write(cell / "metrics.json", "{}")
     path.write_text(yaml.safe_dump(spec))
     code, _, err = run_cli("experiment", path)
-    assert code == 2 and "cell x (favorite_genre)" in err and "(lr: 0.001 there, 0.01 in the spec)" in " ".join(err.split())
+    assert (
+        code == 2
+        and "cell x (favorite_genre)" in err
+        and "(lr: 0.001 there, 0.01 in the spec)" in " ".join(err.split())
+    )
 
 
-@pytest.mark.parametrize("name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200", "stage2_h200_alibi"])
+@pytest.mark.parametrize(
+    "name", ["amazon_gift_cards", "demo", "movielens100k", "stage2", "stage2_h200", "stage2_h200_alibi"]
+)
 def test_shipped_experiment_specs_resolve_every_cell(name, tmp_path):
     """Every (task, cell) of the specs in experiments/ resolves to a valid TrainConfig (a mistyped key or value
     fails here, not hours into a grid); match_flops cells read their reference's training FLOPs."""
@@ -730,21 +974,36 @@ def test_item_text_writes_titles_in_the_llms_words_for_the_encoder(synthetic_ds,
     assert code != 0 and "already exists" in err and "--force" in err
     code, _, err = run_cli("item-text", synthetic_ds.root, "--out", tmp_path / "titles.txt", "--backbone", text_lm_dir)
     assert code != 0 and ".npy" in err
-    code, _, err = run_cli("pretrain", synthetic_ds.root, "--out", tmp_path / "enc", "--epochs", "1",
-                           "-s", f"item_text_path={out}", "-s", "encoder.features=[item,rating,category,text]",
-                           "-s", "batch_size=16", "-s", "warmup_steps=1")  # fmt: skip
+    code, _, err = run_cli(
+        "pretrain",
+        synthetic_ds.root,
+        "--out",
+        tmp_path / "enc",
+        "--epochs",
+        "1",
+        "-s",
+        f"item_text_path={out}",
+        "-s",
+        "encoder.features=[item,rating,category,text]",
+        "-s",
+        "batch_size=16",
+        "-s",
+        "warmup_steps=1",
+    )
     assert code == 0, err
     encoder = load_encoder(tmp_path / "enc")
     assert "text" in encoder.cfg.features and encoder.cfg.text_dim == table.shape[1]
 
 
 def test_paired_difference_refuses_runs_of_different_tasks(tmp_path):
-    from userllm.tasks.evaluate import paired_difference
+    from userllm.tasks.records import paired_difference
 
     for name, task in (("genre", "favorite_genre"), ("item", "next_item")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"task": task}))
-        (tmp_path / name / "records.jsonl").write_text(json.dumps({"user_id": "1", "ranked": ["a"], "truth": "a"}) + "\n")
+        (tmp_path / name / "records.jsonl").write_text(
+            json.dumps({"user_id": "1", "ranked": ["a"], "truth": "a"}) + "\n"
+        )
     with pytest.raises(InputError, match="different tasks"):
         paired_difference([tmp_path / "genre"], [tmp_path / "genre", tmp_path / "item"])
     with pytest.raises(InputError, match="at least one run"):
@@ -755,11 +1014,15 @@ def test_history_line_compares_lengths_at_a_shared_budget():
     """The history-length line takes each length's best cell among those within the budget every length
     reached: a longer training at one length only does not stand in for that length, and a cell scored on a
     subset of users does not stand in for one scored on more."""
-    from userllm.tasks.experiment import best_by_history
+    from userllm.tasks.plots import best_by_history
 
     def cell(history, flops, acc, users=943):
-        return {"history": history, "train_flops": flops, "users": users,
-                "metrics": {"accuracy": {"value": acc, "low": acc, "high": acc}}}  # fmt: skip
+        return {
+            "history": history,
+            "train_flops": flops,
+            "users": users,
+            "metrics": {"accuracy": {"value": acc, "low": acc, "high": acc}},
+        }
 
     cells = [cell(50, 2.0e14, 0.83), cell(50, 7.4e14, 0.86), cell(50, 4.6e13, 0.72), cell(200, 2.2e14, 0.82)]
     assert [(h, m["value"]) for h, m in best_by_history(cells, "accuracy")] == [(50, 0.83), (200, 0.82)]
@@ -771,14 +1034,17 @@ def test_history_line_compares_lengths_at_a_shared_budget():
     listed = [{**c, "shortlist": 20, "exclude_history": False} for c in cells]
     unrated = {**cell(50, 2.0e14, 0.95), "shortlist": 20, "exclude_history": True}
     assert [(h, m["value"]) for h, m in best_by_history([*listed, unrated], "accuracy")] == [(50, 0.83), (200, 0.82)]
-    assert best_by_history([unrated, {**cell(200, 2.2e14, 0.82), "shortlist": 50, "exclude_history": False}], "accuracy") == []
+    assert (
+        best_by_history([unrated, {**cell(200, 2.2e14, 0.82), "shortlist": 50, "exclude_history": False}], "accuracy")
+        == []
+    )
     assert best_by_history([], "accuracy") == []
 
 
 def test_compute_panel_sets_cells_of_one_budget_side_by_side():
     """Cells within ~12% of one another's training compute are spread apart on the log axis, in order and
     around their middle, so their error bars do not overlap; a cell alone keeps its exact compute."""
-    from userllm.tasks.experiment import dodged
+    from userllm.tasks.plots import dodged
 
     xs = [2.88e14, 5.0e13, 2.94e14, 2.879e14, 7.4e14]
     out = dodged(xs)
@@ -792,13 +1058,19 @@ def test_compute_panel_sets_cells_of_one_budget_side_by_side():
 def test_experiment_pairs_only_cells_that_rank_the_same_list():
     """User-LLM minus TP is tabled for cells of one history length that rank the same shortlist: not across
     lengths, shortlist sizes, or a shortlist with and one without the history's items."""
-    from userllm.tasks.experiment import comparable_pairs
+    from userllm.tasks.report import comparable_pairs
 
     def cell(name, method, history=50, shortlist=20, exclude=False):
         return {"cell": name, "method": method, "history": history, "shortlist": shortlist, "exclude_history": exclude}
 
-    cells = [cell("ul", "userllm"), cell("ul-unrated", "userllm", exclude=True), cell("ul-h200", "userllm", history=200),
-             cell("ul-free", "userllm", shortlist=0), cell("tp", "textprompt"), cell("tp-unrated", "textprompt", exclude=True),
-             cell("tp-h200", "textprompt", history=200)]  # fmt: skip
+    cells = [
+        cell("ul", "userllm"),
+        cell("ul-unrated", "userllm", exclude=True),
+        cell("ul-h200", "userllm", history=200),
+        cell("ul-free", "userllm", shortlist=0),
+        cell("tp", "textprompt"),
+        cell("tp-unrated", "textprompt", exclude=True),
+        cell("tp-h200", "textprompt", history=200),
+    ]
     pairs = {(a["cell"], b["cell"]) for a, b in comparable_pairs(cells)}
     assert pairs == {("ul", "tp"), ("ul-unrated", "tp-unrated"), ("ul-h200", "tp-h200")}

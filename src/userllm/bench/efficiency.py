@@ -31,16 +31,19 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from userllm.bench.plots import plot_efficiency
 from userllm.config import EncoderConfig, PrepareConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
 from userllm.encoder.pretrained import build_encoder
 from userllm.io import check_output, write_dir_atomically, write_json
 from userllm.llm.backbone import load_backbone
+from userllm.llm.base import ConditionedLM, UserContext
 from userllm.llm.cache import UserContextCache
 from userllm.llm.decoding import generate_tokens, llm_step
 from userllm.llm.flops import analytic_flops
-from userllm.llm.model import ConditionedLM, TextPromptLM, UserContext, UserLLM
+from userllm.llm.model import UserLLM
+from userllm.llm.textprompt import TextPromptLM
 from userllm.memory import release_memory, rss_bytes
 from userllm.progress import progress_bar
 from userllm.tasks import prompts
@@ -51,12 +54,19 @@ METHODS: dict[str, dict | None] = {
     "cross_attention": {"mode": "cross_attention"},
     "cross_attention+perceiver16": {"mode": "cross_attention", "perceiver_latents": 16},
     # twice the default blocks: what each cross-attention block costs a decoded token (cached serving)
-    "cross_attention+perceiver16 (every 4th layer)": {"mode": "cross_attention", "perceiver_latents": 16,
-                                                      "cross_attention_every": 4},
+    "cross_attention+perceiver16 (every 4th layer)": {
+        "mode": "cross_attention",
+        "perceiver_latents": 16,
+        "cross_attention_every": 4,
+    },
     "soft_prompt": {"mode": "soft_prompt"},
     "soft_prompt+perceiver16": {"mode": "soft_prompt", "perceiver_latents": 16},
 }
-_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+_SDPA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
+        sdpa_flop_count(q, k, v)
+    )
+}
 
 
 # ----------------------------------------------------------------- FLOPs
@@ -120,7 +130,10 @@ def timed_in_turn(fns: dict[str, Callable], repeats: int, device: str) -> dict[s
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(t), "p90_s": float(np.quantile(t, 0.9)), "times_s": t} for k, t in times.items()}
+    return {
+        k: {"median_s": statistics.median(t), "p90_s": float(np.quantile(t, 0.9)), "times_s": t}
+        for k, t in times.items()
+    }
 
 
 def paired_ratio(a: dict, b: dict) -> float:
@@ -134,9 +147,14 @@ def bench_timelines(ds: PreparedDataset, users: int, length: int) -> Timelines:
     tl = Timelines.from_dataset(ds)
     longest = np.argsort(-tl.lengths, kind="stable")[:users]
     idx = np.concatenate([tl.offsets[u] + np.arange(length) % tl.lengths[u] for u in longest])
-    return Timelines(item=tl.item[idx], rating=tl.rating[idx], time_gap=tl.time_gap[idx],
-                     lengths=np.full(len(longest), length), offsets=np.arange(len(longest)) * length,
-                     num_gap_buckets=tl.num_gap_buckets)  # fmt: skip
+    return Timelines(
+        item=tl.item[idx],
+        rating=tl.rating[idx],
+        time_gap=tl.time_gap[idx],
+        lengths=np.full(len(longest), length),
+        offsets=np.arange(len(longest)) * length,
+        num_gap_buckets=tl.num_gap_buckets,
+    )
 
 
 def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset, seed: int) -> ConditionedLM:
@@ -154,10 +172,21 @@ def build_method(name: str, llm, encoder_cfg: EncoderConfig, ds: PreparedDataset
     return model
 
 
-def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path | None = None,
-                   lengths: tuple[int, ...] = (10, 25, 50, 100, 200, 500), batch_sizes: tuple[int, ...] = (1, 8),
-                   repeats: int = 5, new_tokens: int = 16, cache_length: int = 200, cache_repeats: int = 10,
-                   device: str = "cpu", seed: int = 0, force: bool = False) -> dict:  # fmt: skip
+def run_efficiency(
+    *,
+    out: Path,
+    backbone: str = "smollm2-135m",
+    dataset: Path | None = None,
+    lengths: tuple[int, ...] = (10, 25, 50, 100, 200, 500),
+    batch_sizes: tuple[int, ...] = (1, 8),
+    repeats: int = 5,
+    new_tokens: int = 16,
+    cache_length: int = 200,
+    cache_repeats: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    force: bool = False,
+) -> dict:
     """Measure every (method, history length) and write ``efficiency.json``/``.md``/``.png`` to ``out``."""
     out = Path(out)
     check_output(out, force, marker="efficiency.json")
@@ -177,22 +206,37 @@ def run_efficiency(*, out: Path, backbone: str = "smollm2-135m", dataset: Path |
                 bb = load_backbone(backbone)  # a fresh backbone per method: no hooks of the previous one
                 model = build_method(name, bb.model, encoder_cfg, ds, seed).to(device)
                 method = "textprompt" if METHODS[name] is None else "userllm"
-                data = TaskData(ds, bb.tokenizer, task="next_item", method=method, max_history=max(lengths), timelines=tl)
+                data = TaskData(
+                    ds, bb.tokenizer, task="next_item", method=method, max_history=max(lengths), timelines=tl
+                )
                 text = prompts.instruction("next_item", data.words)
                 for length in lengths:
                     rows.append(measure(model, data, text, length, batch_sizes, repeats, new_tokens, device, name))
                     progress.update(task, advance=1, description=f"{name} @ {length}")
                 if method == "userllm" and model.cfg.mode == "cross_attention" and cache_length in lengths:
-                    cache_rows.append(measure_cache(model, data, text, cache_length, batch_sizes, cache_repeats, new_tokens, device, name))
+                    cache_rows.append(
+                        measure_cache(
+                            model, data, text, cache_length, batch_sizes, cache_repeats, new_tokens, device, name
+                        )
+                    )
                 del model
         add_ratios(rows)
-        report = {"backbone": bb.label, "device": device, "new_tokens": new_tokens, "repeats": repeats,
-                  "cache_repeats": cache_repeats, "batch_sizes": list(batch_sizes), "lengths": list(lengths), "rows": rows, "cache": cache_rows}  # fmt: skip
+        report = {
+            "backbone": bb.label,
+            "device": device,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "cache_repeats": cache_repeats,
+            "batch_sizes": list(batch_sizes),
+            "lengths": list(lengths),
+            "rows": rows,
+            "cache": cache_rows,
+        }
 
         def write(tmp_dir: Path) -> None:
             write_json(tmp_dir / "efficiency.json", report)
             (tmp_dir / "efficiency.md").write_text(markdown(report))
-            plot(report, tmp_dir / "efficiency.png")
+            plot_efficiency(report, tmp_dir / "efficiency.png")
 
         write_dir_atomically(out, write, force=True, marker="efficiency.json")
     return report
@@ -274,56 +318,52 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Backbone {report['backbone']}, {report['device']}, {report['new_tokens']} new tokens, median of "
-             f"{report['repeats']} warm runs. `xTP` = TP's figure / this method's (higher = cheaper).", "",
-             "| method | history | LLM input tokens | prefill GFLOPs | generate GFLOPs | analytic / counted | FLOPs xTP (prefill) | "
-             + " | ".join(f"prefill b{b} ms | generate b{b} ms | xTP latency b{b} (prefill) | peak MB b{b}" for b in report["batch_sizes"]) + " |",
-             "|" + "---|" * (7 + 4 * len(report["batch_sizes"]))]  # fmt: skip
+    lines = [
+        f"Backbone {report['backbone']}, {report['device']}, {report['new_tokens']} new tokens, median of "
+        f"{report['repeats']} warm runs. `xTP` = TP's figure / this method's (higher = cheaper).",
+        "",
+        "| method | history | LLM input tokens | prefill GFLOPs | generate GFLOPs | analytic / counted | FLOPs xTP (prefill) | "
+        + " | ".join(
+            f"prefill b{b} ms | generate b{b} ms | xTP latency b{b} (prefill) | peak MB b{b}"
+            for b in report["batch_sizes"]
+        )
+        + " |",
+        "|" + "---|" * (7 + 4 * len(report["batch_sizes"])),
+    ]
     for r in report["rows"]:
         an = f"{r['analytic']['prefill'] / r['flops_prefill']:.3f}" if r["analytic"] else "-"
-        cells = [r["method"], str(r["history"]), str(r["llm_input_tokens"]), f"{r['flops_prefill'] / 1e9:.2f}",
-                 f"{r['flops_generate'] / 1e9:.2f}", an, f"{r['tp_over']['flops_prefill']:.1f}x"]  # fmt: skip
+        cells = [
+            r["method"],
+            str(r["history"]),
+            str(r["llm_input_tokens"]),
+            f"{r['flops_prefill'] / 1e9:.2f}",
+            f"{r['flops_generate'] / 1e9:.2f}",
+            an,
+            f"{r['tp_over']['flops_prefill']:.1f}x",
+        ]
         for b in report["batch_sizes"]:
-            cells += [f"{r[f'prefill_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'prefill_b{b}']['p90_s'] * 1e3:.0f})",
-                      f"{r[f'generate_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'generate_b{b}']['p90_s'] * 1e3:.0f})",
-                      f"{r['tp_over'][f'prefill_b{b}']:.1f}x", f"{r[f'peak_mb_b{b}']:.0f}"]  # fmt: skip
+            cells += [
+                f"{r[f'prefill_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'prefill_b{b}']['p90_s'] * 1e3:.0f})",
+                f"{r[f'generate_b{b}']['median_s'] * 1e3:.0f} (p90 {r[f'generate_b{b}']['p90_s'] * 1e3:.0f})",
+                f"{r['tp_over'][f'prefill_b{b}']:.1f}x",
+                f"{r[f'peak_mb_b{b}']:.0f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     if report["cache"]:
-        lines += ["", f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms; the three "
-                  f"run in turn {report['cache_repeats']} times, cached / backbone is the median "
-                  "of the per-run ratios):", "",
-                  "| method | history | batch | uncached | cached | plain backbone, same prompt | cached / backbone |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"Serving from a warm UserContextCache (generation of {report['new_tokens']} tokens, median ms; the three "
+            f"run in turn {report['cache_repeats']} times, cached / backbone is the median "
+            "of the per-run ratios):",
+            "",
+            "| method | history | batch | uncached | cached | plain backbone, same prompt | cached / backbone |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in report["cache"]:
             for b in report["batch_sizes"]:
-                lines.append(f"| {r['method']} | {r['history']} | {b} | {r[f'uncached_b{b}']['median_s'] * 1e3:.0f} | "
-                             f"{r[f'cached_b{b}']['median_s'] * 1e3:.0f} | {r[f'backbone_b{b}']['median_s'] * 1e3:.0f} | "
-                             f"{r[f'cached_over_backbone_b{b}']:.3f} |")  # fmt: skip
+                lines.append(
+                    f"| {r['method']} | {r['history']} | {b} | {r[f'uncached_b{b}']['median_s'] * 1e3:.0f} | "
+                    f"{r[f'cached_b{b}']['median_s'] * 1e3:.0f} | {r[f'backbone_b{b}']['median_s'] * 1e3:.0f} | "
+                    f"{r[f'cached_over_backbone_b{b}']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    """FLOPs per request and prefill latency (batch 1) vs history length, log scale, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    b = report["batch_sizes"][0]
-    for name in METHODS:
-        rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["history"])
-        if not rows:
-            continue
-        x = [r["history"] for r in rows]
-        axes[0].plot(x, [r["flops_prefill"] for r in rows], marker="o", label=name)
-        axes[1].plot(x, [r[f"prefill_b{b}"]["median_s"] * 1e3 for r in rows], marker="o", label=name)
-    axes[0].set(xscale="log", yscale="log", xlabel="history length (events)", ylabel="prefill FLOPs per request",
-                title=f"FLOPs ({report['backbone']})")  # fmt: skip
-    axes[1].set(xscale="log", yscale="log", xlabel="history length (events)", ylabel=f"prefill latency, batch {b} (ms)",
-                title=f"latency ({report['device']})")  # fmt: skip
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -66,12 +66,16 @@ def main() -> None:
     for name, amp in (("int4", False), ("int4, bf16 autocast", True)):
         with autocast(amp):
             rows[name] = timings(model, a.steps, a.context, a.prefill)
-    print(f"{report['layers']} decoder linear layers: {report['float_bytes'] / 1e6:.0f} MB float32 -> "
-          f"{report['int4_bytes'] / 1e6:.0f} MB int4, largest weight change {report['max_error']:.3g}")
+    print(
+        f"{report['layers']} decoder linear layers: {report['float_bytes'] / 1e6:.0f} MB float32 -> "
+        f"{report['int4_bytes'] / 1e6:.0f} MB int4, largest weight change {report['max_error']:.3g}"
+    )
     for name, other in (("int4", got), ("bf16 autocast", bf16)):
         kl, agree = agreement(ref, other)
-        print(f"next-token distributions on 4 x 64 random tokens: KL(float32 || {name}) {kl:.5f} nats, "
-              f"argmax agrees {agree:.1%}")
+        print(
+            f"next-token distributions on 4 x 64 random tokens: KL(float32 || {name}) {kl:.5f} nats, "
+            f"argmax agrees {agree:.1%}"
+        )
     print(f"\n| weights | decode ms/token | prefill {a.prefill} tokens s |\n|---|---|---|")
     for name, (decode, prefill) in rows.items():
         print(f"| {name} | {decode * 1000:.1f} | {prefill:.2f} |")

@@ -42,12 +42,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     torch.manual_seed(0)
-    users = {"item": torch.randint(2, 1684, (args.batch, args.events)), "rating": torch.randint(2, 7, (args.batch, args.events)),
-             "time_gap": torch.randint(1, 24, (args.batch, args.events))}  # fmt: skip
+    users = {
+        "item": torch.randint(2, 1684, (args.batch, args.events)),
+        "rating": torch.randint(2, 7, (args.batch, args.events)),
+        "time_gap": torch.randint(1, 24, (args.batch, args.events)),
+    }
     ids = torch.randint(0, 49152, (args.batch, args.tokens))
     mask = torch.ones_like(ids)
-    print(f"\nTrainable parameters (SmolLM2-135M-Instruct (Q4_1), cross-attention before every "
-          f"{UserLLMConfig().cross_attention_every}th layer)\n")
+    print(
+        f"\nTrainable parameters (SmolLM2-135M-Instruct (Q4_1), cross-attention before every "
+        f"{UserLLMConfig().cross_attention_every}th layer)\n"
+    )
     print("| strategy | encoder | projector+perceiver | cross-attention blocks | llm | total trainable |")
     print("|---|---|---|---|---|---|")
     for strategy in ("full", "lora", "enc", "proj"):
@@ -55,12 +60,16 @@ def main() -> None:
         g = model.parameter_groups()
         cells = [f"{t:,} / {n:,}" for t, n in g.values()]
         print(f"| {strategy} | " + " | ".join(cells) + f" | {sum(t for t, _ in g.values()):,} |")
-    print(f"\nOne training step (strategy enc, batch {args.batch} x {args.tokens} tokens, {args.events} events), "
-          f"median of {args.steps} after a warm-up\n")  # fmt: skip
+    print(
+        f"\nOne training step (strategy enc, batch {args.batch} x {args.tokens} tokens, {args.events} events), "
+        f"median of {args.steps} after a warm-up\n"
+    )
     print("| mode | step (s) | LLM input tokens |")
     print("|---|---|---|")
     for name, kw in MODES.items():
-        model = UserLLM(UserLLMConfig(strategy="enc", item_words=[], **kw), encoder=encoder(), llm=load_backbone().model).train()
+        model = UserLLM(
+            UserLLMConfig(strategy="enc", item_words=[], **kw), encoder=encoder(), llm=load_backbone().model
+        ).train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         times = []
         for i in range(args.steps + 1):

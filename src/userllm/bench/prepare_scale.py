@@ -49,8 +49,26 @@ def generate(out: Path, n_ratings: int, n_users: int, n_movies: int, seed: int =
     pl.DataFrame(
         {"userId": user[shuffle], "movieId": movie[shuffle], "rating": rating[shuffle], "timestamp": ts[shuffle]}
     ).write_csv(tmp)
-    genres = np.array(["Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama",
-                       "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller"])  # fmt: skip
+    genres = np.array(
+        [
+            "Action",
+            "Adventure",
+            "Animation",
+            "Children",
+            "Comedy",
+            "Crime",
+            "Documentary",
+            "Drama",
+            "Fantasy",
+            "Film-Noir",
+            "Horror",
+            "Musical",
+            "Mystery",
+            "Romance",
+            "Sci-Fi",
+            "Thriller",
+        ]
+    )
     g1, g2 = rng.integers(0, len(genres), n_movies), rng.integers(0, len(genres), n_movies)
     years = rng.integers(1920, 2015, n_movies)
     titles = [f'"Movie {i}, The ({y})"' for i, y in zip(range(1, n_movies + 1), years)]
@@ -73,8 +91,18 @@ def main() -> None:
         generate(data, args.ratings, args.users, args.movies)
         print(f"generated in {time.perf_counter() - t:.0f} s", flush=True)
     out = HERE / ".cache" / "prepared-scale"
-    cmd = [sys.executable, "-m", "userllm.cli", "prepare", "--source", "movielens", str(data), "--out", str(out),
-           "--force"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "userllm.cli",
+        "prepare",
+        "--source",
+        "movielens",
+        str(data),
+        "--out",
+        str(out),
+        "--force",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -84,8 +112,12 @@ def main() -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     events = manifest["input_counts"]["events"]
     result = {
-        "input": {"ratings": args.ratings, "users": args.users, "movies": args.movies,
-                  "bytes": sum(i["bytes"] for i in manifest["inputs"])},  # fmt: skip
+        "input": {
+            "ratings": args.ratings,
+            "users": args.users,
+            "movies": args.movies,
+            "bytes": sum(i["bytes"] for i in manifest["inputs"]),
+        },
         "wall_s": round(wall, 1),
         "peak_rss_gb": round(peak_gb, 2),
         "events_per_s": round(events / wall),

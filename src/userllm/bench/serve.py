@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from userllm.bench.plots import plot_serve
 from userllm.config import TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import OutputExistsError
@@ -41,8 +42,9 @@ QUESTION = "Which movie should I watch next? Answer with its title only."
 TARGETS = {"throughput_ratio": 10.0, "bare_ratio": 1.2, "appends_per_s": 1000.0}
 
 
-def train_runs(out: Path, dataset: Path, history: int, backbone: str,
-               methods: tuple[str, ...] = ("userllm", "textprompt")) -> dict[str, Path]:  # fmt: skip
+def train_runs(
+    out: Path, dataset: Path, history: int, backbone: str, methods: tuple[str, ...] = ("userllm", "textprompt")
+) -> dict[str, Path]:
     """A User-LLM and a TP run (``methods``) at ``history`` events, in ``out/runs/METHOD`` unless already
     there (a few steps: serving cost does not depend on the weights, and ``ignore_eos`` fixes the answer
     length)."""
@@ -53,9 +55,21 @@ def train_runs(out: Path, dataset: Path, history: int, backbone: str,
         run = out / "runs" / method
         if not (run / "model" / "userllm.safetensors").exists():
             llm = UserLLMConfig(backbone=backbone, strategy="lora" if method == "textprompt" else "enc")
-            train(TrainConfig(dataset=dataset, out=run, task="next_item", method=method, llm=llm, max_history=history,
-                              encoder="random" if method == "userllm" else None, train_examples=4, batch_size=4,
-                              micro_batch_size=1, force=True))  # fmt: skip
+            train(
+                TrainConfig(
+                    dataset=dataset,
+                    out=run,
+                    task="next_item",
+                    method=method,
+                    llm=llm,
+                    max_history=history,
+                    encoder="random" if method == "userllm" else None,
+                    train_examples=4,
+                    batch_size=4,
+                    micro_batch_size=1,
+                    force=True,
+                )
+            )
         runs[method] = run
     return runs
 
@@ -70,8 +84,22 @@ def start(run: Path, db: str, port: int, max_batch: int, weights: str = "float32
     """``userllm serve`` in its own process, once it answers /healthz."""
     import httpx2
 
-    cmd = [sys.executable, "-m", "userllm.cli", "serve", str(run), "--db", db, "--port", str(port),
-           "--max-batch", str(max_batch), "--allow-unknown-users", "--weights", weights]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "userllm.cli",
+        "serve",
+        str(run),
+        "--db",
+        db,
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--allow-unknown-users",
+        "--weights",
+        weights,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -87,8 +115,15 @@ def start(run: Path, db: str, port: int, max_batch: int, weights: str = "float32
 
 async def one_chat(client, model: str, user: str | None, max_tokens: int) -> tuple[float, float]:
     """(latency, time to first token) of one streamed chat request."""
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, **({"user": user} if user else {})}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        **({"user": user} if user else {}),
+    }
     start, first = time.perf_counter(), None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -99,12 +134,15 @@ async def one_chat(client, model: str, user: str | None, max_tokens: int) -> tup
     return time.perf_counter() - start, first if first is not None else float("nan")
 
 
-async def level(base: str, model: str, users: list[str | None], concurrency: int, requests: int, max_tokens: int) -> dict:
+async def level(
+    base: str, model: str, users: list[str | None], concurrency: int, requests: int, max_tokens: int
+) -> dict:
     """``requests`` chat requests from ``concurrency`` clients (users in turn): throughput and latencies."""
     import httpx2
 
     lat, ttft, queue = [], [], list(range(requests))
     async with httpx2.AsyncClient(base_url=base, timeout=600) as client:
+
         async def worker():
             while queue:
                 i = queue.pop()
@@ -115,9 +153,16 @@ async def level(base: str, model: str, users: list[str | None], concurrency: int
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": requests, "seconds": seconds, "requests_per_s": requests / seconds,
-            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
-            "ttft_p50_s": float(np.nanpercentile(ttft, 50)), "ttft_p99_s": float(np.nanpercentile(ttft, 99))}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "seconds": seconds,
+        "requests_per_s": requests / seconds,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p99_s": float(np.percentile(lat, 99)),
+        "ttft_p50_s": float(np.nanpercentile(ttft, 50)),
+        "ttft_p99_s": float(np.nanpercentile(ttft, 99)),
+    }
 
 
 class KeepAlive:
@@ -135,8 +180,11 @@ class KeepAlive:
 
     async def post_json(self, path: str, body: dict) -> tuple[int, bytes]:
         data = json.dumps(body).encode()
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
         status = int((await self.reader.readline()).split()[1])
         length = 0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
@@ -150,8 +198,16 @@ class KeepAlive:
         await self.writer.wait_closed()
 
 
-async def appends(base: str, users: list[str], item_ids: list[str], seconds: float, clients: int = 16,
-                  per_request: int = 1, first_timestamp: int = 2_000_000_000, settle: float = 1.5) -> dict:  # fmt: skip
+async def appends(
+    base: str,
+    users: list[str],
+    item_ids: list[str],
+    seconds: float,
+    clients: int = 16,
+    per_request: int = 1,
+    first_timestamp: int = 2_000_000_000,
+    settle: float = 1.5,
+) -> dict:
     """Appends of ``per_request`` events per request from ``clients`` clients (each its own keep-alive
     connection, :class:`KeepAlive`) for ``seconds``, then, ``settle`` seconds later (longer than the server's
     refresh interval, 1 s by default: a user's context is refreshed at most that often), one chat per user:
@@ -167,8 +223,14 @@ async def appends(base: str, users: list[str], item_ids: list[str], seconds: flo
         conn = await KeepAlive.connect(base)
         i, stop = 0, time.perf_counter() + seconds
         while time.perf_counter() < stop:
-            events = [{"item_id": item_ids[(k * 7 + i + j) % len(item_ids)], "rating": 4,
-                       "timestamp": first_timestamp + i + j} for j in range(per_request)]  # fmt: skip
+            events = [
+                {
+                    "item_id": item_ids[(k * 7 + i + j) % len(item_ids)],
+                    "rating": 4,
+                    "timestamp": first_timestamp + i + j,
+                }
+                for j in range(per_request)
+            ]
             status, body = await conn.post_json(f"/v1/users/{users[k]}/events", {"events": events})
             if status != 200:
                 raise RuntimeError(f"append failed ({status}): {body[:300].decode(errors='replace')}")
@@ -186,9 +248,17 @@ async def appends(base: str, users: list[str], item_ids: list[str], seconds: flo
             await one_chat(client, model, users[k], 1)
         after = (await client.get("/metrics")).text
     hits = count(after, 'userllm_context_total{result="hit"}') - count(before, 'userllm_context_total{result="hit"}')
-    return {"clients": clients, "events_per_request": per_request, "events": acked, "seconds": elapsed,
-            "events_per_s": acked / elapsed, "requests_per_s": acked / per_request / elapsed, "chats_after": clients,
-            "chats_after_s": settle, "chats_after_with_current_context": int(hits)}  # fmt: skip
+    return {
+        "clients": clients,
+        "events_per_request": per_request,
+        "events": acked,
+        "seconds": elapsed,
+        "events_per_s": acked / elapsed,
+        "requests_per_s": acked / per_request / elapsed,
+        "chats_after": clients,
+        "chats_after_s": settle,
+        "chats_after_with_current_context": int(hits),
+    }
 
 
 def settled(a: dict) -> str:
@@ -199,10 +269,20 @@ def count(metrics: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
 
 
-def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m", history: int = 200,
-                    levels: tuple[int, ...] = (1, 4, 16), max_tokens: int = 16, max_batch: int = 8,
-                    append_seconds: float = 10.0, runs: dict[str, Path] | None = None, weights: str = "int4",
-                    force: bool = False) -> dict:  # fmt: skip
+def run_serve_bench(
+    out: Path,
+    *,
+    dataset: Path,
+    backbone: str = "smollm2-135m",
+    history: int = 200,
+    levels: tuple[int, ...] = (1, 4, 16),
+    max_tokens: int = 16,
+    max_batch: int = 8,
+    append_seconds: float = 10.0,
+    runs: dict[str, Path] | None = None,
+    weights: str = "int4",
+    force: bool = False,
+) -> dict:
     """Run the benchmark (see module docstring); writes ``serve.json``, ``serve.md``, ``serve.png`` in ``out``.
     ``runs`` (``{"userllm": RUN, "textprompt": RUN}``): serve these instead of training two at ``history``;
     ``weights``: every server's ``--weights`` (the same for User-LLM, TP and the bare backbone)."""
@@ -214,8 +294,17 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
     seq = ds.sequences.filter(ds.sequences.get_column("length") >= history)
     users = seq.get_column("user_id").to_list()
     runs = runs or train_runs(out, Path(dataset), history, backbone)
-    report = {"dataset": str(dataset), "history": history, "users": len(users), "max_tokens": max_tokens,
-              "max_batch": max_batch, "backbone": backbone, "weights": weights, "methods": {}, "targets": TARGETS}  # fmt: skip
+    report = {
+        "dataset": str(dataset),
+        "history": history,
+        "users": len(users),
+        "max_tokens": max_tokens,
+        "max_batch": max_batch,
+        "backbone": backbone,
+        "weights": weights,
+        "methods": {},
+        "targets": TARGETS,
+    }
     for method, run in runs.items():
         db = out / f"events-{method}.db"
         db.unlink(missing_ok=True)
@@ -233,14 +322,27 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
                 # 24 at one client: the p50 against the bare backbone's is a ratio of two ~1.5 s medians
                 requests = max(24, 3 * c) if method == "userllm" else max(4, c)  # TP reads ~3,400 tokens a request
                 rows.append(asyncio.run(level(base, model, users, c, requests, max_tokens)))
-                print(f"{method}, {c} clients: {rows[-1]['requests']} requests in {rows[-1]['seconds']:.1f} s, "
-                      f"{rows[-1]['requests_per_s']:.2f} requests/s, p50 {rows[-1]['p50_s']:.2f} s", file=sys.stderr)  # fmt: skip
+                print(
+                    f"{method}, {c} clients: {rows[-1]['requests']} requests in {rows[-1]['seconds']:.1f} s, "
+                    f"{rows[-1]['requests_per_s']:.2f} requests/s, p50 {rows[-1]['p50_s']:.2f} s",
+                    file=sys.stderr,
+                )
             report["methods"][method] = rows
             if method == "userllm":
                 item_ids = ds.items.get_column("item_id").to_list()
-                report["appends"] = [asyncio.run(appends(base, users, item_ids, append_seconds, per_request=n,
-                                                         first_timestamp=2_000_000_000 + 10_000_000 * k))
-                                     for k, n in enumerate((1, 10))]  # fmt: skip
+                report["appends"] = [
+                    asyncio.run(
+                        appends(
+                            base,
+                            users,
+                            item_ids,
+                            append_seconds,
+                            per_request=n,
+                            first_timestamp=2_000_000_000 + 10_000_000 * k,
+                        )
+                    )
+                    for k, n in enumerate((1, 10))
+                ]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -249,53 +351,41 @@ def run_serve_bench(out: Path, *, dataset: Path, backbone: str = "smollm2-135m",
     report["bare_ratio"] = ul[0]["p50_s"] / report["bare_backbone"]["p50_s"]
     write_json(out / "serve.json", report)
     write_text_atomically(out / "serve.md", markdown(report))
-    plot(report, out / "serve.png")
+    plot_serve(report, out / "serve.png")
     return report
 
 
 def markdown(report: dict) -> str:
     t = report["targets"]
-    lines = [f"## userllm serve: {report['users']} users with >= {report['history']} events, answers of "
-             f"{report['max_tokens']} tokens, batches of up to {report['max_batch']}, {report.get('weights', 'float32')} weights", "",
-             "| method | concurrency | requests | requests/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"## userllm serve: {report['users']} users with >= {report['history']} events, answers of "
+        f"{report['max_tokens']} tokens, batches of up to {report['max_batch']}, {report.get('weights', 'float32')} weights",
+        "",
+        "| method | concurrency | requests | requests/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, rows in report["methods"].items():
         for r in rows:
-            lines.append(f"| {method} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | "
-                         f"{r['p99_s']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {method} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.3f} | "
+                f"{r['p99_s']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} |"
+            )
     b = report["bare_backbone"]
     ratios = ", ".join(f"{c}: {v:.1f}X" for c, v in report["throughput_ratio"].items())
-    lines += ["", "| figure | measured | target |", "|---|---|---|",
-              f"| User-LLM / TP requests/s, by concurrency | {ratios} | >= {t['throughput_ratio']:g}X |",
-              f"| User-LLM p50 / bare backbone p50 at concurrency 1 (warm cache) | {report['bare_ratio']:.2f}X "
-              f"({b['p50_s']:.3f} s bare) | <= {t['bare_ratio']:g}X |"]  # fmt: skip
+    lines += [
+        "",
+        "| figure | measured | target |",
+        "|---|---|---|",
+        f"| User-LLM / TP requests/s, by concurrency | {ratios} | >= {t['throughput_ratio']:g}X |",
+        f"| User-LLM p50 / bare backbone p50 at concurrency 1 (warm cache) | {report['bare_ratio']:.2f}X "
+        f"({b['p50_s']:.3f} s bare) | <= {t['bare_ratio']:g}X |",
+    ]
     for a in report["appends"]:
-        lines += [f"| appends of {a['events_per_request']} event(s) per request, {a['clients']} clients, SQLite | "
-                  f"{a['events_per_s']:,.0f} events/s ({a['requests_per_s']:,.0f} requests/s) | >= {t['appends_per_s']:,.0f} events/s |",
-                  f"| ... then one chat per client{settled(a)}: contexts already current | "
-                  f"{a['chats_after_with_current_context']} of {a['chats_after']} | all |"]  # fmt: skip
+        lines += [
+            f"| appends of {a['events_per_request']} event(s) per request, {a['clients']} clients, SQLite | "
+            f"{a['events_per_s']:,.0f} events/s ({a['requests_per_s']:,.0f} requests/s) | >= {t['appends_per_s']:,.0f} events/s |",
+            f"| ... then one chat per client{settled(a)}: contexts already current | "
+            f"{a['chats_after_with_current_context']} of {a['chats_after']} | all |",
+        ]
     lines.append("")
     return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, rows in report["methods"].items():
-        c = [r["concurrency"] for r in rows]
-        axes[0].plot(c, [r["requests_per_s"] for r in rows], marker="o", label=method)
-        axes[1].plot(c, [r["p50_s"] for r in rows], marker="o", label=f"{method} p50")
-        axes[1].plot(c, [r["p99_s"] for r in rows], marker="x", ls="--", label=f"{method} p99")
-    axes[0].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests/s", title="throughput")
-    axes[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle(f"userllm serve, {report['history']}-event histories, {report['max_tokens']}-token answers")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)

@@ -18,8 +18,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from userllm.data.dataset import PreparedDataset
 from userllm.bench.serve import appends, free_port, level, start, train_runs
+from userllm.data.dataset import PreparedDataset
 from userllm.serve.store import EventStore, import_dataset
 
 DEFAULT_RUN = Path("runs/bench-serve/runs/userllm")  # where userllm bench serve trains its User-LLM run
@@ -52,8 +52,10 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        print(f"repeat {k + 1}: {a['events_per_s']:,.0f} events/s (target >= 1,000), "
-              f"{a['chats_after_with_current_context']} of {a['chats_after']} contexts current {a['chats_after_s']:g} s later")
+        print(
+            f"repeat {k + 1}: {a['events_per_s']:,.0f} events/s (target >= 1,000), "
+            f"{a['chats_after_with_current_context']} of {a['chats_after']} contexts current {a['chats_after_s']:g} s later"
+        )
 
 
 if __name__ == "__main__":

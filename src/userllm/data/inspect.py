@@ -29,17 +29,27 @@ def summary(manifest: dict) -> Group:
     facts.add_column(style="bold")
     facts.add_column()
     vs = manifest["vocab_sizes"]
-    facts.add_row("vocabularies", f"items {vs['item']:,}, ratings {vs['rating']}, categories {vs['category']:,} "
-                                  "(sizes include <pad>=0 and <unk>=1)")  # fmt: skip
+    facts.add_row(
+        "vocabularies",
+        f"items {vs['item']:,}, ratings {vs['rating']}, categories {vs['category']:,} "
+        "(sizes include <pad>=0 and <unk>=1)",
+    )
     split = manifest["split"]
     facts.add_row("split events", ", ".join(f"{k} {v:,}" for k, v in split["events"].items()))
-    facts.add_row("examples", ", ".join(f"{k} {v:,}" for k, v in sorted(split["examples"].items())) +
-                  f" (history window <= {split['max_history']})")  # fmt: skip
+    facts.add_row(
+        "examples",
+        ", ".join(f"{k} {v:,}" for k, v in sorted(split["examples"].items()))
+        + f" (history window <= {split['max_history']})",
+    )
     for name, q in manifest["history_length"].items():
         facts.add_row(name.replace("_", " "), "  ".join(f"{k} {v:.4g}" for k, v in q.items()))
     if "item_titles" in manifest:  # (datasets prepared before it was counted have none)
         titles = manifest["item_titles"]
-        merged = f"; {titles['metadata_records_merged']:,} repeated metadata records merged" if titles["metadata_records_merged"] else ""
+        merged = (
+            f"; {titles['metadata_records_merged']:,} repeated metadata records merged"
+            if titles["metadata_records_merged"]
+            else ""
+        )
         facts.add_row("item titles", ", ".join(f"{k} {v:,}" for k, v in titles["source"].items()) + merged)
     skipped = manifest["skipped"]
     facts.add_row("skipped rows", f"{skipped['total']:,}")
@@ -56,8 +66,10 @@ def timelines(ds: PreparedDataset, users: int = 3, events: int = 8, user_id: str
     tables = []
     for row in seqs.iter_rows(named=True):
         n = row["length"]
-        table = Table(title=f"user {row['user_id']} — {n} events (last {min(events, n)} shown; "
-                            "test = last, valid = second last)", title_justify="left")  # fmt: skip
+        table = Table(
+            title=f"user {row['user_id']} — {n} events (last {min(events, n)} shown; test = last, valid = second last)",
+            title_justify="left",
+        )
         for col in ("#", "date", "title", "rating", "categories", "split"):
             table.add_column(col)
         for pos in range(max(0, n - events), n):

@@ -47,7 +47,11 @@ LABEL_CHUNK = 100_000  # examples labelled per step (bounds memory of the explod
 
 def counts(events: pl.DataFrame) -> dict[str, int]:
     """Events, users and items of a frame with the integer codes ``u`` and ``i`` (fast on 20M rows)."""
-    return {"events": events.height, "users": events.get_column("u").n_unique(), "items": events.get_column("i").n_unique()}
+    return {
+        "events": events.height,
+        "users": events.get_column("u").n_unique(),
+        "items": events.get_column("i").n_unique(),
+    }
 
 
 class FilterLog:
@@ -168,10 +172,24 @@ def build_examples(
         review_summary=pl.col("summary"),
     )[g]
     fav = favorite_categories(ex, events.get_column("item_idx").to_numpy(), item_cats, progress)
-    return pl.concat([ex.drop("g0", "g1"), target_cols], how="horizontal").with_columns(fav).select(
-        "split", "user_idx", "user_id", "target_pos", "history_start", "history_len", "target_item",
-        "target_item_id", "target_rating", "favorite_category", "review_text", "review_summary",
-    )  # fmt: skip
+    return (
+        pl.concat([ex.drop("g0", "g1"), target_cols], how="horizontal")
+        .with_columns(fav)
+        .select(
+            "split",
+            "user_idx",
+            "user_id",
+            "target_pos",
+            "history_start",
+            "history_len",
+            "target_item",
+            "target_item_id",
+            "target_rating",
+            "favorite_category",
+            "review_text",
+            "review_summary",
+        )
+    )
 
 
 def quantiles(values: np.ndarray) -> dict[str, float]:
@@ -194,7 +212,9 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
     with progress_bar("rows") as progress:
         raw = read_source(cfg, ReadContext(skips, progress))
         if raw.events.height == 0:
-            raise EmptyResultError(f"no valid events were read from {[str(f) for f in raw.files]} ({skips.total} rows skipped)")
+            raise EmptyResultError(
+                f"no valid events were read from {[str(f) for f in raw.files]} ({skips.total} rows skipped)"
+            )
         # Categorical ids hold each string once (freeing the reader's line buffers); their integer codes
         # u, i make filters and counts fast; row keeps the input order for timestamp ties.
         log = FilterLog(
@@ -207,51 +227,61 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
         items_meta, layout, files, merged_items = raw.items, raw.layout, raw.files, raw.merged_items
         del raw  # frees the raw events early (peak memory on 20M rows)
         log.apply(
-            "dedup", {"key": ["user_id", "item_id", "timestamp"], "keep": "first"},
+            "dedup",
+            {"key": ["user_id", "item_id", "timestamp"], "keep": "first"},
             lambda e: (keep(e, pl.struct("u", "i", "timestamp").is_first_distinct()), {}),
             "this cannot happen with valid input",
-        )  # fmt: skip
+        )
         if cfg.rating_threshold is not None:
             log.apply(
-                "rating_threshold", {"min_rating": cfg.rating_threshold},
+                "rating_threshold",
+                {"min_rating": cfg.rating_threshold},
                 lambda e: (keep(e, pl.col("rating") >= cfg.rating_threshold), {}),
                 "lower --rating-threshold",
-            )  # fmt: skip
+            )
         if cfg.min_user_events or cfg.min_item_events:
             log.apply(
-                "k_core", {"min_user_events": cfg.min_user_events, "min_item_events": cfg.min_item_events},
+                "k_core",
+                {"min_user_events": cfg.min_user_events, "min_item_events": cfg.min_item_events},
                 lambda e: k_core(e, cfg.min_user_events, cfg.min_item_events),
                 "lower --min-user-events / --min-item-events",
-            )  # fmt: skip
+            )
         log.apply(
-            "split_min_events", {"min_user_events": MIN_SPLIT_EVENTS},
+            "split_min_events",
+            {"min_user_events": MIN_SPLIT_EVENTS},
             lambda e: (keep(e, pl.len().over("u") >= MIN_SPLIT_EVENTS), {}),
             f"leave-last-out needs users with at least {MIN_SPLIT_EVENTS} events",
-        )  # fmt: skip
+        )
 
         # users in id order; each user's events by time, ties in input order (a stable sort)
         users = log.events.select("u", pl.col("user_id").cast(pl.String)).unique("u").sort("user_id")
         users = users.with_columns(user_idx=pl.int_range(pl.len(), dtype=pl.Int32)).drop("user_id")
         events = log.events.join(users, on="u").sort(["user_idx", "timestamp", "row"]).drop("u", "i", "row")
         log.events = events.head(0)
-        items_meta = items_meta.join(events.select(pl.col("item_id").cast(pl.String)).unique(), on="item_id", how="semi")
+        items_meta = items_meta.join(
+            events.select(pl.col("item_id").cast(pl.String)).unique(), on="item_id", how="semi"
+        )
 
         # vocabularies
         item_vocab = vocabulary(events, "item_id")
-        item_index = pl.DataFrame({"item_id": item_vocab[2:], "item_idx": np.arange(2, len(item_vocab), dtype=np.int32)})
+        item_index = pl.DataFrame(
+            {"item_id": item_vocab[2:], "item_idx": np.arange(2, len(item_vocab), dtype=np.int32)}
+        )
         items = (
             item_index.join(items_meta, on="item_id", how="left", maintain_order="left")
             .with_columns(
                 has_metadata=pl.col("categories").is_not_null(),  # a metadata record (categories may be [])
-                title_source=pl.when(pl.col("title").is_not_null()).then(pl.lit("metadata"))
-                .when(pl.col("categories").is_null()).then(pl.lit("no metadata record"))
+                title_source=pl.when(pl.col("title").is_not_null())
+                .then(pl.lit("metadata"))
+                .when(pl.col("categories").is_null())
+                .then(pl.lit("no metadata record"))
                 .otherwise(pl.coalesce("title_note", pl.lit("empty title"))),
             )
             .with_columns(
                 title=pl.coalesce("title", pl.format(FALLBACK_TITLE, "item_id")),
                 categories=pl.col("categories").fill_null(pl.lit([], dtype=pl.List(pl.String))),
             )
-        )  # fmt: skip
+        )
         item_freq = events.group_by("item_id").agg(n=pl.len()).with_columns(pl.col("item_id").cast(pl.String))
         cat_counts = items.join(item_freq, on="item_id").select("n", category=pl.col("categories")).explode("category")
         category_vocab = vocabulary(cat_counts.drop_nulls("category"), "category", weight="n")
@@ -296,8 +326,12 @@ def prepare_dataset(cfg: PrepareConfig) -> dict:
         "input_counts": log.input,
         "filters": log.steps,
         "final_counts": log.steps[-1]["after"],
-        "vocab_sizes": {"item": len(item_vocab), "rating": len(rating_vocab), "category": len(category_vocab),
-                        "user": sequences.height},  # fmt: skip
+        "vocab_sizes": {
+            "item": len(item_vocab),
+            "rating": len(rating_vocab),
+            "category": len(category_vocab),
+            "user": sequences.height,
+        },
         "special_tokens": {"pad": PAD, "unk": UNK},
         "split": {
             "protocol": "leave-last-out by time: test = last event, valid = second last, train = the rest",

@@ -28,8 +28,14 @@ class SkipLog:
         self.examples: dict[str, list[str]] = {}
         self.warnings: list[str] = []
 
-    def add(self, reason: str, file: Path | str, line: int, detail: str,
-            lenient: str = "rerun without --strict to skip such rows") -> None:  # fmt: skip
+    def add(
+        self,
+        reason: str,
+        file: Path | str,
+        line: int,
+        detail: str,
+        lenient: str = "rerun without --strict to skip such rows",
+    ) -> None:
         """Record one malformed row at ``file:line`` (1-based). ``detail`` says the field and what was expected;
         ``lenient`` what the default mode would do instead (said under ``strict``)."""
         where = f"{file}:{line}"

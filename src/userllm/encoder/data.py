@@ -58,7 +58,11 @@ class Timelines:
         return len(self.lengths)
 
     def collate(
-        self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray, loss_from: np.ndarray | None = None,
+        self,
+        users: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        loss_from: np.ndarray | None = None,
         device: str | torch.device = "cpu",
     ) -> dict[str, Tensor]:
         """Windows ``[start, end)`` of each user's timeline, right-padded: (b, n) tensors.

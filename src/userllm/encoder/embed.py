@@ -34,8 +34,9 @@ from userllm.progress import progress_bar
 SHARD_USERS = 4096
 
 
-def embed_dataset(run: Path, dataset: Path, out: Path, *, force: bool = False, device: str = "cpu",
-                  batch_size: int = 256) -> dict:  # fmt: skip
+def embed_dataset(
+    run: Path, dataset: Path, out: Path, *, force: bool = False, device: str = "cpu", batch_size: int = 256
+) -> dict:
     """Embed every user of ``dataset`` with the best encoder of ``run`` into ``out`` (see module docstring)."""
     run, out = Path(run), Path(out)
     if out.exists() and not force:
@@ -44,10 +45,16 @@ def embed_dataset(run: Path, dataset: Path, out: Path, *, force: bool = False, d
     ds = PreparedDataset(dataset)
     tl = Timelines.from_dataset(ds, model.cfg.time_gap_buckets)
     manifest = {
-        "userllm_version": userllm.__version__, "run": str(run), "model_sha256": sha256(encoder_weights(run)),
-        "dataset": str(ds.root), "dataset_inputs": ds.manifest["inputs"], "users": tl.num_users,
-        "d_model": model.cfg.d_model, "max_len": model.cfg.max_len, "encoder": model.cfg.model_dump(mode="json"),
-    }  # fmt: skip
+        "userllm_version": userllm.__version__,
+        "run": str(run),
+        "model_sha256": sha256(encoder_weights(run)),
+        "dataset": str(ds.root),
+        "dataset_inputs": ds.manifest["inputs"],
+        "users": tl.num_users,
+        "d_model": model.cfg.d_model,
+        "max_len": model.cfg.max_len,
+        "encoder": model.cfg.model_dump(mode="json"),
+    }
     batches = []
     with progress_bar("users") as progress:
         task = progress.add_task("embedding users", total=tl.num_users)
@@ -70,10 +77,17 @@ def write_parquet(out: Path, batches: list, tl: Timelines, ds: PreparedDataset, 
     for users, h, mask, starts in batches:
         rows, cols = np.nonzero(mask.numpy())
         u, pos = users[rows], starts[rows] + cols
-        frames.append(pl.DataFrame({
-            "user_id": user_ids[u], "user_idx": u.astype(np.int32), "pos": pos.astype(np.int32),
-            "item_id": item_ids[tl.item[tl.offsets[u] + pos]], "embedding": h[rows, cols].numpy(),
-        }))  # fmt: skip
+        frames.append(
+            pl.DataFrame(
+                {
+                    "user_id": user_ids[u],
+                    "user_idx": u.astype(np.int32),
+                    "pos": pos.astype(np.int32),
+                    "item_id": item_ids[tl.item[tl.offsets[u] + pos]],
+                    "embedding": h[rows, cols].numpy(),
+                }
+            )
+        )
     table = pl.concat(frames)
     write_file_atomically(out, table.write_parquet)
     write_json(out.with_suffix(".manifest.json"), manifest)
@@ -90,12 +104,15 @@ def write_shards(out: Path, batches: list, manifest: dict, *, force: bool) -> in
         for k, group in enumerate(groups):
             width = max(h.shape[1] for _, h, _, _ in group)
             name = f"embeddings-{k:05d}.safetensors"
-            save_file({
-                "embeddings": torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for _, h, _, _ in group]),
-                "mask": torch.cat([F.pad(m.to(torch.uint8), (0, width - m.shape[1])) for _, _, m, _ in group]),
-                "user_idx": torch.from_numpy(np.concatenate([u for u, _, _, _ in group]).astype(np.int64)),
-                "start": torch.from_numpy(np.concatenate([s for _, _, _, s in group]).astype(np.int64)),
-            }, tmp / name)  # fmt: skip
+            save_file(
+                {
+                    "embeddings": torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for _, h, _, _ in group]),
+                    "mask": torch.cat([F.pad(m.to(torch.uint8), (0, width - m.shape[1])) for _, _, m, _ in group]),
+                    "user_idx": torch.from_numpy(np.concatenate([u for u, _, _, _ in group]).astype(np.int64)),
+                    "start": torch.from_numpy(np.concatenate([s for _, _, _, s in group]).astype(np.int64)),
+                },
+                tmp / name,
+            )
             index.append({"file": name, "users": [int(group[0][0][0]), int(group[-1][0][-1]) + 1]})
         (tmp / "index.json").write_text(json.dumps({"shards": index}, indent=2))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

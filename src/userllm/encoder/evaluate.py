@@ -35,7 +35,9 @@ TABLE_METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "m
 
 
 @torch.no_grad()
-def rank_split(score_fn, tl: Timelines, split: str, max_len: int, *, masked: bool, batch_size: int = 512) -> tuple[Tensor, np.ndarray]:
+def rank_split(
+    score_fn, tl: Timelines, split: str, max_len: int, *, masked: bool, batch_size: int = 512
+) -> tuple[Tensor, np.ndarray]:
     """Full-ranking ranks of each user's ``split`` target, and the user's history length before it.
 
     ``score_fn(users, starts, ends) -> (b, V)`` scores all items after the window ``[start, end)``. Padding
@@ -70,7 +72,9 @@ def encoder_scores(model: UserEncoder, tl: Timelines, device: str):
     return score
 
 
-def evaluate_split(model: UserEncoder, tl: Timelines, split: str, device: str, masked: bool = False) -> dict[str, float]:
+def evaluate_split(
+    model: UserEncoder, tl: Timelines, split: str, device: str, masked: bool = False
+) -> dict[str, float]:
     ranks, _ = rank_split(encoder_scores(model, tl, device), tl, split, model.cfg.max_len, masked=masked)
     return ranking_metrics(ranks)
 
@@ -97,7 +101,8 @@ def evaluate_scorer(score_fn, tl: Timelines, max_len: int) -> dict:
                 sel = (history >= lo) & (history < (hi if hi is not None else np.inf))
                 if sel.any():
                     entry["by_history_length"][bucket_name(lo, hi)] = {
-                        "users": int(sel.sum()), **ranking_metrics(ranks[torch.from_numpy(sel)])
+                        "users": int(sel.sum()),
+                        **ranking_metrics(ranks[torch.from_numpy(sel)]),
                     }
             out[f"{split}/{variant}"] = entry
     return out
@@ -113,8 +118,9 @@ def evaluate_run(run: Path, *, compare: list[Path] = (), dataset: Path | None = 
     models: dict[str, tuple[str, object]] = {}
     models["popularity"] = ("-", popularity_scores(tl, model.cfg.num_items))
     torch.manual_seed(cfg.get("seed", 0))
-    random_model = UserEncoder(model.cfg, item_categories=model.embed.item_categories,
-                               item_text=model.embed.item_text).to(device)  # fmt: skip
+    random_model = UserEncoder(
+        model.cfg, item_categories=model.embed.item_categories, item_text=model.embed.item_text
+    ).to(device)
     models["random-init encoder"] = (describe(random_model), encoder_scores(random_model, tl, device))
     models[f"{run.name} (this run)"] = (describe(model), encoder_scores(model, tl, device))
     for other in compare:
@@ -123,9 +129,15 @@ def evaluate_run(run: Path, *, compare: list[Path] = (), dataset: Path | None = 
     results, t0 = {}, time.perf_counter()
     for name, (desc, score_fn) in models.items():
         results[name] = {"model": desc, **evaluate_scorer(score_fn, tl, model.cfg.max_len)}
-    report = {"dataset": str(ds.root), "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
-              "users": tl.num_users, "items": model.cfg.num_items - 2, "max_history": model.cfg.max_len,
-              "results": results, "eval_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    report = {
+        "dataset": str(ds.root),
+        "protocol": __doc__.split("\n\n")[1].replace("\n", " "),
+        "users": tl.num_users,
+        "items": model.cfg.num_items - 2,
+        "max_history": model.cfg.max_len,
+        "results": results,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json(run / "metrics.json", report)
     write_text_atomically(run / "metrics.md", markdown(report))
     return report
@@ -138,11 +150,18 @@ def describe(model: UserEncoder) -> str:
 
 def markdown(report: dict) -> str:
     """Tables of test metrics (unmasked and masked), valid NDCG@10, and the run's history-length breakdown."""
-    lines = [f"Dataset `{report['dataset']}`: {report['users']:,} users, {report['items']:,} items, "
-             f"history window {report['max_history']}, full ranking.", ""]  # fmt: skip
+    lines = [
+        f"Dataset `{report['dataset']}`: {report['users']:,} users, {report['items']:,} items, "
+        f"history window {report['max_history']}, full ranking.",
+        "",
+    ]
     for split in SPLITS:
-        lines += [f"### {split}", "", "| model | variant | " + " | ".join(TABLE_METRICS) + " |",
-                  "|---|---|" + "---|" * len(TABLE_METRICS)]  # fmt: skip
+        lines += [
+            f"### {split}",
+            "",
+            "| model | variant | " + " | ".join(TABLE_METRICS) + " |",
+            "|---|---|" + "---|" * len(TABLE_METRICS),
+        ]
         for name, res in report["results"].items():
             for variant in VARIANTS:
                 m = res[f"{split}/{variant}"]["all"]
@@ -150,8 +169,12 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {label} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |")
         lines.append("")
     this = next(k for k in report["results"] if k.endswith("(this run)"))
-    lines += [f"### test NDCG@10 by history length ({this})", "", "| events before target | users | unmasked | masked |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"### test NDCG@10 by history length ({this})",
+        "",
+        "| events before target | users | unmasked | masked |",
+        "|---|---|---|---|",
+    ]
     un, ma = (report["results"][this][f"test/{v}"]["by_history_length"] for v in VARIANTS)
     for bucket, m in un.items():
         lines.append(f"| {bucket} | {m['users']} | {m['ndcg@10']:.4f} | {ma[bucket]['ndcg@10']:.4f} |")

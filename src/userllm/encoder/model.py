@@ -76,7 +76,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             start = k.shape[2] - n  # new queries sit at positions start..start+n-1
-            dist = start + torch.arange(n, device=x.device)[:, None] - torch.arange(k.shape[2], device=x.device)[None, :]
+            dist = (
+                start + torch.arange(n, device=x.device)[:, None] - torch.arange(k.shape[2], device=x.device)[None, :]
+            )
             mask = dist >= 0  # (n, length)
             if self.slopes is not None:  # (H, n, length): -slope x distance where allowed, -inf elsewhere
                 bias = -self.slopes.to(q.dtype)[:, None, None] * dist.to(q.dtype)
@@ -105,15 +107,26 @@ class CausalTransformer(nn.Module):
     """Input projection, positions (learned embeddings, or ALiBi biases inside attention), causal blocks, final
     LayerNorm: (b, n, d_in) -> (b, n, d_model)."""
 
-    def __init__(self, *, d_in: int, d_model: int, n_layers: int, n_heads: int, dropout: float, max_len: int,
-                 positions: str = "learned"):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        d_in: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        dropout: float,
+        max_len: int,
+        positions: str = "learned",
+    ):
         super().__init__()
         self.max_len = max_len
         self.proj = nn.Linear(d_in, d_model) if d_in != d_model else nn.Identity()
         self.pos = nn.Embedding(max_len, d_model) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model=d_model, n_heads=n_heads, dropout=dropout, alibi=positions == "alibi")
-                                    for _ in range(n_layers))  # fmt: skip
+        self.blocks = nn.ModuleList(
+            Block(d_model=d_model, n_heads=n_heads, dropout=dropout, alibi=positions == "alibi")
+            for _ in range(n_layers)
+        )
         self.ln_f = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, past: list[KV | None] | None = None, start: int = 0) -> tuple[Tensor, list[KV]]:
@@ -202,8 +215,14 @@ class UserEncoder(nn.Module):
             raise ValueError("EncoderConfig.num_items must be set from the dataset (items + 2 specials)")
         self.cfg = cfg
         self.embed = EventFeatures(cfg, item_categories, item_text)
-        kw = dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, dropout=cfg.dropout,
-                  max_len=cfg.max_len, positions=cfg.positions)  # fmt: skip
+        kw = dict(
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            dropout=cfg.dropout,
+            max_len=cfg.max_len,
+            positions=cfg.positions,
+        )
         if cfg.fusion == "early":
             self.stacks = nn.ModuleDict({"fused": CausalTransformer(d_in=len(cfg.features) * cfg.d_feature, **kw)})
             self.fuse = nn.Identity()
@@ -304,4 +323,3 @@ class UserEncoder(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-

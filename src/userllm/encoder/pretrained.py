@@ -37,7 +37,9 @@ def encoder_inputs(ds: PreparedDataset, cfg: EncoderConfig) -> tuple[EncoderConf
         table[i, : len(c)] = torch.tensor(c)
     table[:2] = 0  # padding and unknown items have no categories
     vs = ds.manifest["vocab_sizes"]
-    cfg = cfg.model_copy(update={"num_items": vs["item"], "num_ratings": vs["rating"], "num_categories": vs["category"]})
+    cfg = cfg.model_copy(
+        update={"num_items": vs["item"], "num_ratings": vs["rating"], "num_categories": vs["category"]}
+    )
     return cfg, table
 
 
@@ -56,7 +58,9 @@ def item_text_table(path: Path | None, cfg: EncoderConfig) -> Tensor | None:
     return torch.from_numpy(table.astype(np.float32))
 
 
-def build_encoder(ds: PreparedDataset, cfg: EncoderConfig, seed: int, item_text_path: Path | None = None) -> UserEncoder:
+def build_encoder(
+    ds: PreparedDataset, cfg: EncoderConfig, seed: int, item_text_path: Path | None = None
+) -> UserEncoder:
     cfg, cats = encoder_inputs(ds, cfg)
     text = item_text_table(item_text_path, cfg)
     if text is not None:
@@ -92,7 +96,9 @@ def load_encoder(path: Path, device: str = "cpu") -> UserEncoder:
 
 
 @torch.no_grad()
-def encode_latest(model: UserEncoder, tl: Timelines, users: np.ndarray, device: str = "cpu") -> tuple[Tensor, Tensor, np.ndarray]:
+def encode_latest(
+    model: UserEncoder, tl: Timelines, users: np.ndarray, device: str = "cpu"
+) -> tuple[Tensor, Tensor, np.ndarray]:
     """Embeddings (u, n, d) and mask (u, n) of the last ``max_len`` events of ``users`` (indices into ``tl``),
     and each window's start in its timeline."""
     ends = tl.lengths[users]
@@ -131,8 +137,10 @@ class EncoderRun:
     def embed(self, user_ids: list[str]) -> dict[str, Tensor]:
         """Each user's per-event embeddings (n, d_model) over their last ``max_len`` events, oldest first."""
         if self.dataset is None:
-            raise InputError("this encoder has no dataset to read timelines from; load a `userllm pretrain` run "
-                             "whose prepared dataset is in place")  # fmt: skip
+            raise InputError(
+                "this encoder has no dataset to read timelines from; load a `userllm pretrain` run "
+                "whose prepared dataset is in place"
+            )
         ids = self.dataset.sequences.get_column("user_id").to_list()
         index = {u: i for i, u in enumerate(ids)}
         missing = [u for u in user_ids if u not in index]

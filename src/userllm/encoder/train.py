@@ -30,16 +30,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from userllm.config import PretrainConfig, dump_config, save_config
 from userllm.data.dataset import PreparedDataset
-from userllm.encoder.data import Timelines, train_windows
 from userllm.distributed import barrier, setup_distributed
-from userllm.errors import ConfigError
+from userllm.encoder.data import Timelines, train_windows
 from userllm.encoder.evaluate import evaluate_split
 from userllm.encoder.model import UserEncoder
 from userllm.encoder.pretrained import build_encoder, save_encoder
+from userllm.errors import ConfigError
 from userllm.io import runtime, start_run, state_hash, write_dir_atomically, write_json
 from userllm.precision import autocast
-from userllm.schedule import lr_lambda
 from userllm.progress import progress_bar
+from userllm.schedule import lr_lambda
 
 MARKER = "config.json"
 
@@ -86,7 +86,9 @@ def _save_checkpoint(out: Path, model: UserEncoder, opt, sched, ema, state: dict
     def write(tmp: Path) -> None:
         save_encoder(model, tmp)
         extra = {"ema": ema.state_dict()} if ema is not None else {}
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **extra, **state}, tmp / "train_state.pt")
+        torch.save(
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **extra, **state}, tmp / "train_state.pt"
+        )
 
     write_dir_atomically(out / "checkpoint", write, force=True, marker=MARKER)
 
@@ -123,8 +125,10 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
         opt.load_state_dict(saved.pop("optimizer"))
         sched.load_state_dict(saved.pop("scheduler"))
         if (ema is None) != ("ema" not in saved):
-            raise ConfigError(f"{ckpt} was written with ema_decay {'0' if ema is not None else '> 0'}: resume with the "
-                              "run's own ema_decay (see its config.json)")  # fmt: skip
+            raise ConfigError(
+                f"{ckpt} was written with ema_decay {'0' if ema is not None else '> 0'}: resume with the "
+                "run's own ema_decay (see its config.json)"
+            )
         if ema is not None:
             ema.load_state_dict(saved.pop("ema"))
         state = saved
@@ -156,12 +160,20 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
                 if ema is not None:
                     ema.update_parameters(model)
                 losses.append(loss.item())
-                progress.update(task, advance=int(scored[idx].sum()), description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}")
+                progress.update(
+                    task,
+                    advance=int(scored[idx].sum()),
+                    description=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.3f}",
+                )
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
-            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
-                      "train_seconds": round(state["train_seconds"], 2),
-                      "events_per_s": round(int(scored[order].sum()) * world / seconds)}  # fmt: skip
+            record = {
+                "epoch": epoch + 1,
+                "loss": float(np.mean(losses)),
+                "lr": sched.get_last_lr()[0],
+                "train_seconds": round(state["train_seconds"], 2),
+                "events_per_s": round(int(scored[order].sum()) * world / seconds),
+            }
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 best = model if ema is None else ema.module  # what is validated and saved as the run's model
                 valid = evaluate_split(best, tl, "valid", device)
@@ -169,7 +181,9 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
                 if valid["ndcg@10"] > state["best_ndcg10"]:
                     state.update(best_ndcg10=valid["ndcg@10"], best_epoch=epoch + 1, bad_epochs=0)
                     if rank == 0:
-                        write_dir_atomically(out / "model", lambda tmp: save_encoder(best, tmp), force=True, marker=MARKER)
+                        write_dir_atomically(
+                            out / "model", lambda tmp: save_encoder(best, tmp), force=True, marker=MARKER
+                        )
                 else:
                     state["bad_epochs"] += 1
             state["history"].append(record)
@@ -184,10 +198,14 @@ def pretrain(cfg: PretrainConfig, *, epochs_this_run: int | None = None) -> dict
             if cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s:
                 break
     summary = {
-        "epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_valid_ndcg@10": state["best_ndcg10"],
-        "train_seconds": round(state["train_seconds"], 2), "parameters": model.num_parameters(),
-        "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience, "runtime": runtime(),
-    }  # fmt: skip
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "best_valid_ndcg@10": state["best_ndcg10"],
+        "train_seconds": round(state["train_seconds"], 2),
+        "parameters": model.num_parameters(),
+        "finished": state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience,
+        "runtime": runtime(),
+    }
     if world > 1:  # every replica must hold the same weights; record each one's hash to prove it
         hashes = [None] * world
         dist.all_gather_object(hashes, state_hash(model))

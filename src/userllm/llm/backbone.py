@@ -25,11 +25,19 @@ SMOLLM2_LABEL = "SmolLM2-135M-Instruct (Q4_1)"
 
 # model_type -> dotted path of the decoder layer list
 DECODER_LAYERS = {
-    "llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "qwen3": "model.layers",
-    "gemma": "model.layers", "gemma2": "model.layers", "gemma3_text": "model.layers",
-    "gemma3": "model.language_model.layers", "phi3": "model.layers", "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers",
-}  # fmt: skip
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "phi3": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
 
 
 @dataclass
@@ -104,8 +112,9 @@ def load_tokenizer(name_or_path: str = DEFAULT_BACKBONE):
     return tokenizer
 
 
-def load_backbone(name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32,
-                  device: str = "cpu") -> Backbone:  # fmt: skip
+def load_backbone(
+    name_or_path: str = DEFAULT_BACKBONE, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Backbone:
     """Load the default SmolLM2, a local model directory, or a hub id, in eval mode."""
     from transformers import AutoModelForCausalLM
 

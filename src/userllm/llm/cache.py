@@ -3,7 +3,7 @@
 The user's side of a User-LLM request (encoder -> projector (+ item words) -> Perceiver -> cross-attention keys/values)
 does not depend on the question asked. The cache keeps, per user, the events it was computed from, the
 encoder's outputs and its key/value state, the context the LLM reads and every cross-attention block's
-keys/values (:class:`~userllm.llm.model.UserContext`). A request for the same events is a hit and skips
+keys/values (:class:`~userllm.llm.base.UserContext`). A request for the same events is a hit and skips
 all user-side work; a request whose events extend the cached ones appends only the new events with the
 encoder's incremental update (cost linear in the history), recomputing only what depends on all events
 (the Perceiver latents, the encoder's candidates, and their keys/values); anything else is recomputed. Timelines longer than the
@@ -37,10 +37,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from userllm.encoder.model import EncoderState
-from userllm.io import state_hash
-from userllm.io import write_json
+from userllm.io import state_hash, write_json
+from userllm.llm.base import UserContext
 from userllm.llm.connectors import ContextKV
-from userllm.llm.model import UserContext, UserLLM
+from userllm.llm.model import UserLLM
 from userllm.precision import autocast
 
 EVENT_KEYS = ("item", "rating", "time_gap")
@@ -99,7 +99,7 @@ class UserContextCache:
         out: dict[str, UserContext] = {}
         misses: dict[int, list[tuple[str, dict[str, Tensor]]]] = {}  # timeline length -> users to compute
         for user, events in timelines.items():
-            events = {k: events[k][:, -self.model.encoder.cfg.max_len:] for k in EVENT_KEYS}
+            events = {k: events[k][:, -self.model.encoder.cfg.max_len :] for k in EVENT_KEYS}
             entry = self.entries.get(user) if user in self.entries else self._load(user)
             if entry is not None:
                 n = entry["item"].shape[1]
@@ -161,8 +161,12 @@ class UserContextCache:
         h = torch.cat([entry["h"], h_new], 1)
         if self.model.perceiver is None and self.model.candidates is None:  # per-event context: only the new events
             ctx_new = self.model.event_context(h_new, new["item"])
-            out = {**events, "h": h, "ctx": torch.cat([entry["ctx"], ctx_new], 1),
-                   "mask": torch.cat([entry["mask"], new["item"] > 0], 1)}  # fmt: skip
+            out = {
+                **events,
+                "h": h,
+                "ctx": torch.cat([entry["ctx"], ctx_new], 1),
+                "mask": torch.cat([entry["mask"], new["item"] > 0], 1),
+            }
             for key, block in self.model.xattn.items():
                 k, v = block.attn.context_kv(ctx_new)
                 out[f"kv.{key}.k"] = torch.cat([entry[f"kv.{key}.k"], k], 2)
@@ -180,8 +184,12 @@ class UserContextCache:
 
     @staticmethod
     def _state_tensors(state: EncoderState) -> dict[str, Tensor]:
-        return {f"enc.{stack}.{i}.{j}": t for stack, layers in state.kv.items() for i, kv in enumerate(layers)
-                for j, t in enumerate(kv)}  # fmt: skip
+        return {
+            f"enc.{stack}.{i}.{j}": t
+            for stack, layers in state.kv.items()
+            for i, kv in enumerate(layers)
+            for j, t in enumerate(kv)
+        }
 
     @staticmethod
     def _encoder_state(entry: dict[str, Tensor]) -> EncoderState:
@@ -195,8 +203,11 @@ class UserContextCache:
 
     @staticmethod
     def _context(entry: dict[str, Tensor]) -> UserContext:
-        kv = {name.split(".")[1]: ContextKV(entry[name], entry[name[:-1] + "v"]) for name in entry
-              if name.startswith("kv.") and name.endswith(".k")}  # fmt: skip
+        kv = {
+            name.split(".")[1]: ContextKV(entry[name], entry[name[:-1] + "v"])
+            for name in entry
+            if name.startswith("kv.") and name.endswith(".k")
+        }
         return UserContext(entry["ctx"], entry["mask"], kv)
 
     def _store(self, user: str, entry: dict[str, Tensor]) -> UserContext:
@@ -215,7 +226,7 @@ class UserContextCache:
         try:
             with safe_open(self.dir / info["shard"], framework="pt") as f:
                 prefix = f"{info['slot']}/"
-                entry = {name[len(prefix):]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
+                entry = {name[len(prefix) :]: f.get_tensor(name) for name in f.keys() if name.startswith(prefix)}
         except Exception:  # missing or unreadable shard: recompute, never serve
             self.stats["corrupt"] += 1
             return None
@@ -237,8 +248,13 @@ class UserContextCache:
             for slot, user in enumerate(sorted(self.dirty)):
                 entry = self.entries[user]
                 tensors |= {f"{slot}/{name}": t.contiguous() for name, t in entry.items()}
-                self.index[user] = {"shard": shard, "slot": slot, "events": int(entry["item"].shape[1]),
-                                    "checksum": checksum(entry), "fingerprint": self.fingerprint}  # fmt: skip
+                self.index[user] = {
+                    "shard": shard,
+                    "slot": slot,
+                    "events": int(entry["item"].shape[1]),
+                    "checksum": checksum(entry),
+                    "fingerprint": self.fingerprint,
+                }
             tmp = self.dir / f".{shard}.tmp"
             save_file(tensors, tmp)
             tmp.replace(self.dir / shard)

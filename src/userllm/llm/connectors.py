@@ -178,7 +178,9 @@ class MaskedCrossAttention(nn.Module):
         qk = torch.einsum("hed,bhne->bdhn", self.to_q.weight.view(h, e, -1), k).flatten(2) * e**-0.5
         ov = torch.einsum("bhne,dhe->bhnd", v, self.to_out.weight.view(-1, h, e)).flatten(1, 2)
         ov = ov.masked_fill(empty[:, None, None], 0.0)
-        bias = torch.zeros(real.shape, dtype=qk.dtype, device=qk.device).masked_fill(~real & ~empty[:, None], float("-inf"))
+        bias = torch.zeros(real.shape, dtype=qk.dtype, device=qk.device).masked_fill(
+            ~real & ~empty[:, None], float("-inf")
+        )
         return AbsorbedContext(qk, ov, bias[:, None, None, :])
 
     def forward(
@@ -265,7 +267,9 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        latents = self.latents[None].repeat(x.shape[0], 1, 1)  # a copy: a no-grad view of a parameter would still require grad
+        latents = self.latents[None].repeat(
+            x.shape[0], 1, 1
+        )  # a copy: a no-grad view of a parameter would still require grad
         for attn, ff in self.layers:
             latents = latents + attn(x, latents, mask)
             latents = latents + ff(latents)

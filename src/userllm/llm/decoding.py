@@ -36,7 +36,7 @@ def positions(mask: Tensor) -> Tensor:
 def llm_step(llm, embeds: Tensor, mask: Tensor, cache) -> tuple[Tensor, object]:
     """Run the new ``embeds`` (b, s, d) with the cache of everything before; ``mask`` (b, t) covers all t
     positions. Returns the last position's logits (b, V) in float32 and the updated cache."""
-    pos = positions(mask)[:, -embeds.shape[1]:]
+    pos = positions(mask)[:, -embeds.shape[1] :]
     keep = {"logits_to_keep": 1} if keeps_last_logits(llm) else {}  # no vocabulary projection of the whole prompt
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, **keep)
     return out.logits[:, -1].float(), out.cache
@@ -59,8 +59,9 @@ PER_ROW_PREFILL_FROM = 1024
 
 
 @torch.no_grad()
-def prefill(model, embeds: Tensor, mask: Tensor, *, copies: int = 1,
-            per_row_from: int = PER_ROW_PREFILL_FROM) -> list[tuple[Tensor, object]]:  # fmt: skip
+def prefill(
+    model, embeds: Tensor, mask: Tensor, *, copies: int = 1, per_row_from: int = PER_ROW_PREFILL_FROM
+) -> list[tuple[Tensor, object]]:
     """Run the prefix (embeds (b, t, d), mask (b, t)) once: ``copies`` independent ``(logits (b, V), cache)``
     pairs for :func:`iter_tokens` / :func:`constrained_beam_search` (``prefilled=``), so that two decodings
     of one long prompt (e.g. TP's beam search and its greedy answer) pay for its prefill once. From
@@ -81,8 +82,14 @@ def prefill(model, embeds: Tensor, mask: Tensor, *, copies: int = 1,
         logits, cache = torch.cat([row[0] for row in rows]), rows[0][1]
         for i, layer in enumerate(cache.layers):  # (1, heads, n, head dim) per row -> (b, heads, t, head dim)
             layer.keys, layer.values = (
-                torch.cat([nn.functional.pad(getattr(row[1].layers[i], part), (0, 0, t - n, 0)) for row, n in zip(rows, lengths)])
-                for part in ("keys", "values"))  # fmt: skip
+                torch.cat(
+                    [
+                        nn.functional.pad(getattr(row[1].layers[i], part), (0, 0, t - n, 0))
+                        for row, n in zip(rows, lengths)
+                    ]
+                )
+                for part in ("keys", "values")
+            )
     return [(logits, cache)] + [(logits, copy.deepcopy(cache)) for _ in range(copies - 1)]
 
 
@@ -90,8 +97,14 @@ def _append(mask: Tensor) -> Tensor:
     return torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
 
 
-def sample_token(logits: Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+def sample_token(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """One token per row of ``logits`` (b, V): the argmax at ``temperature`` 0, else a draw from
     softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0: all) and to the smallest
     set whose probability reaches ``top_p`` (nucleus sampling; 1: all)."""
@@ -110,9 +123,18 @@ def sample_token(logits: Tensor, *, temperature: float = 1.0, top_p: float = 1.0
 
 
 @torch.no_grad()
-def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: int = 32,
-                eos_token_id: int | None = None, pad_token_id: int = 0, use_cache: bool = True,
-                prefilled: tuple[Tensor, object] | None = None) -> Iterator[Tensor]:  # fmt: skip
+def iter_tokens(
+    model,
+    embeds: Tensor,
+    mask: Tensor,
+    choose,
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    use_cache: bool = True,
+    prefilled: tuple[Tensor, object] | None = None,
+) -> Iterator[Tensor]:
     """The new tokens (b,) after the prefix, one step at a time; ``choose(logits (b, V)) -> tokens (b,)``.
     After ``eos_token_id`` a row emits ``pad_token_id``; it stops when every row has ended or after
     ``max_new_tokens`` (a caller may stop earlier: e.g. a server streaming rows with their own limits).
@@ -125,7 +147,9 @@ def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: 
         if step == 0 and prefilled is not None:
             logits, cache = prefilled
         elif use_cache:
-            logits, cache = llm_step(llm, step_embeds, mask, cache) if cache is not None else prefill(model, embeds, mask)[0]
+            logits, cache = (
+                llm_step(llm, step_embeds, mask, cache) if cache is not None else prefill(model, embeds, mask)[0]
+            )
         else:
             logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
             logits = logits.logits[:, -1].float()
@@ -141,17 +165,38 @@ def iter_tokens(model, embeds: Tensor, mask: Tensor, choose, *, max_new_tokens: 
 
 
 @torch.no_grad()
-def generate_tokens(model, embeds: Tensor, mask: Tensor, *, max_new_tokens: int = 32, do_sample: bool = False,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-                    pad_token_id: int = 0, use_cache: bool = True, generator: torch.Generator | None = None,
-                    prefilled: tuple[Tensor, object] | None = None) -> Tensor:  # fmt: skip
+def generate_tokens(
+    model,
+    embeds: Tensor,
+    mask: Tensor,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    prefilled: tuple[Tensor, object] | None = None,
+) -> Tensor:
     """New tokens (b, <= max_new_tokens) after the prefix: greedy, or sampling with temperature / top-k /
     top-p (:func:`sample_token`); see :func:`iter_tokens` (and its ``prefilled``). ``use_cache=False``
     recomputes the whole sequence at every step (slow; for checking the cache)."""
     t = temperature if do_sample else 0.0
     choose = lambda logits: sample_token(logits, temperature=t, top_p=top_p, top_k=top_k, generator=generator)  # noqa: E731
-    steps = iter_tokens(model, embeds, mask, choose, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, use_cache=use_cache, prefilled=prefilled)  # fmt: skip
+    steps = iter_tokens(
+        model,
+        embeds,
+        mask,
+        choose,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=use_cache,
+        prefilled=prefilled,
+    )
     return torch.stack(list(steps), 1)
 
 
@@ -185,9 +230,16 @@ class TokenTrie:
 
 
 @torch.no_grad()
-def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie | Sequence[TokenTrie], *,
-                            beams: int, max_steps: int | None = None,
-                            prefilled: tuple[Tensor, object] | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+def constrained_beam_search(
+    model,
+    embeds: Tensor,
+    mask: Tensor,
+    trie: TokenTrie | Sequence[TokenTrie],
+    *,
+    beams: int,
+    max_steps: int | None = None,
+    prefilled: tuple[Tensor, object] | None = None,
+) -> list[list[tuple[int, float]]]:
     """The ``beams`` most likely complete trie sequences for each prefix: per row ``[(index, log p), ...]``,
     best first. Every answer is a sequence of the trie (e.g. a real catalogue title). ``trie`` is one trie
     for every row, or one per row (e.g. each user's shortlist; the tries share ``eos_token_id``); with at
@@ -244,8 +296,10 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
             node, score = new_node, new_score
             # stop when every row has k answers that no live beam can beat (scores only fall)
             best_live = score.view(b, k).max(1).values
-            if all(best_live[i] == float("-inf") or (len(f) >= k and sorted(f, reverse=True)[k - 1][0] >= best_live[i])
-                   for i, f in enumerate(finished)):  # fmt: skip
+            if all(
+                best_live[i] == float("-inf") or (len(f) >= k and sorted(f, reverse=True)[k - 1][0] >= best_live[i])
+                for i, f in enumerate(finished)
+            ):
                 break
             cache.reorder_cache(source.to(device))
             mask = _append(mask)
@@ -255,8 +309,15 @@ def constrained_beam_search(model, embeds: Tensor, mask: Tensor, trie: TokenTrie
 
 
 @torch.no_grad()
-def rank_sequences(model, embeds: Tensor, mask: Tensor, sequences: Sequence[Sequence[Sequence[int]]], *,
-                   eos_token_id: int, prefilled: tuple[Tensor, object] | None = None) -> list[list[tuple[int, float]]]:  # fmt: skip
+def rank_sequences(
+    model,
+    embeds: Tensor,
+    mask: Tensor,
+    sequences: Sequence[Sequence[Sequence[int]]],
+    *,
+    eos_token_id: int,
+    prefilled: tuple[Tensor, object] | None = None,
+) -> list[list[tuple[int, float]]]:
     """Every sequence of each prefix row, ranked exactly: per row ``[(index, log p), ...]`` over all of
     ``sequences[row]``, best first, where log p is the teacher-forced log-probability of the sequence followed
     by ``eos_token_id`` after the prefix (embeds (b, t, d), mask (b, t)): the score
@@ -291,8 +352,13 @@ def rank_sequences(model, embeds: Tensor, mask: Tensor, sequences: Sequence[Sequ
     seen = torch.cat([mask.bool().cpu()[:, None, :].expand(b, w, t), own], 2)[:, None]  # (b, 1, w, t + w)
     bias = torch.zeros(seen.shape, dtype=embeds.dtype).masked_fill(~seen, torch.finfo(embeds.dtype).min)
     pos = positions(mask)[:, -1:] + 1 + offset.to(device)
-    out = llm(inputs_embeds=embed(tokens.to(device)), attention_mask=bias.to(device), position_ids=pos, cache=cache,
-              use_cache=True).logits.float()  # fmt: skip
+    out = llm(
+        inputs_embeds=embed(tokens.to(device)),
+        attention_mask=bias.to(device),
+        position_ids=pos,
+        cache=cache,
+        use_cache=True,
+    ).logits.float()
     later = (out.gather(2, target.to(device)[..., None])[..., 0] - out.logsumexp(-1)).cpu()  # (b, w)
     ranked = []
     for r, row in enumerate(sequences):

@@ -25,7 +25,8 @@ from types import SimpleNamespace
 
 from torch import nn
 
-from userllm.llm.model import ConditionedLM, UserLLM
+from userllm.llm.base import ConditionedLM
+from userllm.llm.model import UserLLM
 
 GATED_MLP = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 
@@ -36,8 +37,9 @@ def llm_forward_flops(c, s: int, S: int) -> int:
     return c.num_hidden_layers * (s * per_token + 4 * s * S * c.hidden_size) + 2 * c.hidden_size * c.vocab_size
 
 
-def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, new_tokens: int,
-                   absorb: bool = True) -> dict[str, int] | None:  # fmt: skip
+def analytic_flops(
+    model: ConditionedLM, *, n_events: int, prompt_tokens: int, new_tokens: int, absorb: bool = True
+) -> dict[str, int] | None:
     """{"prefill", "generate"} FLOPs of one request by the module formula; None for backbones outside
     the Llama-style (gated MLP) families. ``absorb=False``: the keys/values are never absorbed (training)."""
     cfg = model.llm.config
@@ -45,14 +47,21 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
         return None
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    c = SimpleNamespace(hidden_size=cfg.hidden_size, d_kv=cfg.num_key_value_heads * head_dim, num_hidden_layers=cfg.num_hidden_layers,
-                        intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size)  # fmt: skip
+    c = SimpleNamespace(
+        hidden_size=cfg.hidden_size,
+        d_kv=cfg.num_key_value_heads * head_dim,
+        num_hidden_layers=cfg.num_hidden_layers,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+    )
     d, user, m, blocks, r, absorbed = cfg.hidden_size, 0, 0, 0, 0, False
     if isinstance(model, UserLLM):
         e = model.encoder.cfg
         d_in = len(e.features) * e.d_feature
         n = n_events
-        user += n * (2 * d_in * e.d_model if d_in != e.d_model else 0) + e.n_layers * (n * 24 * e.d_model**2 + 4 * n * n * e.d_model)
+        user += n * (2 * d_in * e.d_model if d_in != e.d_model else 0) + e.n_layers * (
+            n * 24 * e.d_model**2 + 4 * n * n * e.d_model
+        )
         if "text" in e.features:
             user += 2 * n * e.text_dim * e.d_feature
         user += 2 * n * (e.d_model * d + d * d)
@@ -81,8 +90,6 @@ def analytic_flops(model: ConditionedLM, *, n_events: int, prompt_tokens: int, n
     prefill = user + llm_forward_flops(c, t, t) + xattn(t)
     generate = prefill + sum(llm_forward_flops(c, 1, t + j) + xattn(1) for j in range(1, new_tokens))
     return {"prefill": prefill, "generate": generate}
-
-
 
 
 def training_flops(model: ConditionedLM, *, n_events: int, tokens: int) -> int | None:

@@ -24,143 +24,21 @@ Example::
 from __future__ import annotations
 
 import json
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from userllm.config import EncoderConfig, UserLLMConfig, dump_config
 from userllm.encoder.model import UserEncoder, last_output
 from userllm.errors import InputError
-from userllm.io import write_dir_atomically
-from userllm.llm.backbone import base_model, decoder_layers
-from userllm.llm.connectors import (AbsorbedContext, ContextKV, EncoderCandidates, GatedCrossAttentionBlock, ItemWords,
-                                    PerceiverResampler, Projector)
-from userllm.llm.decoding import generate_tokens, positions
-from userllm.llm.quant import quantize_linears
-
-
-@dataclass
-class UserContext:
-    """The user side of a request, independent of the question asked: the context the LLM reads
-    ``ctx`` (b, m, d) with its ``mask`` (b, m), and in cross-attention mode each block's projected keys and
-    values ``kv[layer] = ContextKV(k, v)``, each (b, heads, m, d / heads) (or, while a call decodes, their
-    :class:`~userllm.llm.connectors.AbsorbedContext`)."""
-
-    ctx: Tensor
-    mask: Tensor
-    kv: dict[str, ContextKV | AbsorbedContext]
-
-    def select(self, rows: Tensor) -> UserContext:
-        """The context of ``rows`` (b',), indices into this batch, repeats allowed (e.g. each row once per beam)."""
-        pick = lambda x: x.index_select(0, rows.to(x.device))  # noqa: E731
-        return UserContext(pick(self.ctx), pick(self.mask), {key: t._make(map(pick, t)) for key, t in self.kv.items()})
-
-    @staticmethod
-    def stack(contexts: list[UserContext]) -> UserContext:
-        """One batch from single-user contexts (b = 1 each), right-padded to the longest (mask False)."""
-        m = max(c.ctx.shape[1] for c in contexts)
-
-        def pad(t: Tensor, dim: int) -> Tensor:
-            shape = list(t.shape)
-            shape[dim] = m - t.shape[dim]
-            return torch.cat([t, t.new_zeros(shape)], dim)
-
-        return UserContext(
-            torch.cat([pad(c.ctx, 1) for c in contexts]), torch.cat([pad(c.mask, 1) for c in contexts]),
-            {key: ContextKV(*(torch.cat([pad(c.kv[key][i], 2) for c in contexts]) for i in range(2))) for key in contexts[0].kv},
-        )  # fmt: skip
-
-
-def apply_llm_strategy(llm: nn.Module, cfg: UserLLMConfig) -> nn.Module:
-    """The backbone as the strategy trains it: all weights (``full``), LoRA adapters (``lora``, PEFT) or
-    frozen (``enc``, ``proj``). Returns the (possibly PEFT-wrapped) model."""
-    llm.requires_grad_(cfg.strategy == "full")
-    if cfg.strategy == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
-        with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated alias; nothing for a user to do
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            llm = get_peft_model(llm, lora)
-    return llm
-
-
-class ConditionedLM(nn.Module):
-    """What User-LLM and the text-prompt baseline share: generation, trainable groups, saving.
-
-    Subclasses set ``cfg``, ``llm`` and implement ``forward``, ``conditioned`` and ``context_rows``.
-    """
-
-    cfg: UserLLMConfig
-    llm: nn.Module
-    method = ""
-    trained_prefixes: tuple[str, ...] = ()  # state-dict prefixes saved under every strategy
-
-    def groups(self) -> dict[str, list[nn.Module]]:
-        return {"llm": [self.llm]}
-
-    def parameter_groups(self) -> dict[str, tuple[int, int]]:
-        """{group: (trainable, total)} parameter counts."""
-        params = {name: [p for m in modules for p in m.parameters()] for name, modules in self.groups().items()}
-        return {name: (sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)) for name, ps in params.items()}
-
-    @torch.no_grad()
-    def generate(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, *,
-                 context: UserContext | None = None, **kwargs) -> Tensor:  # fmt: skip
-        """New tokens (b, <= max_new_tokens) for left-padded prompts; keyword arguments as in
-        :func:`~userllm.llm.decoding.generate_tokens` (greedy or sampling, eos, KV cache on). A precomputed
-        ``context`` (User-LLM) skips all user-side work."""
-        was_training = self.training
-        self.eval()
-        try:
-            with self.conditioned(user_batch, input_ids, attention_mask, context=context) as (embeds, mask):
-                return generate_tokens(self, embeds, mask, **kwargs)
-        finally:
-            self.train(was_training)
-
-    def trained_state_dict(self) -> dict[str, Tensor]:
-        """What this strategy trains: ``trained_prefixes``; LoRA weights under ``lora``; the LLM's weights
-        only under ``full``."""
-        s, out, seen = self.cfg.strategy, {}, set()
-        for name, t in self.state_dict().items():
-            if name.startswith(self.trained_prefixes) or (s == "full" and name.startswith("llm.")) or (s == "lora" and "lora_" in name):
-                where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-                if where not in seen:  # tied weights (e.g. embeddings = LM head) are saved once and load into both
-                    seen.add(where)
-                    out[name] = t.detach().contiguous()
-        return out
-
-    def save_config(self) -> dict:
-        return {"method": self.method, "userllm": dump_config(self.cfg)}
-
-    def write(self, directory: Path, *, extra: dict | None = None) -> None:
-        """``directory/userllm.safetensors`` (trained weights) + ``directory/userllm.json`` (configs)."""
-        save_file(self.trained_state_dict(), Path(directory) / "userllm.safetensors")
-        (Path(directory) / "userllm.json").write_text(json.dumps({**self.save_config(), **(extra or {})}, indent=2))
-
-    def save(self, path: Path, *, extra: dict | None = None) -> None:
-        """:meth:`write` to ``path`` atomically (a temporary directory renamed into place)."""
-        write_dir_atomically(Path(path), lambda tmp: self.write(tmp, extra=extra), force=True, marker="userllm.json")
-
-    def load_trained(self, path: Path, state: dict[str, Tensor]) -> None:
-        """Load saved trained weights; every saved tensor must find its parameter."""
-        missing = set(state) - set(self.state_dict())
-        if missing:
-            raise InputError(f"{path}: saved weights do not fit this backbone: {sorted(missing)[:5]}")
-        self.load_state_dict(state, strict=False)
-
-    def quantize_backbone(self) -> dict:
-        """For serving: the backbone's decoder layers as 4-bit weights, in place (:mod:`userllm.llm.quant`;
-        LoRA adapters, connectors and the LM head stay float). No training afterwards. Returns the report of
-        :func:`~userllm.llm.quant.quantize_linears`."""
-        return quantize_linears(decoder_layers(base_model(self.llm), self.cfg.decoder_layers_path))
+from userllm.llm.backbone import decoder_layers
+from userllm.llm.base import ConditionedLM, UserContext, apply_llm_strategy
+from userllm.llm.connectors import EncoderCandidates, GatedCrossAttentionBlock, ItemWords, PerceiverResampler, Projector
+from userllm.llm.decoding import positions
 
 
 class UserLLM(ConditionedLM):
@@ -168,8 +46,9 @@ class UserLLM(ConditionedLM):
 
     method = "userllm"
 
-    def __init__(self, cfg: UserLLMConfig, *, encoder: UserEncoder, llm: nn.Module,
-                 item_words: dict[str, Tensor] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: UserLLMConfig, *, encoder: UserEncoder, llm: nn.Module, item_words: dict[str, Tensor] | None = None
+    ) -> None:
         """``item_words``: for ``cfg.item_words`` (and ``title`` for ``cfg.candidates``), each feature's frozen (V, d)
         table (:class:`ItemWords`, :class:`EncoderCandidates`)."""
         super().__init__()
@@ -184,8 +63,9 @@ class UserLLM(ConditionedLM):
         self.candidates = EncoderCandidates(item_words["title"], cfg.candidates) if cfg.candidates else None
         self.perceiver = (
             PerceiverResampler(dim=d, num_latents=cfg.perceiver_latents, depth=cfg.perceiver_depth, heads=heads)
-            if cfg.perceiver_latents else None
-        )  # fmt: skip
+            if cfg.perceiver_latents
+            else None
+        )
         self.xattn = nn.ModuleDict()
         self._active: dict | None = None  # the user context of the call in progress, else None
         if cfg.mode == "cross_attention":
@@ -195,10 +75,11 @@ class UserLLM(ConditionedLM):
             if bad:
                 raise InputError(f"cross_attention_layers {bad} are outside 0..{len(layers) - 1}")
             for i in where:
-                self.xattn[str(i)] = GatedCrossAttentionBlock(dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init)
+                self.xattn[str(i)] = GatedCrossAttentionBlock(
+                    dim=d, heads=heads, ff_mult=cfg.ff_mult, gate_init=cfg.gate_init
+                )
                 layers[i].register_forward_pre_hook(partial(self._cross_attend, str(i)), with_kwargs=True)
         self._apply_strategy()
-
 
     # ----------------------------------------------------------------- training strategies
     def _apply_strategy(self) -> None:
@@ -209,10 +90,13 @@ class UserLLM(ConditionedLM):
         self.encoder.requires_grad_(self.cfg.strategy != "proj")
         self.llm = apply_llm_strategy(self.llm, self.cfg)
         self.trained_prefixes = ("projector.", "item_words.", "candidates.", "perceiver.", "xattn.") + (
-            ("encoder.",) if self.cfg.strategy != "proj" else ())  # fmt: skip
+            ("encoder.",) if self.cfg.strategy != "proj" else ()
+        )
 
     def connectors(self) -> list[nn.Module]:
-        return [m for m in (self.projector, self.item_words, self.candidates, self.perceiver, self.xattn) if m is not None]
+        return [
+            m for m in (self.projector, self.item_words, self.candidates, self.perceiver, self.xattn) if m is not None
+        ]
 
     @staticmethod
     def word_tables_needed(cfg: UserLLMConfig) -> list[str]:
@@ -222,7 +106,9 @@ class UserLLM(ConditionedLM):
     def groups(self) -> dict[str, list[nn.Module]]:
         return {
             "encoder": [self.encoder],
-            "projector+perceiver": [m for m in (self.projector, self.item_words, self.candidates, self.perceiver) if m is not None],
+            "projector+perceiver": [
+                m for m in (self.projector, self.item_words, self.candidates, self.perceiver) if m is not None
+            ],
             "cross-attention blocks": [self.xattn],
             "llm": [self.llm],
         }
@@ -253,8 +139,9 @@ class UserLLM(ConditionedLM):
             mask = torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
         return ctx, mask
 
-    def user_state(self, user_batch: dict[str, Tensor] | None = None, *, ctx: Tensor | None = None,
-                   mask: Tensor | None = None) -> UserContext:  # fmt: skip
+    def user_state(
+        self, user_batch: dict[str, Tensor] | None = None, *, ctx: Tensor | None = None, mask: Tensor | None = None
+    ) -> UserContext:
         """All the user-side work of a request, from the timelines (or from a given context and mask):
         the context, its mask, and in cross-attention mode every block's keys/values."""
         if ctx is None:
@@ -266,8 +153,12 @@ class UserLLM(ConditionedLM):
         """``context`` with each block's keys/values folded into its query and output projections where that
         saves FLOPs for a call of ``tokens`` prompt tokens (:meth:`~userllm.llm.connectors.MaskedCrossAttention.absorbs`;
         e.g. 16 Perceiver latents and a prompt of 21 tokens or more on SmolLM2). Exact."""
-        kv = {key: block.attn.absorb(context.kv[key], context.mask) if block.attn.absorbs(context.mask.shape[1], tokens)
-              else context.kv[key] for key, block in self.xattn.items()}  # fmt: skip
+        kv = {
+            key: block.attn.absorb(context.kv[key], context.mask)
+            if block.attn.absorbs(context.mask.shape[1], tokens)
+            else context.kv[key]
+            for key, block in self.xattn.items()
+        }
         return UserContext(context.ctx, context.mask, kv)
 
     @contextmanager
@@ -292,8 +183,9 @@ class UserLLM(ConditionedLM):
     def _embed_tokens(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 
-    def _soft_prompt(self, ctx: Tensor, ctx_mask: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                     labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    def _soft_prompt(
+        self, ctx: Tensor, ctx_mask: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """[context; tokens] with all padding moved to the left: embeds (b, n+t, d), mask, positions, labels."""
         tokens = self._embed_tokens()(input_ids)
         embeds = torch.cat([ctx.to(tokens.dtype), tokens], 1)
@@ -306,21 +198,38 @@ class UserLLM(ConditionedLM):
         return embeds, mask, positions(mask), labels
 
     # ----------------------------------------------------------------- forward / generate
-    def forward(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor,
-                labels: Tensor | None = None, *, context: UserContext | None = None):  # fmt: skip
+    def forward(
+        self,
+        user_batch: dict[str, Tensor] | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        *,
+        context: UserContext | None = None,
+    ):
         """The LLM's output for ``input_ids`` (b, t) conditioned on the users; ``.loss`` counts only labels != -100.
         A precomputed ``context`` (:meth:`user_state`, e.g. from a ``UserContextCache``) replaces ``user_batch``."""
         context = context if context is not None else self.user_state(user_batch)
         if self.cfg.mode == "cross_attention":
             with self._conditioned(context, input_ids.shape[1]):
-                return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                                labels=labels)  # fmt: skip
+                return self.llm(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=positions(attention_mask),
+                    labels=labels,
+                )
         embeds, mask, pos, labels = self._soft_prompt(context.ctx, context.mask, input_ids, attention_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
     @contextmanager
-    def conditioned(self, user_batch: dict[str, Tensor] | None, input_ids: Tensor, attention_mask: Tensor, *,
-                    context: UserContext | None = None):  # fmt: skip
+    def conditioned(
+        self,
+        user_batch: dict[str, Tensor] | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        context: UserContext | None = None,
+    ):
         """Decode under the users' context: yields the prefix (embeds (b, t, d), mask (b, t)) for
         :mod:`userllm.llm.decoding`; in cross-attention mode the blocks see the context until exit.
         A precomputed ``context`` skips all user-side work."""
@@ -359,50 +268,20 @@ class UserLLM(ConditionedLM):
         cfg = UserLLMConfig.model_validate(config["userllm"])
         state = load_file(path / "userllm.safetensors")
         if encoder is None and cfg.strategy == "proj":
-            raise InputError(f"{path} was trained with strategy 'proj', which does not save the frozen encoder; "
-                             "pass encoder=load_encoder(STAGE1_RUN)")  # fmt: skip
+            raise InputError(
+                f"{path} was trained with strategy 'proj', which does not save the frozen encoder; "
+                "pass encoder=load_encoder(STAGE1_RUN)"
+            )
         if encoder is None:
             enc_cfg = EncoderConfig.from_saved(config["encoder"])
-            encoder = UserEncoder(enc_cfg, item_categories=state["encoder.embed.item_categories"],
-                                  item_text=state["encoder.embed.item_text"])  # fmt: skip
+            encoder = UserEncoder(
+                enc_cfg,
+                item_categories=state["encoder.embed.item_categories"],
+                item_text=state["encoder.embed.item_text"],
+            )
         words = {name: state[f"item_words.table_{name}"] for name in cfg.item_words}
         if cfg.candidates:  # one title table serves both when both are on, and is saved once
             words["title"] = state.get("candidates.table_title", state.get("item_words.table_title"))
         model = cls(cfg, encoder=encoder, llm=llm, item_words=words)
         model.load_trained(path, state)
         return model
-
-
-class TextPromptLM(ConditionedLM):
-    """The text-prompt (TP) baseline: the backbone alone, reading the user's history written out as text in
-    its prompt. Trained like User-LLM's LLM (``full`` or ``lora``); ``user_batch`` arguments are ignored.
-
-    Example::
-
-        tp = TextPromptLM(UserLLMConfig(strategy="lora"), llm=backbone.model)
-        loss = tp(None, input_ids, attention_mask, labels).loss
-    """
-
-    method = "textprompt"
-
-    def __init__(self, cfg: UserLLMConfig, *, llm: nn.Module) -> None:
-        super().__init__()
-        if cfg.strategy not in ("full", "lora"):
-            raise InputError(f"the text-prompt baseline has no encoder or connectors to train: strategy must be full or "
-                             f"lora, got {cfg.strategy!r}")  # fmt: skip
-        self.cfg = cfg
-        self.llm = apply_llm_strategy(llm, cfg)
-
-    def forward(self, user_batch, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None):
-        return self.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                        labels=labels)  # fmt: skip
-
-    @contextmanager
-    def conditioned(self, user_batch, input_ids: Tensor, attention_mask: Tensor, *, context=None):
-        yield self.llm.get_input_embeddings()(input_ids), attention_mask.long()
-
-    @contextmanager
-    def context_rows(self, rows: Tensor):
-        """No user context besides the prompt, which lives in the KV cache."""
-        yield
-

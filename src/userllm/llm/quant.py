@@ -75,8 +75,12 @@ class Int4Linear(nn.Module):
 def quantizable(name: str, module: nn.Module, group: int = GROUP) -> bool:
     """A linear layer of the backbone's own weights (not a LoRA adapter's) whose inputs split into groups."""
     adapter = any(part.startswith("lora_") for part in name.split("."))
-    return (isinstance(module, nn.Linear) and not adapter and module.in_features % group == 0
-            and module.out_features % 16 == 0)  # fmt: skip
+    return (
+        isinstance(module, nn.Linear)
+        and not adapter
+        and module.in_features % group == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def quantize_linears(model: nn.Module, group: int = GROUP) -> dict:

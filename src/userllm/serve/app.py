@@ -40,103 +40,18 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from userllm.serve.engine import Engine, Job
+from userllm.serve.protocol import APIError, ChatRequest, EventsIn, ServeConfig, error_body
 
 USER_ID = re.compile(r"^[A-Za-z0-9._:@+\-]{1,128}$")
-
-
-@dataclass
-class ServeConfig:
-    """The server's settings (``userllm serve`` flags)."""
-
-    api_key: str | None = None
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
-    max_body_bytes: int = 1 << 20  # 1 MiB
-    max_events_per_request: int = 1000
-    max_tokens: int = 256  # the longest completion a request may ask for (and the default)
-    allow_unknown_users: bool = False  # answer a user without events (or no ``user``) unpersonalized
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
-               kind: str | None = None) -> dict:  # fmt: skip
-    kind = kind or ("server_error" if status >= 500 else "authentication_error" if status == 401 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# ----------------------------------------------------------------------------- request schemas
-class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    item_id: str = Field(min_length=1, max_length=128)
-    rating: float | None = Field(None, allow_inf_nan=False)
-    timestamp: int = Field(ge=0, le=32503680000, description="seconds since the Unix epoch")
-    text: str | None = Field(None, max_length=20000)
-    event_id: str | None = Field(None, min_length=1, max_length=128)
-
-    @field_validator("item_id", "event_id")
-    @classmethod
-    def _id(cls, v: str | None) -> str | None:
-        if v is not None and (v != v.strip() or not v.isprintable()):
-            raise ValueError("ids are printable text without surrounding spaces")
-        return v
-
-
-class EventsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    events: list[EventIn] = Field(min_length=1)
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatRequest(BaseModel):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    user: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    ignore_eos: bool = Field(False, description="(vLLM's extension) decode max_tokens tokens whatever the model says: for benchmarks")
 
 
 # ----------------------------------------------------------------------------- middleware
@@ -168,7 +83,9 @@ class Guard:
         if self.cfg.api_key and scope["path"] != "/healthz":
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
-                body = error_body(401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key")
+                body = error_body(
+                    401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key"
+                )
                 return await JSONResponse(body, status_code=401)(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         too_big = error_body(413, f"request body over {self.cfg.max_body_bytes:,} bytes", code="request_too_large")
@@ -268,7 +185,9 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         loc = [str(x) for x in first["loc"] if x != "body"]
         param = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None
         if first["type"] == "json_invalid":
-            return JSONResponse(error_body(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json"), 400)
+            return JSONResponse(
+                error_body(400, f"the body is not valid JSON: {first['msg']}", code="invalid_json"), 400
+            )
         return JSONResponse(error_body(422, f"{param or 'body'}: {first['msg']}", param, "invalid_value"), 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -281,7 +200,9 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
 
     def check_user(user_id: str) -> str:
         if not USER_ID.match(user_id):
-            raise APIError(422, "user_id: 1-128 characters of letters, digits and ._:@+-", param="user_id", code="invalid_value")
+            raise APIError(
+                422, "user_id: 1-128 characters of letters, digits and ._:@+-", param="user_id", code="invalid_value"
+            )
         return user_id
 
     @app.get("/healthz")
@@ -294,13 +215,21 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "userllm",
-                                             "method": engine.method}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": engine.name, "object": "model", "created": 0, "owned_by": "userllm", "method": engine.method}
+            ],
+        }
 
     # the body is parsed and validated in one step by pydantic-core (FastAPI's body parameter would decode the
     # JSON in Python first, then validate): appends are the endpoint that takes thousands of requests a second
-    @app.post("/v1/users/{user_id}/events", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": EventsIn.model_json_schema()}}}})  # fmt: skip
+    @app.post(
+        "/v1/users/{user_id}/events",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": EventsIn.model_json_schema()}}}
+        },
+    )
     async def append(user_id: str, request: Request):
         check_user(user_id)
         try:
@@ -308,8 +237,12 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         except ValidationError as e:  # the same 400 / 422 as any other request's body
             raise RequestValidationError(e.errors(include_url=False)) from None
         if len(body.events) > cfg.max_events_per_request:
-            raise APIError(413, f"at most {cfg.max_events_per_request:,} events per request, got {len(body.events):,}",
-                           param="events", code="request_too_large")  # fmt: skip
+            raise APIError(
+                413,
+                f"at most {cfg.max_events_per_request:,} events per request, got {len(body.events):,}",
+                param="events",
+                code="request_too_large",
+            )
         rows = [e.model_dump() for e in body.events]
         problems = engine.vocab.problems(rows)
         if problems:
@@ -337,27 +270,49 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         if body.model != engine.name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {engine.name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {engine.name!r}",
+                param="model",
+                code="model_not_found",
+            )
         if body.user is None:
             if not cfg.allow_unknown_users:
-                raise APIError(400, "the request names no `user` whose events personalize the answer "
-                               "(start the server with --allow-unknown-users to answer without one)", param="user")  # fmt: skip
+                raise APIError(
+                    400,
+                    "the request names no `user` whose events personalize the answer "
+                    "(start the server with --allow-unknown-users to answer without one)",
+                    param="user",
+                )
         else:
             check_user(body.user)
             fp = await run_in_threadpool(engine.store.fingerprint, body.user)
             if fp.count == 0 and not cfg.allow_unknown_users:
-                raise APIError(404, f"user {body.user!r} has no events in the store; append some with "
-                               f"POST /v1/users/{body.user}/events first", param="user", code="user_not_found")  # fmt: skip
+                raise APIError(
+                    404,
+                    f"user {body.user!r} has no events in the store; append some with "
+                    f"POST /v1/users/{body.user}/events first",
+                    param="user",
+                    code="user_not_found",
+                )
         max_tokens = body.max_completion_tokens or body.max_tokens or cfg.max_tokens
         if max_tokens > cfg.max_tokens:
-            raise APIError(422, f"max_tokens: at most {cfg.max_tokens} on this server", param="max_tokens", code="invalid_value")
+            raise APIError(
+                422, f"max_tokens: at most {cfg.max_tokens} on this server", param="max_tokens", code="invalid_value"
+            )
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        job = Job(user=body.user, messages=[m.text() for m in body.messages], max_tokens=max_tokens,
-                  emit=lambda kind, payload: loop.call_soon_threadsafe(out.put_nowait, (kind, payload)),
-                  temperature=body.temperature, top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                  stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []))  # fmt: skip
+        job = Job(
+            user=body.user,
+            messages=[m.text() for m in body.messages],
+            max_tokens=max_tokens,
+            emit=lambda kind, payload: loop.call_soon_threadsafe(out.put_nowait, (kind, payload)),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        )
         await request.app.state.batcher.queue.put(job)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
@@ -371,16 +326,28 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
                 else:
                     break
             message = {"role": "assistant", "content": "".join(text)}
-            return {"id": ident, "object": "chat.completion", "created": created, "model": engine.name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": payload["finish_reason"],
-                                 "logprobs": None}], "usage": payload["usage"]}  # fmt: skip
+            return {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": engine.name,
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": payload["finish_reason"], "logprobs": None}
+                ],
+                "usage": payload["usage"],
+            }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         start = time.perf_counter()
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
-            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}  # fmt: skip
+            data = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": engine.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+            }
             if usage is not None:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

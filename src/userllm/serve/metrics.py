@@ -43,7 +43,10 @@ def buckets_of(name: str) -> tuple:
 def _labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in sorted(labels.items()))
+    escaped = (
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in sorted(labels.items())
+    )
     return "{" + ",".join(escaped) + "}"
 
 
@@ -81,5 +84,9 @@ class Metrics:
                 for labels, (counts, total, n) in sorted(self.histograms.get(name, {}).items()):
                     inner = labels[1:-1] + "," if labels else ""
                     lines += [f'{name}_bucket{{{inner}le="{edge:g}"}} {c}' for edge, c in zip(buckets, counts)]
-                    lines += [f'{name}_bucket{{{inner}le="+Inf"}} {n}', f"{name}_sum{labels} {total:g}", f"{name}_count{labels} {n}"]
+                    lines += [
+                        f'{name}_bucket{{{inner}le="+Inf"}} {n}',
+                        f"{name}_sum{labels} {total:g}",
+                        f"{name}_count{labels} {n}",
+                    ]
         return "\n".join(lines) + "\n"

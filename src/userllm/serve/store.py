@@ -30,8 +30,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import (BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
-                        create_engine, delete, event, func, select)  # fmt: skip
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -43,7 +58,8 @@ ID_LENGTH = 128  # longest user, item and event id
 metadata = MetaData()
 meta = Table("userllm_meta", metadata, Column("key", String(64), primary_key=True), Column("value", String(256)))
 events = Table(
-    "userllm_events", metadata,
+    "userllm_events",
+    metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("user_id", String(ID_LENGTH), nullable=False),
     Column("event_id", String(ID_LENGTH)),
@@ -53,7 +69,7 @@ events = Table(
     Column("text", Text),
     UniqueConstraint("user_id", "event_id", name="uq_userllm_events_user_event"),
     Index("ix_userllm_events_user_time", "user_id", "timestamp", "id"),
-)  # fmt: skip
+)
 FIELDS = ("id", "event_id", "item_id", "rating", "timestamp", "text")
 
 
@@ -81,7 +97,9 @@ class EventStore:
         except ArgumentError as e:
             raise InputError(f"--db {url!r}: not a database URL ({expected}): {e}") from None
         if backend not in ("sqlite", "postgresql"):
-            raise InputError(f"--db {url!r}: userllm's event store runs on sqlite or postgresql, not {backend} ({expected})")
+            raise InputError(
+                f"--db {url!r}: userllm's event store runs on sqlite or postgresql, not {backend} ({expected})"
+            )
         try:
             # a pooled PostgreSQL connection may have been closed by the server: ping it at checkout; a SQLite
             # file's cannot, and the ping would cost every append and chat request a statement
@@ -103,8 +121,10 @@ class EventStore:
                 if version is None:
                     conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
                 elif int(version) > SCHEMA_VERSION:
-                    raise InputError(f"{self.url}: event store schema version {version} is newer than this userllm's "
-                                     f"({SCHEMA_VERSION}); upgrade userllm")  # fmt: skip
+                    raise InputError(
+                        f"{self.url}: event store schema version {version} is newer than this userllm's "
+                        f"({SCHEMA_VERSION}); upgrade userllm"
+                    )
         except OperationalError as e:
             raise InputError(f"cannot open the event store {self.url}: {e.orig}") from None
 
@@ -134,8 +154,18 @@ class EventStore:
         """Several appends (``(user_id, rows)``, as :meth:`append`) in one transaction: one commit (one fsync)
         for all of them, which is how a server acknowledges many concurrent appends per second (group
         commit). Returns each append's user event count after the commit, in order."""
-        values = [{"user_id": user, "event_id": r.get("event_id"), "item_id": r["item_id"], "rating": r.get("rating"),
-                   "timestamp": int(r["timestamp"]), "text": r.get("text")} for user, rows in appends for r in rows]  # fmt: skip
+        values = [
+            {
+                "user_id": user,
+                "event_id": r.get("event_id"),
+                "item_id": r["item_id"],
+                "rating": r.get("rating"),
+                "timestamp": int(r["timestamp"]),
+                "text": r.get("text"),
+            }
+            for user, rows in appends
+            for r in rows
+        ]
         users = sorted({user for user, _ in appends})
         with self.engine.begin() as conn:
             self._add(conn, values)
@@ -145,7 +175,9 @@ class EventStore:
 
     def fingerprint(self, user_id: str) -> Fingerprint:
         with self.engine.connect() as conn:
-            count, last = conn.execute(select(func.count(), func.max(events.c.id)).where(events.c.user_id == user_id)).one()
+            count, last = conn.execute(
+                select(func.count(), func.max(events.c.id)).where(events.c.user_id == user_id)
+            ).one()
         return Fingerprint(int(count), int(last or 0))
 
     def timeline(self, user_id: str, last: int | None = None) -> tuple[Fingerprint, list[dict]]:
@@ -154,7 +186,9 @@ class EventStore:
         order = (events.c.timestamp.desc(), events.c.id.desc())
         query = select(*(events.c[f] for f in FIELDS)).where(events.c.user_id == user_id).order_by(*order)
         with self.engine.connect() as conn, conn.begin():
-            count, newest = conn.execute(select(func.count(), func.max(events.c.id)).where(events.c.user_id == user_id)).one()
+            count, newest = conn.execute(
+                select(func.count(), func.max(events.c.id)).where(events.c.user_id == user_id)
+            ).one()
             rows = [dict(r._mapping) for r in conn.execute(query.limit(last) if last else query)]
         return Fingerprint(int(count), int(newest or 0)), rows[::-1]
 
@@ -188,8 +222,12 @@ def import_dataset(store: EventStore, ds, *, chunk: int = 20_000, progress=None)
     frame = ds.events.select("user_id", "item_id", "rating", "timestamp", "text", "pos")
     for start in range(0, frame.height, chunk):
         part = frame.slice(start, chunk)
-        store.add_rows([{"user_id": u, "event_id": f"prepared:{pos}", "item_id": i, "rating": r, "timestamp": t, "text": x}
-                        for u, i, r, t, x, pos in part.iter_rows()])  # fmt: skip
+        store.add_rows(
+            [
+                {"user_id": u, "event_id": f"prepared:{pos}", "item_id": i, "rating": r, "timestamp": t, "text": x}
+                for u, i, r, t, x, pos in part.iter_rows()
+            ]
+        )
         if progress is not None:
             progress(part.height)
     with store.engine.connect() as conn:

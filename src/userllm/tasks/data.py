@@ -60,9 +60,19 @@ class TaskData:
         ids, mask, labels = data.batch(examples[:4], with_answers=True)
     """
 
-    def __init__(self, ds: PreparedDataset, tokenizer, *, task: str, method: str, max_history: int,
-                 timelines: Timelines | None = None, candidates: int = 0, candidate_encoder=None,
-                 exclude_history: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        ds: PreparedDataset,
+        tokenizer,
+        *,
+        task: str,
+        method: str,
+        max_history: int,
+        timelines: Timelines | None = None,
+        candidates: int = 0,
+        candidate_encoder=None,
+        exclude_history: bool = False,
+    ) -> None:
         self.ds, self.tokenizer, self.task, self.method, self.max_history = ds, tokenizer, task, method, max_history
         self.tl = timelines or Timelines.from_dataset(ds)
         self.exclude_history = exclude_history  # the encoder's top items leave out the history's (llm.exclude_history)
@@ -98,12 +108,18 @@ class TaskData:
         if self.task == "review":
             ex = ex.filter(pl.col("review_text").is_not_null() & (pl.col("review_text").str.strip_chars() != ""))
             if ex.height == 0:
-                raise EmptyResultError(f"{self.ds.root}: no {split} example has review text; the review task needs a "
-                                       "dataset with reviews (amazon, google-local, synthetic)")  # fmt: skip
+                raise EmptyResultError(
+                    f"{self.ds.root}: no {split} example has review text; the review task needs a "
+                    "dataset with reviews (amazon, google-local, synthetic)"
+                )
         if self.task == "favorite_genre":
             offsets = self.tl.offsets[ex.get_column("user_idx").to_numpy()]
-            windows = pl.DataFrame({"g0": offsets + ex.get_column("history_start").to_numpy(),
-                                    "g1": offsets + ex.get_column("target_pos").to_numpy()})  # fmt: skip
+            windows = pl.DataFrame(
+                {
+                    "g0": offsets + ex.get_column("history_start").to_numpy(),
+                    "g1": offsets + ex.get_column("target_pos").to_numpy(),
+                }
+            )
             item_cats = self.ds.items.select("item_idx", "category_idx")
             with progress_bar("examples", transient=True) as progress:
                 fav = favorite_categories(windows, self.tl.item, item_cats, progress)
@@ -117,7 +133,11 @@ class TaskData:
         out = []
         for row in self._frame(split, users).iter_rows(named=True):
             answer, label, text = self._answer(row)
-            out.append(TaskExample(row["user_idx"], row["user_id"], row["history_start"], row["target_pos"], text, answer, label))
+            out.append(
+                TaskExample(
+                    row["user_idx"], row["user_id"], row["history_start"], row["target_pos"], text, answer, label
+                )
+            )
         return self._rendered(out)
 
     def _rendered(self, examples: list[TaskExample]) -> list[TaskExample]:
@@ -143,7 +163,11 @@ class TaskData:
         if self.task == "next_item":
             return self.ds.item_titles[label], int(label), prompts.instruction("next_item", self.words)
         title, rating = self.ds.item_titles[label], prompts.rating_text(row["target_rating"])
-        return row["review_text"].strip(), int(label), prompts.instruction("review", self.words, title=title, rating=rating)
+        return (
+            row["review_text"].strip(),
+            int(label),
+            prompts.instruction("review", self.words, title=title, rating=rating),
+        )
 
     def request(self, user: int, start: int, end: int, text: str, user_id: str = "") -> TaskExample:
         """An unlabelled example: ``text`` (an instruction) about user ``user``'s events ``[start, end)``,
@@ -155,13 +179,16 @@ class TaskData:
         rows = self.tl.offsets[user] + np.arange(start, end)
         cats = self.ds.item_categories
         return [
-            prompts.history_line(self.ds.item_titles[i], self.ratings[r], [self.categories[c] for c in cats[i] if c > 1])
+            prompts.history_line(
+                self.ds.item_titles[i], self.ratings[r], [self.categories[c] for c in cats[i] if c > 1]
+            )
             for i, r in zip(self.tl.item[rows], self.tl.rating[rows])
-        ]  # fmt: skip
+        ]
 
     # ----------------------------------------------------------------- batches
-    def batch(self, examples: list[TaskExample], *, with_answers: bool, device: str = "cpu"
-              ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    def batch(
+        self, examples: list[TaskExample], *, with_answers: bool, device: str = "cpu"
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Left-padded ``input_ids`` (b, t), ``attention_mask`` (b, t) and, with answers, ``labels`` (b, t)
         that score only the answer tokens (prompt and padding are -100)."""
         seqs, labels = [], []
@@ -175,11 +202,17 @@ class TaskData:
         ids = torch.full((len(seqs), t), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), t), dtype=torch.long)
         lab = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
-        for r, (s, l) in enumerate(zip(seqs, labels)):
-            ids[r, t - len(s):], mask[r, t - len(s):], lab[r, t - len(l):] = torch.tensor(s), 1, torch.tensor(l)
+        for r, (s, answer) in enumerate(zip(seqs, labels)):
+            ids[r, t - len(s) :], mask[r, t - len(s) :], lab[r, t - len(answer) :] = (
+                torch.tensor(s),
+                1,
+                torch.tensor(answer),
+            )
         return ids.to(device), mask.to(device), (lab.to(device) if with_answers else None)
 
-    def user_batch(self, examples: list[TaskExample], device: str = "cpu", timelines: Timelines | None = None) -> dict[str, Tensor]:
+    def user_batch(
+        self, examples: list[TaskExample], device: str = "cpu", timelines: Timelines | None = None
+    ) -> dict[str, Tensor]:
         """The encoder's input for the examples' history windows (b, n) (from ``timelines``: default, this
         data's)."""
         users = np.array([e.user_idx for e in examples])
@@ -200,8 +233,11 @@ class TaskData:
     def encoder_top(self, encoder, examples: list[TaskExample], k: int, batch_size: int = 256) -> list[list[int]]:
         """A stage-1 encoder's ``k`` highest-scoring item indices after each example's history window, best
         first (specials excluded; the window's items too with ``exclude_history``, as for the LLM)."""
-        return [row for batch in self.encoder_batches(encoder, examples, batch_size)
-                for row in encoder.next_items(batch, k, self.exclude_history).tolist()]  # fmt: skip
+        return [
+            row
+            for batch in self.encoder_batches(encoder, examples, batch_size)
+            for row in encoder.next_items(batch, k, self.exclude_history).tolist()
+        ]
 
     @torch.no_grad()
     def encoder_logprobs(self, encoder, examples: list[TaskExample], batch_size: int = 256) -> Tensor:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from importlib.resources import files
 from pathlib import Path
 
@@ -42,21 +41,18 @@ import numpy as np
 import torch
 
 from userllm.config import TrainConfig, dump_config, with_overrides
-from userllm.data.dataset import PreparedDataset
 from userllm.errors import InputError, OutputExistsError
-from userllm.metrics import estimate, list_ranks, paired_estimate, random_order_recall, recall_values, rouge_per_example
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.decoding import constrained_beam_search, generate_tokens, prefill, rank_sequences
 from userllm.precision import autocast
 from userllm.progress import progress_bar
 from userllm.tasks.data import TaskData, TaskExample
-from userllm.tasks.pipeline import Pipeline, answer_space, answer_trie, shortlist_titles, shortlists, stage1_encoder
+from userllm.tasks.pipeline import Pipeline, answer_space, answer_trie, shortlists, stage1_encoder
+from userllm.tasks.records import RECORDS, finished_records, load_partial
+from userllm.tasks.scoring import history_bucket, references, score
 
-HISTORY_BUCKETS = (10, 25, 50, 100, 200)  # upper edges of the history-length buckets; the last is open
 GENERAL_TEXT = "general_english.txt"
-RECORDS = "records.jsonl"  # one line per scored test example: user_id, history_len, truth, ranked, greedy
-PARTIAL = "records.partial.jsonl"  # the records of an unfinished scoring, appended batch by batch (resumed)
 
 
 def eval_users(run_dir: Path, num_users: int, n: int, seed: int) -> list[int]:
@@ -77,45 +73,10 @@ def scoring_order(examples: list[TaskExample]) -> list[TaskExample]:
     return sorted(examples, key=lambda ex: (-len(ex.prompt), -ex.history_len))
 
 
-def history_bucket(length: int) -> str:
-    low = 0
-    for high in HISTORY_BUCKETS:
-        if length <= high:
-            return f"{low + 1}-{high}"
-        low = high
-    return f">{HISTORY_BUCKETS[-1]}"
-
-
-def recorded_shortlist(record: dict) -> list[str] | None:
-    """The whole shortlist a next_item record's run ranked, in the run's order (its ``shortlist_scores``);
-    None for a record scored without them (a beam search keeps only its top titles)."""
-    return [t for t, *_ in record["shortlist_scores"]] if "shortlist_scores" in record else None
-
-
 def scoring_id(run_dir: Path, scoring: str = "") -> str:
     """What makes two scorings of ``run_dir`` the same: its trained model (the sha256 of ``summary.json``) plus
     ``scoring`` (e.g. the shortlist and the precision). Partial records and ``metrics.json`` carry it."""
     return sha256(Path(run_dir) / "summary.json") + scoring
-
-
-def load_partial(run_dir: Path, model_id: str) -> tuple[Path, dict[str, dict]]:
-    """The partial records file of ``run_dir`` and the records it holds by user id: those of an interrupted
-    scoring of the same trained model and scoring (its first line names them, :func:`scoring_id`; a file from
-    an earlier training or another scoring is discarded)."""
-    path = Path(run_dir) / PARTIAL
-    done: dict[str, dict] = {}
-    if path.exists():
-        lines = path.read_text().splitlines()
-        if lines and json.loads(lines[0]).get("model") == model_id:
-            for line in lines[1:]:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # the line a kill cut short: scored again
-                    continue
-                done[r["user_id"]] = r
-    if not done:
-        path.write_text(json.dumps({"model": model_id}) + "\n")
-    return path, done
 
 
 def scoring(cfg: TrainConfig) -> str:
@@ -134,24 +95,23 @@ def extendable(run_dir: Path, **overrides) -> None:
         raise InputError(f"{run_dir}: nothing to extend (no metrics.json); score it without --extend")
     cfg = with_overrides(TrainConfig.from_saved(json.loads((Path(run_dir) / "config.json").read_text())), **overrides)
     if json.loads(out.read_text()).get("scoring_id") != scoring_id(run_dir, scoring(cfg)):
-        raise InputError(f"{out}: scored by another trained model or scoring (shortlist, precision), or before "
-                         "userllm recorded which; score every user again with --force instead of --extend")  # fmt: skip
-
-
-def finished_records(run_dir: Path, wanted: set[str]) -> dict[str, dict]:
-    """The records of ``run_dir``'s finished scoring by user id (checked :func:`extendable`), to be kept by a
-    scoring that extends it to more users (``evaluate(..., extend=True)``), only if every user it holds is in
-    ``wanted``."""
-    records = {r["user_id"]: r for r in read_records(run_dir)}
-    if outside := set(records) - wanted:
-        raise InputError(f"{run_dir}/{RECORDS}: {len(outside)} scored users are not in the users asked for; "
-                         "--extend only adds users (score a smaller set with --force)")  # fmt: skip
-    return records
+        raise InputError(
+            f"{out}: scored by another trained model or scoring (shortlist, precision), or before "
+            "userllm recorded which; score every user again with --force instead of --extend"
+        )
 
 
 @torch.no_grad()
-def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str, partial: Path | None = None,
-            done: dict[str, dict] | None = None, shortlist: dict[str, list[int]] | None = None) -> list[dict]:  # fmt: skip
+def predict(
+    model,
+    data: TaskData,
+    examples: list[TaskExample],
+    cfg,
+    device: str,
+    partial: Path | None = None,
+    done: dict[str, dict] | None = None,
+    shortlist: dict[str, list[int]] | None = None,
+) -> list[dict]:
     """One record per example: the prediction(s) of the task, the truth and the LLM's input length. With
     ``partial``, each batch's records are appended to that file as they are made, and the examples of users
     in ``done`` (records read back from it, see :func:`load_partial`) are not scored again. With
@@ -186,24 +146,47 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
                 rank, write = trie is not None, data.task != "favorite_genre"
                 prefixes = prefill(model, embeds, prefix_mask, copies=rank + write)
                 if write:  # greedy first: the beam search repeats the user context for its beams
-                    new = generate_tokens(model, embeds, prefix_mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                          pad_token_id=pad, prefilled=prefixes.pop())  # fmt: skip
-                    greedy = [tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip()
-                              for row in new.tolist()]  # fmt: skip
+                    new = generate_tokens(
+                        model,
+                        embeds,
+                        prefix_mask,
+                        max_new_tokens=cfg.max_new_tokens,
+                        eos_token_id=eos,
+                        pad_token_id=pad,
+                        prefilled=prefixes.pop(),
+                    )
+                    greedy = [
+                        tok.decode([t for t in row if t not in (eos, pad)], skip_special_tokens=True).strip()
+                        for row in new.tolist()
+                    ]
                 if rank:
                     tries, names = answer_space(data, trie, batch, shortlist)
                     if shortlist is not None:
                         sequences = [t.sequences for t in tries]
-                        found = rank_sequences(model, embeds, prefix_mask, sequences, eos_token_id=eos, prefilled=prefixes.pop())
+                        found = rank_sequences(
+                            model, embeds, prefix_mask, sequences, eos_token_id=eos, prefilled=prefixes.pop()
+                        )
                         tokens = [[len(s) + 1 for s in row] for row in sequences]  # each title's tokens + eos
                         # every title's [title, log p(title + eos), tokens], best first
-                        scores = [[[names[r][i], round(lp, 4), tokens[r][i]] for i, lp in row] for r, row in enumerate(found)]
+                        scores = [
+                            [[names[r][i], round(lp, 4), tokens[r][i]] for i, lp in row] for r, row in enumerate(found)
+                        ]
                     else:
-                        found = constrained_beam_search(model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop())
+                        found = constrained_beam_search(
+                            model, embeds, prefix_mask, tries, beams=beams, prefilled=prefixes.pop()
+                        )
                     ranked = [[names[r][i] for i, _ in row[:beams]] for r, row in enumerate(found)]
-            scored = [{"user_id": ex.user_id, "history_len": ex.history_len, "truth": ex.answer, "ranked": ranked[i],
-                       "greedy": greedy[i] if greedy else None, "llm_input_tokens": int(input_tokens[i])}
-                      for i, ex in enumerate(batch)]  # fmt: skip
+            scored = [
+                {
+                    "user_id": ex.user_id,
+                    "history_len": ex.history_len,
+                    "truth": ex.answer,
+                    "ranked": ranked[i],
+                    "greedy": greedy[i] if greedy else None,
+                    "llm_input_tokens": int(input_tokens[i]),
+                }
+                for i, ex in enumerate(batch)
+            ]
             for record, row in zip(scored, scores or []):
                 record["shortlist_scores"] = row
             if partial is not None:
@@ -213,83 +196,6 @@ def predict(model, data: TaskData, examples: list[TaskExample], cfg, device: str
             progress.advance(task, len(batch))
     by_user = {**done, **{r["user_id"]: r for r in records}}
     return [by_user[ex.user_id] for ex in examples]
-
-
-def per_example(task: str, records: list[dict], catalogue: set[str], beams: int) -> dict[str, list[float]]:
-    """Each metric of the task, per record (see the module table); records without a greedy answer (reference
-    rows) have no exact_match / valid_title."""
-    if task == "review":
-        return rouge_per_example([r["greedy"] for r in records], [r["truth"] for r in records])
-    ranks = list_ranks([r["ranked"] for r in records], [r["truth"] for r in records])
-    if task == "favorite_genre":
-        return {"accuracy": recall_values(ranks, 1).tolist()}
-    out = {f"recall@{k}": recall_values(ranks, k).tolist() for k in (1, 5, 10) if k <= beams}
-    if all(r.get("greedy") is not None for r in records):
-        out["exact_match"] = [float(r["greedy"] == r["truth"]) for r in records]
-        out["valid_title"] = [float(r["greedy"] in catalogue) for r in records]
-    return out
-
-
-def score(task: str, records: list[dict], catalogue: set[str], beams: int, seed: int = 0) -> dict[str, dict]:
-    """``{metric: {"value", "low", "high"}}``: mean over the records and 95% bootstrap interval (seeded)."""
-    return {name: estimate(v, seed=seed) for name, v in per_example(task, records, catalogue, beams).items()}
-
-
-def review_key(text: str) -> str:
-    """A review as ROUGE sees it: lowercased, whitespace collapsed, end punctuation dropped."""
-    return " ".join(text.lower().split()).strip(".!?,;: ")
-
-
-def label_prior(data: TaskData, users: list[int] | None, beams: int, seed: int = 0) -> dict[str, dict]:
-    """The task's metrics for answers that ignore the user, on the test examples of ``users`` (None: all):
-    the train split's most frequent answers, most frequent first (next_item: popularity, the ``beams`` most
-    frequent target titles; favorite_genre: always the most frequent genre; review: the most common review,
-    compared as :func:`review_key` writes it), scored by :func:`score`. What a model learns first."""
-    answers = data.answers("train")
-    if data.task == "review":
-        answers = [review_key(a) for a in answers]
-    ranked = [answer for answer, _ in Counter(answers).most_common(beams)]
-    records = [{"ranked": ranked, "greedy": ranked[0], "truth": truth} for truth in data.answers("test", users)]
-    return score(data.task, records, set(data.ds.item_titles[2:]), beams, seed)
-
-
-def encoder_records(encoder, data: TaskData, examples: list[TaskExample], beams: int) -> list[dict]:
-    """next_item as the stage-1 encoder answers it: per example the titles of its ``beams`` highest-scoring
-    items (:meth:`TaskData.encoder_top`) and the truth."""
-    top = data.encoder_top(encoder, examples, beams)
-    return [{"user_id": ex.user_id, "ranked": [data.ds.item_titles[i] for i in row], "truth": ex.answer}
-            for row, ex in zip(top, examples)]  # fmt: skip
-
-
-def random_order(lists: list[list[str]], truths: list[str], beams: int) -> dict[str, list[float]]:
-    """next_item's Recall@{1,5,10} (those <= ``beams``) of each shortlist of distinct titles in uniformly random
-    order, expected (:func:`~userllm.metrics.random_order_recall`), per example: what a reranker that
-    ignores the user gets from the list alone."""
-    return {f"recall@{k}": random_order_recall(lists, truths, k).tolist() for k in (1, 5, 10) if k <= beams}
-
-
-def references(cfg, data: TaskData, examples: list[TaskExample], users: list[int] | None, seed: int,
-               records: list[dict] | None = None, encoder=None, shortlist: dict[str, list[int]] | None = None
-               ) -> dict[str, dict]:  # fmt: skip
-    """The reference rows of a run's table on the same test users: ``label prior`` (review: ``most common
-    review``) and, for next_item, ``encoder alone`` (``encoder``: the run's stage-1 encoder,
-    :func:`stage1_encoder`, None without one; each of ``records``, the run's own, gets the encoder's answers
-    as ``encoder_ranked``, for paired differences) and with ``shortlist`` ({user_id: item indices},
-    :func:`shortlists`) ``shortlist in random order`` (:func:`random_order`)."""
-    out = {}
-    out["most common review" if data.task == "review" else "label prior"] = label_prior(
-        data, users, cfg.beams if data.task == "next_item" else 1, seed)
-    if encoder is not None and data.task == "next_item":
-        alone = encoder_records(encoder, data, examples, cfg.beams)
-        out["encoder alone"] = score("next_item", alone, set(), cfg.beams, seed)
-        by_user = {r["user_id"]: r["ranked"] for r in alone}
-        for r in records or []:
-            r["encoder_ranked"] = by_user[r["user_id"]]
-    if shortlist is not None and data.task == "next_item":
-        lists = [shortlist_titles(data.ds.item_titles, shortlist[ex.user_id]) for ex in examples]
-        values = random_order(lists, [ex.answer for ex in examples], cfg.beams)
-        out["shortlist in random order"] = {m: estimate(v, seed=seed) for m, v in values.items()}
-    return out
 
 
 @torch.no_grad()
@@ -315,9 +221,18 @@ def general_retention(cfg, model, device: str) -> dict[str, float]:
     return {"perplexity_before": before, "perplexity_after": after, "ratio": after / before}
 
 
-def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general: bool = False,
-             force: bool = False, device: str | None = None, shortlist: int | None = None,
-             bf16: bool | None = None, extend: bool = False) -> dict:  # fmt: skip
+def evaluate(
+    run_dir: Path,
+    *,
+    users: int | None = None,
+    seed: int = 0,
+    general: bool = False,
+    force: bool = False,
+    device: str | None = None,
+    shortlist: int | None = None,
+    bf16: bool | None = None,
+    extend: bool = False,
+) -> dict:
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
     overrides the run's (next_item); ``bf16`` scores under bf16 autocast (default: as the run trained), with
     log-probabilities moved by bf16's rounding; faster or slower than float32 depending on the CPU (README). ``extend``
@@ -348,132 +263,28 @@ def evaluate(run_dir: Path, *, users: int | None = None, seed: int = 0, general:
     catalogue = set(data.ds.item_titles[2:])
     beams = cfg.beams if cfg.task == "next_item" else 1
     buckets = {}
-    for name in sorted({history_bucket(r["history_len"]) for r in records}, key=lambda b: int(b.strip(">").split("-")[0])):
+    for name in sorted(
+        {history_bucket(r["history_len"]) for r in records}, key=lambda b: int(b.strip(">").split("-")[0])
+    ):
         part = [r for r in records if history_bucket(r["history_len"]) == name]
         buckets[name] = {"examples": len(part), **score(cfg.task, part, catalogue, beams, seed)}
     metrics = {
-        "task": cfg.task, "method": cfg.method, "examples": len(records), "precision": "bf16" if cfg.bf16 else "fp32",
-        "users": {"subset": users, "seed": seed} if users else "all", "scoring_id": model_id,
+        "task": cfg.task,
+        "method": cfg.method,
+        "examples": len(records),
+        "precision": "bf16" if cfg.bf16 else "fp32",
+        "users": {"subset": users, "seed": seed} if users else "all",
+        "scoring_id": model_id,
         "metrics": score(cfg.task, records, catalogue, beams, seed),
         "references": references(cfg, data, examples, subset, seed, records, encoder, listed),
         "llm_input_tokens": float(np.mean([r["llm_input_tokens"] for r in records])),
-        "by_history_length": buckets, "predictions": records[:10], "config": dump_config(cfg),
-    }  # fmt: skip
+        "by_history_length": buckets,
+        "predictions": records[:10],
+        "config": dump_config(cfg),
+    }
     if general:
         metrics["general"] = general_retention(cfg, model, device)
     write_text_atomically(run_dir / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json(out, metrics)
     partial.unlink()
     return metrics
-
-
-def scored_users(run_dir: Path) -> set[str]:
-    """The user ids a scored run's ``records.jsonl`` holds."""
-    return {json.loads(line)["user_id"] for line in (Path(run_dir) / RECORDS).read_text().splitlines()}
-
-
-def rescore(run_dir: Path, user_ids: set[str], seed: int = 0) -> dict[str, dict]:
-    """A scored run's metrics on some of its test users only (from ``records.jsonl``), e.g. the users another
-    run was scored on, so that both are compared on the same users."""
-    records = read_records(run_dir, user_ids)
-    if len({r["user_id"] for r in records}) != len(user_ids):
-        raise InputError(f"{run_dir}: scored {len(records)} of the {len(user_ids)} users asked for")
-    task, catalogue, beams = saved_scoring(run_dir)
-    return score(task, records, catalogue, beams, seed)
-
-
-def saved_scoring(run_dir: Path) -> tuple[str, set[str], int]:
-    """What :func:`score` needs of a scored run, from its saved config: the task, the catalogue's titles
-    (next_item) and the ranked answers' depth (``beams``; 1 for favorite_genre)."""
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    if cfg["task"] != "next_item":
-        return cfg["task"], set(), 1
-    return cfg["task"], set(PreparedDataset(cfg["dataset"]).item_titles[2:]), cfg["beams"]
-
-
-def read_records(run_dir: Path, user_ids: set[str] | None = None) -> list[dict]:
-    """A scored run's ``records.jsonl`` (of ``user_ids`` only, when given)."""
-    path = Path(run_dir) / RECORDS
-    if not path.exists():
-        raise InputError(f"{run_dir} has no {RECORDS} (scored before userllm kept them): score it again with --force")
-    records = list(map(json.loads, path.read_text().splitlines()))
-    return records if user_ids is None else [r for r in records if r["user_id"] in user_ids]
-
-
-def answer_summary(run_dir: Path, user_ids: set[str] | None = None) -> str:
-    """How varied a scored run's answers are (its top answer per user: the greedy text, else the first
-    ranked one): ``"N distinct; top 'X' P%"``. A model that writes one answer for everyone shows it here,
-    whatever its metrics; '-' without records."""
-    try:
-        records = read_records(run_dir, user_ids)
-    except InputError:
-        return "-"
-    answers = Counter(r["greedy"] if r.get("greedy") is not None else (r["ranked"] or [""])[0] for r in records)
-    if not answers:
-        return "-"
-    top, n = answers.most_common(1)[0]
-    return f"{len(answers)} distinct; top '{top[:40]}' {n / len(records):.0%}"
-
-
-def paired_difference(run_a: Path | list[Path], run_b: Path | list[Path], seed: int = 0) -> tuple[int, dict[str, dict]]:
-    """Run A minus run B on the test users both were scored on: the number of users and, per metric, the mean
-    per-user difference with its 95% bootstrap interval (users resampled with both runs' answers together,
-    so the interval is that of the difference itself, narrower than two separate intervals suggest).
-
-    Either side may be several runs of one recipe (e.g. its training seeds): each user's metric is then the
-    mean over that side's runs, over the users all runs were scored on, and the interval also resamples the
-    runs (:func:`~userllm.metrics.paired_estimate`), so it includes the spread between training runs that
-    a single pair of runs cannot show."""
-    sides = [[Path(r) for r in ([run] if isinstance(run, (str, Path)) else run)] for run in (run_a, run_b)]
-    if not all(sides):
-        raise InputError("compare needs at least one run on each side")
-    records = [[{r["user_id"]: r for r in read_records(run)} for run in side] for side in sides]
-    tasks = {json.loads((r / "config.json").read_text())["task"] for side in sides for r in side}
-    if len(tasks) > 1:
-        raise InputError(f"the runs compared are of different tasks ({sorted(tasks)}): compare runs of one task")
-    users = sorted(set.intersection(*(set(recs) for side in records for recs in side)))
-    if not users:
-        raise InputError(f"{' / '.join(str(r) for side in sides for r in side)} were scored on no common test user")
-    return len(users), _paired(sides[0][0], *([[recs[u] for u in users] for recs in side] for side in records), seed)
-
-
-def paired_vs_encoder(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
-    """A next_item run minus the stage-1 encoder alone (its own top titles, kept in the run's records as
-    ``encoder_ranked``), per user, over the run's users: does the LLM rank better than the encoder it read?"""
-    records = [r for r in read_records(run) if r.get("encoder_ranked") is not None]
-    if not records:
-        raise InputError(f"{run}: its records hold no encoder answers (no stage-1 encoder, or scored before "
-                         "userllm kept them): score it again with --force")  # fmt: skip
-    alone = [{"ranked": r["encoder_ranked"], "truth": r["truth"]} for r in records]
-    return len(records), _paired(run, [records], [alone], seed)
-
-
-def paired_vs_random_order(run: Path, seed: int = 0) -> tuple[int, dict[str, dict]]:
-    """A next_item run minus its shortlist in random order (:func:`random_order`, from the whole list its
-    records keep as ``shortlist_scores``), per user, over the run's users: does the LLM's order of the list
-    find the next item more often than no order at all?"""
-    records = [r for r in read_records(run) if recorded_shortlist(r) is not None]
-    if not records:
-        raise InputError(f"{run}: its records hold no whole shortlist (shortlist_scores: a next_item run scored "
-                         "with a shortlist); score it so, with --force")  # fmt: skip
-    lists = [recorded_shortlist(r) for r in records]
-    beams = json.loads((Path(run) / "config.json").read_text())["beams"]
-    return len(records), _paired_values([per_example("next_item", records, set(), beams)],
-                                        [random_order(lists, [r["truth"] for r in records], beams)], seed)  # fmt: skip
-
-
-def _paired(run: Path, a: list[list[dict]], b: list[list[dict]], seed: int) -> dict[str, dict]:
-    """Per metric (both sides' records have), the mean per-user difference a - b with its bootstrap interval;
-    ``a`` and ``b`` hold one record list per run, each over the same users in the same order."""
-    task, catalogue, beams = saved_scoring(run)
-    va, vb = ([per_example(task, recs, catalogue, beams) for recs in side] for side in (a, b))
-    return _paired_values(va, vb, seed)
-
-
-def _paired_values(va: list[dict[str, list[float]]], vb: list[dict[str, list[float]]], seed: int) -> dict[str, dict]:
-    """Per metric both sides have, :func:`~userllm.metrics.paired_estimate` of the per-example values of
-    ``va`` minus ``vb`` (one {metric: values} per run, each over the same users in the same order)."""
-    return {m: paired_estimate([v[m] for v in va], [v[m] for v in vb], seed=seed)
-            for m in va[0] if all(m in v for v in va + vb)}  # fmt: skip
-
-

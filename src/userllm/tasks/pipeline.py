@@ -36,9 +36,11 @@ from userllm.encoder.pretrained import EncoderRun, build_encoder, load_encoder
 from userllm.errors import ConfigError, InputError, OutputExistsError
 from userllm.io import write_file_atomically
 from userllm.llm.backbone import Backbone, load_backbone
+from userllm.llm.base import ConditionedLM
 from userllm.llm.connectors import mean_token_embeddings
 from userllm.llm.decoding import TokenTrie, constrained_beam_search
-from userllm.llm.model import ConditionedLM, TextPromptLM, UserLLM
+from userllm.llm.model import UserLLM
+from userllm.llm.textprompt import TextPromptLM
 from userllm.precision import autocast
 from userllm.tasks import prompts
 from userllm.tasks.data import TaskData, TaskExample
@@ -50,14 +52,20 @@ def task_encoder(cfg: TrainConfig, ds: PreparedDataset) -> UserEncoder:
         raise ConfigError("--method userllm needs --encoder RUN_DIR (a `userllm pretrain` run) or --encoder random")
     if cfg.encoder == "random":
         enc_cfg: EncoderConfig = cfg.random_encoder
-        return build_encoder(ds, enc_cfg.model_copy(update={"max_len": max(enc_cfg.max_len, cfg.max_history)}), cfg.seed)
+        return build_encoder(
+            ds, enc_cfg.model_copy(update={"max_len": max(enc_cfg.max_len, cfg.max_history)}), cfg.seed
+        )
     encoder = load_encoder(Path(cfg.encoder))
     if encoder.cfg.num_items != ds.num_items:
-        raise InputError(f"encoder {cfg.encoder} was trained on a catalogue of {encoder.cfg.num_items} items, dataset "
-                         f"{ds.root} has {ds.num_items}: pretrain it on this dataset")  # fmt: skip
+        raise InputError(
+            f"encoder {cfg.encoder} was trained on a catalogue of {encoder.cfg.num_items} items, dataset "
+            f"{ds.root} has {ds.num_items}: pretrain it on this dataset"
+        )
     if encoder.cfg.max_len < cfg.max_history:
-        raise ConfigError(f"--max-history {cfg.max_history} is longer than encoder {cfg.encoder} reads "
-                          f"(max_len {encoder.cfg.max_len}); pretrain one with -s encoder.max_len={cfg.max_history}")  # fmt: skip
+        raise ConfigError(
+            f"--max-history {cfg.max_history} is longer than encoder {cfg.encoder} reads "
+            f"(max_len {encoder.cfg.max_len}); pretrain one with -s encoder.max_len={cfg.max_history}"
+        )
     return encoder
 
 
@@ -77,7 +85,9 @@ def item_word_tables(ds: PreparedDataset, backbone: Backbone, names: list[str]) 
     return tables
 
 
-def write_title_embeddings(dataset: Path, out: Path, *, backbone: str = "smollm2-135m", force: bool = False) -> tuple[int, int]:
+def write_title_embeddings(
+    dataset: Path, out: Path, *, backbone: str = "smollm2-135m", force: bool = False
+) -> tuple[int, int]:
     """The stage-1 encoder's ``text`` feature in the LLM's own words: the backbone's frozen mean input embedding
     of each item's title (``item_word_tables``' ``title`` table; zeros for padding and unknown), (V, d) float32,
     saved as ``out`` (.npy) for ``userllm pretrain --features ...,text -s item_text_path=OUT``, so the user
@@ -104,23 +114,39 @@ def build(cfg: TrainConfig, ds: PreparedDataset, backbone: Backbone | None = Non
     listing = None  # TP with llm.candidates: the stage-1 encoder whose top items the prompt lists
     if cfg.method == "textprompt" and cfg.llm.candidates:
         if cfg.encoder in (None, "random"):
-            raise ConfigError(f"a text prompt with candidates={cfg.llm.candidates} lists a pretrained stage-1 "
-                              "encoder's top items: give --encoder RUN_DIR (a `userllm pretrain` run)")  # fmt: skip
+            raise ConfigError(
+                f"a text prompt with candidates={cfg.llm.candidates} lists a pretrained stage-1 "
+                "encoder's top items: give --encoder RUN_DIR (a `userllm pretrain` run)"
+            )
         listing = task_encoder(cfg, ds)
     backbone = backbone or load_backbone(cfg.llm.backbone)
     torch.manual_seed(cfg.seed)
     if encoder is None:
-        data = TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history,
-                        candidates=cfg.llm.candidates if listing is not None else 0, candidate_encoder=listing,
-                        exclude_history=cfg.llm.exclude_history)  # fmt: skip
+        data = TaskData(
+            ds,
+            backbone.tokenizer,
+            task=cfg.task,
+            method=cfg.method,
+            max_history=cfg.max_history,
+            candidates=cfg.llm.candidates if listing is not None else 0,
+            candidate_encoder=listing,
+            exclude_history=cfg.llm.exclude_history,
+        )
         return TextPromptLM(cfg.llm, llm=backbone.model), data
     if cfg.encoder_dropout is not None:
         encoder.set_dropout(cfg.encoder_dropout)
     words = item_word_tables(ds, backbone, UserLLM.word_tables_needed(cfg.llm))
     model = UserLLM(cfg.llm, encoder=encoder, llm=backbone.model, item_words=words)
     tl = Timelines.from_dataset(ds, encoder.cfg.time_gap_buckets)
-    return model, TaskData(ds, backbone.tokenizer, task=cfg.task, method=cfg.method, max_history=cfg.max_history,
-                           timelines=tl, exclude_history=cfg.llm.exclude_history)  # fmt: skip
+    return model, TaskData(
+        ds,
+        backbone.tokenizer,
+        task=cfg.task,
+        method=cfg.method,
+        max_history=cfg.max_history,
+        timelines=tl,
+        exclude_history=cfg.llm.exclude_history,
+    )
 
 
 def stage1_encoder(cfg: TrainConfig, data: TaskData) -> UserEncoder | None:
@@ -132,20 +158,24 @@ def stage1_encoder(cfg: TrainConfig, data: TaskData) -> UserEncoder | None:
     return encoder if encoder.cfg.max_len >= data.max_history else None
 
 
-def shortlist_items(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
-                    ) -> list[list[int]]:  # fmt: skip
+def shortlist_items(
+    cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
+) -> list[list[int]]:
     """Each example's stage-1 shortlist: the ``cfg.shortlist`` item indices the run's stage-1 encoder
     (``encoder``, else :func:`stage1_encoder`) scores highest after its history (:meth:`TaskData.encoder_top`)."""
     encoder = encoder if encoder is not None else stage1_encoder(cfg, data)
     if encoder is None:
-        raise InputError(f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
-                         f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
-                         f"({data.max_history}) as `encoder`")  # fmt: skip
+        raise InputError(
+            f"shortlist={cfg.shortlist} ranks the stage-1 encoder's items, but the run's encoder is "
+            f"{cfg.encoder!r}: give a `userllm pretrain` run whose max_len >= max_history "
+            f"({data.max_history}) as `encoder`"
+        )
     return data.encoder_top(encoder, examples, cfg.shortlist)
 
 
-def shortlists(cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
-               ) -> dict[str, list[int]] | None:  # fmt: skip
+def shortlists(
+    cfg: TrainConfig, data: TaskData, examples: list[TaskExample], encoder: UserEncoder | None = None
+) -> dict[str, list[int]] | None:
     """next_item with ``cfg.shortlist`` N: each (test) example's :func:`shortlist_items` by user, {user_id: its
     N item indices}; None otherwise."""
     if data.task != "next_item" or not cfg.shortlist:
@@ -163,8 +193,9 @@ def shortlist_titles(vocab: list[str], items: list[int]) -> list[str]:
     return list(dict.fromkeys(vocab[i] for i in items))
 
 
-def answer_space(data: TaskData, trie: TokenTrie, examples: list[TaskExample],
-                 shortlists: dict[str, list[int]] | None = None) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:  # fmt: skip
+def answer_space(
+    data: TaskData, trie: TokenTrie, examples: list[TaskExample], shortlists: dict[str, list[int]] | None = None
+) -> tuple[TokenTrie | list[TokenTrie], list[list[str]]]:
     """What the constrained search may answer for a batch, and each row's answers in trie order: ``trie``
     (the whole answer vocabulary) for every row, or per row a trie of the distinct titles of the user's
     shortlist (item indices, :func:`shortlists`; two items may share a title)."""
@@ -181,7 +212,7 @@ class Pipeline:
     """A trained run (User-LLM or the text-prompt baseline) with all it needs to answer; see the module.
 
     ``cfg``: the run's resolved :class:`TrainConfig` (with ``bf16`` as asked at load); ``model``: the trained
-    :class:`~userllm.llm.model.UserLLM` or :class:`~userllm.llm.model.TextPromptLM`, in eval mode;
+    :class:`~userllm.llm.model.UserLLM` or :class:`~userllm.llm.textprompt.TextPromptLM`, in eval mode;
     ``data``: the task data over the run's dataset (tokenizer, prompts, timelines).
     """
 
@@ -198,7 +229,9 @@ class Pipeline:
         run_dir = Path(run_dir)
         weights = run_dir / "model" / "userllm.safetensors"
         if not weights.exists():
-            raise InputError(f"{run_dir} holds no trained model (model/userllm.safetensors); train one with `userllm train`")
+            raise InputError(
+                f"{run_dir} holds no trained model (model/userllm.safetensors); train one with `userllm train`"
+            )
         cfg = TrainConfig.from_saved(json.loads((run_dir / "config.json").read_text()))
         model, data = build(cfg, PreparedDataset(cfg.dataset))
         model.load_trained(run_dir / "model", load_file(weights))
@@ -262,12 +295,15 @@ class Pipeline:
             rows = data.tl.offsets[ex.user_idx] + np.arange(ex.start, ex.end)
             items = data.tl.item[rows]
             cats = Counter(data.categories[c] for i in items for c in data.ds.item_categories[i] if c > 1)
-            out.append({
-                "user_id": ex.user_id, "events": ex.history_len,
-                "recent": [data.ds.item_titles[i] for i in items[-3:][::-1]],
-                "top_categories": [c for c, _ in cats.most_common(3)],
-                "answers": [(names[r][i], math.exp(s)) for i, s in row],
-            })  # fmt: skip
+            out.append(
+                {
+                    "user_id": ex.user_id,
+                    "events": ex.history_len,
+                    "recent": [data.ds.item_titles[i] for i in items[-3:][::-1]],
+                    "top_categories": [c for c, _ in cats.most_common(3)],
+                    "answers": [(names[r][i], math.exp(s)) for i, s in row],
+                }
+            )
         return out
 
     @torch.no_grad()
@@ -278,7 +314,9 @@ class Pipeline:
         users = self.data.user_batch([example]) if self.cfg.method == "userllm" else None
         eos = self.tokenizer.eos_token_id
         with autocast(self.cfg.bf16):
-            new = self.model.generate(users, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos)
+            new = self.model.generate(
+                users, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos
+            )
         return self.tokenizer.decode([t for t in new[0].tolist() if t != eos], skip_special_tokens=True).strip()
 
 
@@ -287,6 +325,8 @@ def load(path: Path, *, device: str = "cpu", bf16: bool | None = None) -> Pipeli
     a saved encoder directory) as an :class:`~userllm.encoder.pretrained.EncoderRun`."""
     path = Path(path)
     config = path / "config.json"
-    if (path / "model" / "userllm.safetensors").exists() or (config.exists() and "task" in json.loads(config.read_text())):
+    if (path / "model" / "userllm.safetensors").exists() or (
+        config.exists() and "task" in json.loads(config.read_text())
+    ):
         return Pipeline.from_pretrained(path, device=device, bf16=bf16)
     return EncoderRun.from_pretrained(path, device=device)

@@ -48,14 +48,20 @@ def instruction(task: str, words: dict[str, str], **fields: str) -> str:
     return TEMPLATES[task].format(**words, **fields)
 
 
-def render(tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str],
-           candidates: list[str] | None = None) -> str:  # fmt: skip
+def render(
+    tokenizer, text: str, history_lines: list[str] | None, words: dict[str, str], candidates: list[str] | None = None
+) -> str:
     """The full prompt text: ``text`` after the TP history (when given), in the chat template if any."""
     return render_chat(tokenizer, [{"role": "user", "content": text}], history_lines, words, candidates)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]], history_lines: list[str] | None, words: dict[str, str],
-                candidates: list[str] | None = None) -> str:  # fmt: skip
+def render_chat(
+    tokenizer,
+    messages: list[dict[str, str]],
+    history_lines: list[str] | None,
+    words: dict[str, str],
+    candidates: list[str] | None = None,
+) -> str:
     """A conversation (``[{"role", "content"}, ...]``, as the Chat Completions API sends it) as prompt text:
     the TP history (when given), then the ``candidates`` (titles the stage-1 encoder ranks highest, when
     given), in front of the first user message, in the chat template if any (else the messages' contents,

@@ -31,14 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 from userllm.config import TrainConfig, dump_config, save_config
 from userllm.data.dataset import PreparedDataset
 from userllm.distributed import barrier, setup_distributed
-from userllm.io import state_hash
-from userllm.schedule import lr_lambda
 from userllm.errors import ConfigError
-from userllm.io import runtime, source_commit, start_run, write_dir_atomically, write_json
+from userllm.io import runtime, source_commit, start_run, state_hash, write_dir_atomically, write_json
+from userllm.llm.base import ConditionedLM
 from userllm.llm.flops import training_flops
-from userllm.llm.model import ConditionedLM, UserLLM
+from userllm.llm.model import UserLLM
 from userllm.precision import autocast
 from userllm.progress import console, progress_bar
+from userllm.schedule import lr_lambda
 from userllm.tasks.data import IGNORE, TaskData, TaskExample
 from userllm.tasks.pipeline import build
 
@@ -79,7 +79,11 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
     examples = data.examples("train")
-    steps = math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(model, data, examples, cfg)
+    steps = (
+        math.ceil(cfg.train_examples / cfg.batch_size)
+        if cfg.train_flops is None
+        else flops_steps(model, data, examples, cfg)
+    )
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -108,7 +112,9 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
-            state["flops"] += sum(training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, whole, cfg))
+            state["flops"] += sum(
+                training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, whole, cfg)
+            )
             for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
@@ -128,17 +134,28 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
                 if isinstance(model, UserLLM) and model.xattn:
                     state["gates"].append({"step": step + 1, **{k: b.gate_report() for k, b in model.xattn.items()}})
                 if rank == 0:
-                    write_dir_atomically(ckpt, lambda tmp: _write_checkpoint(tmp, model, opt, sched, state),
-                                         force=True, marker="userllm.json")  # fmt: skip
+                    write_dir_atomically(
+                        ckpt,
+                        lambda tmp: _write_checkpoint(tmp, model, opt, sched, state),
+                        force=True,
+                        marker="userllm.json",
+                    )
                 barrier(world)
     summary = {
-        "steps": state["step"], "examples": state["step"] * cfg.batch_size, "tokens": state["tokens"],
-        "commit": state["commit"], "train_flops": state["flops"], "train_seconds": round(state["seconds"], 2),
+        "steps": state["step"],
+        "examples": state["step"] * cfg.batch_size,
+        "tokens": state["tokens"],
+        "commit": state["commit"],
+        "train_flops": state["flops"],
+        "train_seconds": round(state["seconds"], 2),
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9)),
-        "first_loss": state["losses"][0] if state["losses"] else None, "last_loss": state["losses"][-1] if state["losses"] else None,
-        "losses": state["losses"], "gates": state["gates"],
-        "parameters": {k: list(v) for k, v in model.parameter_groups().items()}, "runtime": runtime(),
-    }  # fmt: skip
+        "first_loss": state["losses"][0] if state["losses"] else None,
+        "last_loss": state["losses"][-1] if state["losses"] else None,
+        "losses": state["losses"],
+        "gates": state["gates"],
+        "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
+        "runtime": runtime(),
+    }
     if world > 1:
         hashes = [None] * world
         torch.distributed.all_gather_object(hashes, state_hash(model))
@@ -164,15 +181,24 @@ def param_groups(model: ConditionedLM, cfg: TrainConfig) -> list[dict]:
 def part_lengths(data: TaskData, batch: list, cfg: TrainConfig) -> list[tuple[int, int]]:
     """(events, tokens) of each training example: its history window and its prompt + answer tokens, for
     :func:`~userllm.llm.flops.training_flops` (0 for backbones its formula does not cover)."""
-    return [(ex.history_len if cfg.method == "userllm" else 0, len(data.tokens(ex.prompt)) + len(data.answer_tokens(ex.answer)))
-            for ex in batch]  # fmt: skip
+    return [
+        (
+            ex.history_len if cfg.method == "userllm" else 0,
+            len(data.tokens(ex.prompt)) + len(data.answer_tokens(ex.answer)),
+        )
+        for ex in batch
+    ]
 
 
 def flops_steps(model: ConditionedLM, data: TaskData, examples: list[TaskExample], cfg: TrainConfig) -> int:
     """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs reach ``cfg.train_flops``."""
-    per_example = np.array([training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, examples, cfg)])
+    per_example = np.array(
+        [training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, examples, cfg)]
+    )
     if per_example.max() == 0:
-        raise ConfigError(f"train_flops needs the analytic FLOP formula, which does not cover backbone {cfg.llm.backbone}")
+        raise ConfigError(
+            f"train_flops needs the analytic FLOP formula, which does not cover backbone {cfg.llm.backbone}"
+        )
     passes = math.ceil(cfg.train_flops / per_example.sum())  # each pass over the examples costs the same
     order = example_order(len(examples), passes * len(examples), cfg.seed)
     done = np.cumsum(per_example[order]) >= cfg.train_flops

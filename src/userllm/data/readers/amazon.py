@@ -38,11 +38,23 @@ from userllm.data.readers.common import (
 from userllm.errors import InputError
 
 FIELDS = {
-    "2014": {"user_id": "reviewerID", "item_id": "asin", "rating": "overall", "timestamp": "unixReviewTime",
-             "text": "reviewText", "summary": "summary"},
-    "2023": {"user_id": "user_id", "item_id": "parent_asin", "rating": "rating", "timestamp": "timestamp",
-             "text": "text", "summary": "title"},
-}  # fmt: skip
+    "2014": {
+        "user_id": "reviewerID",
+        "item_id": "asin",
+        "rating": "overall",
+        "timestamp": "unixReviewTime",
+        "text": "reviewText",
+        "summary": "summary",
+    },
+    "2023": {
+        "user_id": "user_id",
+        "item_id": "parent_asin",
+        "rating": "rating",
+        "timestamp": "timestamp",
+        "text": "text",
+        "summary": "title",
+    },
+}
 FIELDS["2018"] = FIELDS["2014"]
 REVIEW_FILE = re.compile(r"^(?!meta_)(?:reviews_)?(?P<cat>.+?)(?:_5)?\.jsonl?(?:\.gz)?$")
 META_FILE = re.compile(r"^meta_(?P<cat>.+?)\.jsonl?(?:\.gz)?$")

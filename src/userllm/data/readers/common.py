@@ -84,11 +84,17 @@ def gzip_break(path: Path, lines: int, err: Exception, skips: SkipLog) -> None:
     if lines == 0 and isinstance(err, gzip.BadGzipFile):
         raise InputError(f"{path}: not a gzip file, although its name ends in .gz ({err})")
     how = "ends before its end-of-stream marker" if isinstance(err, EOFError) else f"is corrupt ({err})"
-    skips.add("truncated_file", path, lines + 1,
-              f"the gzip stream {how} after line {lines:,} (an incomplete download?)",
-              lenient=f"rerun without --strict to keep the {lines:,} complete lines before the break")  # fmt: skip
-    skips.warnings.append(f"{path} is incomplete: its gzip stream {how} after line {lines:,}; "
-                          f"the {lines:,} complete lines before the break were read, the rest of the file is missing")  # fmt: skip
+    skips.add(
+        "truncated_file",
+        path,
+        lines + 1,
+        f"the gzip stream {how} after line {lines:,} (an incomplete download?)",
+        lenient=f"rerun without --strict to keep the {lines:,} complete lines before the break",
+    )
+    skips.warnings.append(
+        f"{path} is incomplete: its gzip stream {how} after line {lines:,}; "
+        f"the {lines:,} complete lines before the break were read, the rest of the file is missing"
+    )
 
 
 def read_gzip(path: Path, skips: SkipLog) -> bytes:
@@ -212,12 +218,16 @@ def parse_typed(df: pl.DataFrame, file: Path, skips: SkipLog, *, ms_timestamps: 
         bad = df.filter(~is_bad & cond).select(line=pl.col("lineno"), reason=pl.lit(reason), detail=detail)
         skips.add_frame(file, bad)
         is_bad = is_bad | cond
-    return df.filter(~is_bad).with_columns(
-        pl.col("user_id").str.strip_chars(),
-        pl.col("item_id").str.strip_chars(),
-        timestamp=pl.col("_ts"),
-        rating=pl.col("_rating"),
-    ).drop("_ts", "_rating")
+    return (
+        df.filter(~is_bad)
+        .with_columns(
+            pl.col("user_id").str.strip_chars(),
+            pl.col("item_id").str.strip_chars(),
+            timestamp=pl.col("_ts"),
+            rating=pl.col("_rating"),
+        )
+        .drop("_ts", "_rating")
+    )
 
 
 def iter_records(
@@ -243,7 +253,9 @@ def iter_records(
                     ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object: {str(err)[:80]}")
                     continue
                 if not isinstance(record, dict):
-                    ctx.skips.add("invalid JSON", path, lineno, f"expected a {what} object, got {type(record).__name__}")
+                    ctx.skips.add(
+                        "invalid JSON", path, lineno, f"expected a {what} object, got {type(record).__name__}"
+                    )
                     continue
                 yield lineno, record
         except GZIP_BREAKS as err:  # the line being read when the stream broke is incomplete: not yielded
@@ -333,6 +345,11 @@ def items_frame(rows: Iterable[tuple[str, object, object, object]]) -> tuple[pl.
             merged[item_id] = [o if o else n for o, n in zip(old[:3], row[:3])] + [None if old[0] or row[0] else old[3]]
         else:
             merged[item_id] = row
-    schema = {"item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String), "description": pl.String,
-              "title_note": pl.String}  # fmt: skip
+    schema = {
+        "item_id": pl.String,
+        "title": pl.String,
+        "categories": pl.List(pl.String),
+        "description": pl.String,
+        "title_note": pl.String,
+    }
     return pl.DataFrame([[k, *v] for k, v in merged.items()], schema=schema, orient="row"), repeats

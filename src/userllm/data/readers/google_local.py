@@ -58,6 +58,10 @@ def read_google_local(paths: list[Path], ctx: ReadContext) -> RawData:
             if not record.get("gmap_id"):
                 ctx.skips.add("missing required field", path, lineno, "field 'gmap_id': expected a value")
                 continue
-            items.append((str(record["gmap_id"]), record.get("name"), record.get("category") or [], record.get("description")))
+            items.append(
+                (str(record["gmap_id"]), record.get("name"), record.get("category") or [], record.get("description"))
+            )
     items, merged = items_frame(items)
-    return RawData(events=pl.concat(events), items=items, layout="google-local", files=reviews + metas, merged_items=merged)
+    return RawData(
+        events=pl.concat(events), items=items, layout="google-local", files=reviews + metas, merged_items=merged
+    )

@@ -35,9 +35,26 @@ from userllm.data.readers.common import (
 from userllm.errors import InputError
 
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-]  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 NO_GENRE = {"unknown", "(no genres listed)", ""}
 RATING_FIELDS = ["user_id", "item_id", "rating", "timestamp"]
 
@@ -66,7 +83,9 @@ def _split_lines(path: Path, sep: str, fields: int, ctx: ReadContext):
             continue
         parts = line.split(sep)
         if len(parts) != fields:
-            ctx.skips.add("wrong field count", path, lineno, f"expected {fields} {sep!r}-separated fields, got {len(parts)}")
+            ctx.skips.add(
+                "wrong field count", path, lineno, f"expected {fields} {sep!r}-separated fields, got {len(parts)}"
+            )
             continue
         yield parts
 
@@ -195,7 +214,9 @@ def read_embedded_movielens_100k(paths: list[Path], ctx: ReadContext, wheel: str
             item_id=pl.col("item_id:token"),
             # recbole stores the year apart and spells the missing title "unkonwn"
             title=pl.when(title == "unkonwn").then(pl.lit("unknown")).otherwise(pl.format("{} ({})", title, year)),
-            categories=pl.col("class:token_seq").str.split(" ").list.eval(pl.element().filter(pl.element() != "unknown")),
+            categories=pl.col("class:token_seq")
+            .str.split(" ")
+            .list.eval(pl.element().filter(pl.element() != "unknown")),
         )
     advance(events.height)
     items, merged = items_frame((*row, None) for row in items.iter_rows())

@@ -23,13 +23,59 @@ from userllm.data.readers.common import RawData, ReadContext, items_frame
 from userllm.errors import InputError
 
 GENRES = [
-    "Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Documentary", "Western",
-    "Mystery", "Fantasy", "Musical", "War", "Animation", "Crime", "Thriller", "Adventure",
-]  # fmt: skip
-ADJECTIVES = ["Silent", "Crimson", "Last", "Hidden", "Golden", "Broken", "Midnight", "Wild", "Distant", "Iron",
-              "Secret", "Electric", "Frozen", "Lonely", "Burning", "Velvet"]  # fmt: skip
-NOUNS = ["Harbor", "Empire", "Garden", "Signal", "River", "Machine", "Promise", "Frontier", "Mirror", "Storm",
-         "Orchard", "Station", "Kingdom", "Letter", "Circus", "Voyage"]  # fmt: skip
+    "Action",
+    "Comedy",
+    "Drama",
+    "Horror",
+    "Romance",
+    "Sci-Fi",
+    "Documentary",
+    "Western",
+    "Mystery",
+    "Fantasy",
+    "Musical",
+    "War",
+    "Animation",
+    "Crime",
+    "Thriller",
+    "Adventure",
+]
+ADJECTIVES = [
+    "Silent",
+    "Crimson",
+    "Last",
+    "Hidden",
+    "Golden",
+    "Broken",
+    "Midnight",
+    "Wild",
+    "Distant",
+    "Iron",
+    "Secret",
+    "Electric",
+    "Frozen",
+    "Lonely",
+    "Burning",
+    "Velvet",
+]
+NOUNS = [
+    "Harbor",
+    "Empire",
+    "Garden",
+    "Signal",
+    "River",
+    "Machine",
+    "Promise",
+    "Frontier",
+    "Mirror",
+    "Storm",
+    "Orchard",
+    "Station",
+    "Kingdom",
+    "Letter",
+    "Circus",
+    "Voyage",
+]
 PRAISE = ["a delight", "wonderful", "gripping from start to finish", "exactly my kind of story", "superb"]
 MIDDLING = ["fine", "watchable", "uneven", "decent but forgettable", "okay"]
 PAN = ["a letdown", "tedious", "hard to sit through", "not for me", "disappointing"]

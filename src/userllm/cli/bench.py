@@ -1,0 +1,94 @@
+"""``userllm bench``: the benchmarks that print their figures side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from userllm.cli.common import app, out
+from userllm.errors import UserError
+
+bench_app = typer.Typer(help="Benchmarks that print their figures side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("efficiency")
+def bench_efficiency(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for efficiency.json / .md / .png")] = Path(
+        "runs/bench-efficiency"
+    ),
+    backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
+    dataset: Annotated[
+        Optional[Path], typer.Option(help="prepared dataset for the timelines", show_default="MovieLens-100K")
+    ] = None,
+    lengths: Annotated[str, typer.Option(help="comma-separated history lengths")] = "10,25,50,100,200,500",
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="warm runs per latency figure")] = 5,
+    cache_repeats: Annotated[int, typer.Option(help="paired runs of cached serving vs the plain backbone")] = 10,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="lengths 10,50,200,500, batch 1, 2 repeats (a few minutes)")
+    ] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """User-LLM vs the text prompt: tokens, FLOPs, latency and memory per request, and cached serving."""
+    from userllm.bench.efficiency import markdown, run_efficiency
+
+    def ints(text: str, name: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise UserError(f"--{name} expects comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise UserError(f"--{name} values must be positive, got {text!r}")
+        return values
+
+    sizes, hist = ints(batch_sizes, "batch-sizes"), ints(lengths, "lengths")
+    if quick:
+        sizes, hist, repeats = (1,), (10, 50, 200, 500), 2
+    report = run_efficiency(
+        out=out_dir,
+        backbone=backbone,
+        dataset=dataset,
+        lengths=hist,
+        batch_sizes=sizes,
+        repeats=repeats,
+        cache_length=200 if 200 in hist else max(hist),
+        cache_repeats=cache_repeats,
+        device=device,
+        force=force,
+    )
+    print(markdown(report))
+    out.print(f"wrote {out_dir}/efficiency.json, efficiency.md, efficiency.png")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for serve.json / .md / .png")] = Path(
+        "runs/bench-serve"
+    ),
+    dataset: Annotated[Path, typer.Option(help="prepared dataset whose users are served")] = Path("outputs/ml-100k"),
+    backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
+    history: Annotated[int, typer.Option(help="events per user (users with fewer are not asked)")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="tokens of every answer")] = 16,
+    append_seconds: Annotated[float, typer.Option(help="length of the append phase")] = 10.0,
+    weights: Annotated[str, typer.Option(help="every server's backbone weights (`userllm serve --weights`)")] = "int4",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """User-LLM vs TP served over HTTP to 1, 4 and 16 concurrent clients: requests/s, latency, TTFT, appends."""
+    from userllm.bench.serve import markdown, run_serve_bench
+
+    report = run_serve_bench(
+        out_dir,
+        dataset=dataset,
+        backbone=backbone,
+        history=history,
+        max_tokens=max_tokens,
+        append_seconds=append_seconds,
+        weights=weights,
+        force=force,
+    )
+    print(markdown(report))
+    out.print(f"wrote {out_dir}/serve.json, serve.md, serve.png")
