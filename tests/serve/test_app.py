@@ -37,7 +37,9 @@ def serve(tmp_path, synthetic_ds):
         store = EventStore(f"sqlite:///{tmp_path / f'events-{len(made)}.db'}")
         import_dataset(store, synthetic_ds)
         engine = Engine(run, store, weights=weights, bf16=bf16)
-        http = TestClient(create_app(engine, ServeConfig(api_key=KEY, **kw)), headers={"Authorization": f"Bearer {KEY}"})
+        http = TestClient(
+            create_app(engine, ServeConfig(api_key=KEY, **kw)), headers={"Authorization": f"Bearer {KEY}"}
+        )
         http.__enter__()
         made.append(http)
         client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
@@ -49,8 +51,14 @@ def serve(tmp_path, synthetic_ds):
 
 
 def ask(client, engine, user, **kw):
-    return client.chat.completions.create(model=engine.name, user=user, temperature=0, max_tokens=6,
-                                          messages=[{"role": "user", "content": "Which item next?"}], **kw)  # fmt: skip
+    return client.chat.completions.create(
+        model=engine.name,
+        user=user,
+        temperature=0,
+        max_tokens=6,
+        messages=[{"role": "user", "content": "Which item next?"}],
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("method", ["userllm", "textprompt"])
@@ -66,8 +74,16 @@ def test_openai_client_personalized_and_streamed(serve, ul_run, tp_run, syntheti
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == answer.choices[0].message.content  # greedy: the same answer, streamed
     assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
-    raw = http.post("/v1/chat/completions", json={"model": engine.name, "user": user, "stream": True, "max_tokens": 2,
-                                                  "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    raw = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": engine.name,
+            "user": user,
+            "stream": True,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
     assert raw.text.rstrip().endswith("data: [DONE]")
     assert [m.id for m in client.models.list()] == [engine.name]
 
@@ -101,13 +117,17 @@ def test_bf16_serves_every_model_call_under_autocast(serve, ul_run, tp_run, synt
         engine, _, client = serve(run, bf16=bf16)
         assert engine.bf16 is (bf16 is True)
         seen = []
-        hook = engine.model.llm.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+        hook = engine.model.llm.register_forward_pre_hook(
+            lambda module, args: seen.append(torch.is_autocast_enabled("cpu"))
+        )
         answer = ask(client, engine, user)
         hook.remove()
         assert answer.choices[0].finish_reason in ("stop", "length") and seen and set(seen) == {engine.bf16}
         if method == "userllm":
             ctx = engine.cache.cached(user).ctx
-            assert (ctx.dtype == torch.bfloat16) is engine.bf16 and engine.cache.fingerprint.endswith("+bf16") is engine.bf16
+            assert (ctx.dtype == torch.bfloat16) is engine.bf16 and engine.cache.fingerprint.endswith(
+                "+bf16"
+            ) is engine.bf16
 
 
 def test_user_reaches_the_server_and_errors_are_openai_errors(serve, ul_run):
@@ -134,13 +154,15 @@ def test_contexts_follow_the_store(serve, ul_run, synthetic_ds):
     ctx_b = engine.context(b).context
     assert not torch.equal(ctx_a.ctx[:, : ctx_b.ctx.shape[1]], ctx_b.ctx[:, : ctx_a.ctx.shape[1]])
     item = synthetic_ds.items.get_column("item_id")[3]
-    r = http.post(f"/v1/users/{a}/events", json={"events": [{"item_id": item, "rating": 5, "timestamp": 2_000_000_000}]})
+    r = http.post(
+        f"/v1/users/{a}/events", json={"events": [{"item_id": item, "rating": 5, "timestamp": 2_000_000_000}]}
+    )
     assert r.status_code == 200 and r.json()["events"] == synthetic_ds.sequences.get_column("length")[0] + 1
     answer = ask(client, engine, a)
     assert answer.usage.model_extra["user_events"] == engine.max_history
     cached = engine.context(a).context
-    _, rows = engine.store.timeline(a, last=engine.max_history)
-    fresh = UserContextCache(engine.model).get(a, engine.vocab.encoder_inputs(rows))
+    _, rows, before = engine.window(a)
+    fresh = UserContextCache(engine.model).get(a, engine.vocab.encoder_inputs(rows, before))
     assert rows[-1]["item_id"] == item and torch.allclose(cached.ctx, fresh.ctx, atol=1e-5)
     assert all(torch.allclose(cached.kv[k].k, fresh.kv[k].k, atol=1e-5) for k in fresh.kv)
     listed = http.get(f"/v1/users/{a}/events", params={"limit": 2}).json()
@@ -156,17 +178,30 @@ def test_bad_requests_are_clear_4xx(serve, ul_run, synthetic_ds):
     item = synthetic_ds.items.get_column("item_id")[0]
     post = lambda body, **kw: http.post("/v1/users/u-new/events", json=body, **kw)  # noqa: E731
     cases = [
-        (post({"events": [{"item_id": item, "timestamp": 1}, {"item_id": "no-such-item", "timestamp": 2}]}),
-         422, "events[1].item_id", "unknown item"),
+        (
+            post({"events": [{"item_id": item, "timestamp": 1}, {"item_id": "no-such-item", "timestamp": 2}]}),
+            422,
+            "events[1].item_id",
+            "unknown item",
+        ),
         (post({"events": [{"item_id": item, "rating": 50, "timestamp": 1}]}), 422, "events[0].rating", "outside"),
         (post({"events": [{"item_id": item, "timestamp": "yesterday"}]}), 422, "events[0].timestamp", "integer"),
         (post({"events": [{"item_id": item, "timestamp": 1}] * 6}), 413, "events", "at most 5 events"),
         (post({"events": [{"item_id": item, "timestamp": 1, "text": "x" * 5000}]}), 413, None, "over 4,096 bytes"),
-        (http.post("/v1/users/u-new/events", content=b"{not json", headers={"content-type": "application/json"}),
-         400, None, "not valid JSON"),
-        (http.post("/v1/users/bad%20id!/events", json={"events": [{"item_id": item, "timestamp": 1}]}), 422, "user_id", "letters"),
+        (
+            http.post("/v1/users/u-new/events", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            None,
+            "not valid JSON",
+        ),
+        (
+            http.post("/v1/users/bad%20id!/events", json={"events": [{"item_id": item, "timestamp": 1}]}),
+            422,
+            "user_id",
+            "letters",
+        ),
         (http.get("/v1/users/u-new/events", headers={"Authorization": "Bearer nope"}), 401, None, "API key"),
-    ]  # fmt: skip
+    ]
     for response, status, param, message in cases:
         body = response.json()
         assert response.status_code == status, body
@@ -175,7 +210,9 @@ def test_bad_requests_are_clear_4xx(serve, ul_run, synthetic_ds):
     assert engine.store.fingerprint("u-new").count == 0  # nothing of a rejected request was stored
     assert http.get("/healthz", headers={"Authorization": ""}).json()["status"] == "ok"  # no key needed
     metrics = http.get("/metrics").text
-    assert 'userllm_requests_total{endpoint="/v1/users/{user_id}/events",status="422"} 4' in metrics  # item, rating, timestamp, user id
+    assert (
+        'userllm_requests_total{endpoint="/v1/users/{user_id}/events",status="422"} 4' in metrics
+    )  # item, rating, timestamp, user id
 
 
 def test_retried_event_ids_are_stored_once(serve, ul_run, synthetic_ds):
@@ -275,8 +312,9 @@ def test_appends_refresh_the_cached_context_at_most_once_an_interval(tmp_path, u
 
 
 @pytest.mark.parametrize("exclude_history", [False, True])
-def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, tmp_path, synthetic_ds, text_lm_dir,
-                                                                        exclude_history):  # fmt: skip
+def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(
+    serve, tmp_path, synthetic_ds, text_lm_dir, exclude_history
+):
     """A TP run trained with ``llm.candidates`` lists the stage-1 encoder's top titles in its prompt; served, it
     reads the very prompt its task data renders for the same events (history and the same titles, best first),
     without the history's own titles when trained with ``llm.exclude_history``."""
@@ -288,13 +326,24 @@ def test_a_tp_run_trained_with_candidates_is_served_its_training_prompt(serve, t
     enc = EncoderConfig(d_model=32, d_feature=16, n_layers=1, n_heads=2, max_len=8, time_gap_buckets=8)
     pretrain(PretrainConfig(dataset=synthetic_ds.root, out=tmp_path / "enc", encoder=enc, epochs=1, batch_size=16))
     llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora", candidates=3, exclude_history=exclude_history)
-    train(TrainConfig(dataset=synthetic_ds.root, out=tmp_path / "tp", task="next_item", method="textprompt", llm=llm,
-                      encoder=str(tmp_path / "enc"), max_history=5, train_examples=4, batch_size=4))  # fmt: skip
+    train(
+        TrainConfig(
+            dataset=synthetic_ds.root,
+            out=tmp_path / "tp",
+            task="next_item",
+            method="textprompt",
+            llm=llm,
+            encoder=str(tmp_path / "enc"),
+            max_history=5,
+            train_examples=4,
+            batch_size=4,
+        )
+    )
     engine, _, client = serve(tmp_path / "tp")
     rated = 0  # users whose encoder ranks an item of their history among its top 3
     for user in synthetic_ds.sequences["user_id"]:
-        _, rows = engine.store.timeline(user, last=engine.max_history)
-        inputs = engine.listing_vocab.encoder_inputs(rows)
+        _, rows, before = engine.window(user)
+        inputs = engine.listing_vocab.encoder_inputs(rows, before)
         ranked, window = engine.listing.next_items(inputs, 20)[0].tolist(), set(inputs["item"][0].tolist())
         expected = [i for i in ranked if i not in window][:3] if exclude_history else ranked[:3]
         assert engine.context(user).candidates == [synthetic_ds.item_titles[i] for i in expected]

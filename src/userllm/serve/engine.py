@@ -27,16 +27,15 @@ from typing import Callable
 import torch
 
 from userllm.errors import InputError
+from userllm.llm.base import UserContext
 from userllm.llm.cache import UserContextCache
 from userllm.llm.decoding import iter_tokens, sample_token
-from userllm.llm.model import UserContext
 from userllm.precision import autocast
 from userllm.serve.metrics import Metrics
 from userllm.serve.store import EventStore, Fingerprint
 from userllm.serve.timeline import RunVocabulary
 from userllm.tasks import prompts
 from userllm.tasks.pipeline import Pipeline
-
 
 WEIGHTS = ("float32", "int4")  # how the served backbone holds its weights
 
@@ -98,9 +97,18 @@ class Engine:
     ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
     ``userllm evaluate`` scores it)."""
 
-    def __init__(self, run_dir: Path, store: EventStore, *, cache_dir: Path | None = None,
-                 metrics: Metrics | None = None, refresh_interval: float = 1.0, weights: str = "float32",
-                 bf16: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        store: EventStore,
+        *,
+        cache_dir: Path | None = None,
+        metrics: Metrics | None = None,
+        refresh_interval: float = 1.0,
+        weights: str = "float32",
+        bf16: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         check_weights(weights)
         self.run_dir = Path(run_dir)
         run = Pipeline.from_pretrained(self.run_dir, bf16=bf16)
@@ -155,19 +163,19 @@ class Engine:
                         self.metrics.inc("userllm_context_total", result="hit")
                     out[user] = Conditioning(context=cached, events=min(fp.count, self.max_history))
                     continue
-            fp, rows = self.store.timeline(user, last=self.max_history)
+            fp, rows, before = self.window(user)
             if not rows:
                 out[user] = Conditioning()
             elif self.cache is None:
                 listed = None
                 if self.listing is not None:
-                    inputs = self.listing_vocab.encoder_inputs(rows)
+                    inputs = self.listing_vocab.encoder_inputs(rows, before)
                     with autocast(self.bf16):
                         top = self.listing.next_items(inputs, self.data.candidates, self.data.exclude_history)[0]
                     listed = [self.data.ds.item_titles[i] for i in top.tolist()]
                 out[user] = Conditioning(lines=self.vocab.history_lines(rows), candidates=listed, events=len(rows))
             else:
-                timelines[user], counts[user], prints[user] = self.vocab.encoder_inputs(rows), len(rows), fp
+                timelines[user], counts[user], prints[user] = self.vocab.encoder_inputs(rows, before), len(rows), fp
         if timelines:
             before = dict(self.cache.stats)
             computed = self.cache.get_many(timelines)
@@ -178,6 +186,13 @@ class Engine:
                 self.fingerprints[user] = prints[user]
                 out[user] = Conditioning(context=ctx, events=counts[user])
         return out
+
+    def window(self, user: str) -> tuple[Fingerprint, list[dict], dict | None]:
+        """The user's store fingerprint, their newest ``max_history`` events (oldest first; the window a
+        request reads, as training's history window before a target) and the event just before it (None
+        when the window starts at their first event)."""
+        fp, rows = self.store.timeline(user, last=self.max_history + 1)
+        return (fp, rows[1:], rows[0]) if len(rows) > self.max_history else (fp, rows, None)
 
     def schedule_refresh(self, user: str) -> None:
         """Bring the user's cached context up to date on the model thread after an append: at once, or, for a
@@ -249,7 +264,13 @@ class Engine:
             found = {}
         for job in jobs:
             try:
-                c = Conditioning() if job.user is None else found[job.user] if job.user in found else self.context(job.user)
+                c = (
+                    Conditioning()
+                    if job.user is None
+                    else found[job.user]
+                    if job.user in found
+                    else self.context(job.user)
+                )
                 prepared.append((job, c))
             except Exception as e:  # noqa: BLE001 - the request gets the error, the server goes on
                 job.emit("error", e)
@@ -263,35 +284,59 @@ class Engine:
 
     @torch.no_grad()
     def _decode(self, group: list[tuple]) -> None:
-        texts = [prompts.render_chat(self.tokenizer, job.messages, c.lines, self.data.words, c.candidates) for job, c in group]
+        texts = [
+            prompts.render_chat(self.tokenizer, job.messages, c.lines, self.data.words, c.candidates)
+            for job, c in group
+        ]
         seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         t = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), t), dtype=torch.long)
         for r, s in enumerate(seqs):
-            ids[r, t - len(s):], mask[r, t - len(s):] = torch.tensor(s), 1
+            ids[r, t - len(s) :], mask[r, t - len(s) :] = torch.tensor(s), 1
         contexts = [c.context for _, c in group]
         context = UserContext.stack(contexts) if contexts[0] is not None else None
         soft = self.cfg.llm.mode == "soft_prompt"
-        rows = [Row(job, len(s) + (c.context.ctx.shape[1] if soft and c.context is not None else 0), c.events,
-                    torch.Generator().manual_seed(job.seed) if job.seed is not None else None)
-                for (job, c), s in zip(group, seqs)]  # fmt: skip
+        rows = [
+            Row(
+                job,
+                len(s) + (c.context.ctx.shape[1] if soft and c.context is not None else 0),
+                c.events,
+                torch.Generator().manual_seed(job.seed) if job.seed is not None else None,
+            )
+            for (job, c), s in zip(group, seqs)
+        ]
 
         def choose(logits: torch.Tensor) -> torch.Tensor:
-            return torch.stack([sample_token(logits[i : i + 1], temperature=r.job.temperature, top_p=r.job.top_p,
-                                             generator=r.generator)[0] for i, r in enumerate(rows)])  # fmt: skip
+            return torch.stack(
+                [
+                    sample_token(
+                        logits[i : i + 1], temperature=r.job.temperature, top_p=r.job.top_p, generator=r.generator
+                    )[0]
+                    for i, r in enumerate(rows)
+                ]
+            )
 
         limit = max(r.job.max_tokens for r in rows)
         eos = None if all(r.job.ignore_eos for r in rows) else self.eos
         if context is None and self.method == "userllm":  # no user: the backbone alone, no cross-attention
             with autocast(self.bf16):
                 prefix = (self.model.llm.get_input_embeddings()(ids), mask)
-                steps = iter_tokens(self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad)
+                steps = iter_tokens(
+                    self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad
+                )
                 self._stream(rows, steps)
         else:
             with autocast(self.bf16), self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
-                steps = iter_tokens(self.model, embeds, prefix_mask, choose, max_new_tokens=limit,
-                                    eos_token_id=eos, pad_token_id=self.pad)  # fmt: skip
+                steps = iter_tokens(
+                    self.model,
+                    embeds,
+                    prefix_mask,
+                    choose,
+                    max_new_tokens=limit,
+                    eos_token_id=eos,
+                    pad_token_id=self.pad,
+                )
                 self._stream(rows, steps)
 
     def _stream(self, rows: list[Row], steps) -> None:
@@ -311,7 +356,7 @@ class Engine:
                         row.finish = "length"
                     if not text.endswith("\ufffd") or row.finish:  # hold back half a UTF-8 character
                         if len(text) > len(row.sent) and text.startswith(row.sent):
-                            row.job.emit("delta", text[len(row.sent):])
+                            row.job.emit("delta", text[len(row.sent) :])
                         row.sent = text
                 if row.finish is not None:
                     self._finish(row)
@@ -325,8 +370,12 @@ class Engine:
     def _finish(self, row: Row) -> None:
         n = len(row.tokens)
         self.metrics.inc("userllm_generated_tokens_total", n)
-        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": n, "total_tokens": row.prompt_tokens + n,
-                 "user_events": row.events}  # fmt: skip
+        usage = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": row.prompt_tokens + n,
+            "user_events": row.events,
+        }
         row.job.emit("done", {"finish_reason": row.finish, "usage": usage})
 
     def close(self) -> None:

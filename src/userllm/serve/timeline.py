@@ -36,12 +36,22 @@ class RunVocabulary:
         out = []
         for i, e in enumerate(events):
             if e["item_id"] not in self.item_index:
-                out.append((f"events[{i}].item_id", f"events[{i}].item_id: unknown item {e['item_id']!r} "
-                                                     f"(not in the served run's dataset {self.ds.root.name})"))  # fmt: skip
+                out.append(
+                    (
+                        f"events[{i}].item_id",
+                        f"events[{i}].item_id: unknown item {e['item_id']!r} "
+                        f"(not in the served run's dataset {self.ds.root.name})",
+                    )
+                )
             rating = e.get("rating")
             if rating is not None and self.rating_range and not self.rating_range[0] <= rating <= self.rating_range[1]:
-                out.append((f"events[{i}].rating", f"events[{i}].rating: {rating} is outside the dataset's ratings "
-                                                   f"{self.rating_range[0]:g}..{self.rating_range[1]:g}"))  # fmt: skip
+                out.append(
+                    (
+                        f"events[{i}].rating",
+                        f"events[{i}].rating: {rating} is outside the dataset's ratings "
+                        f"{self.rating_range[0]:g}..{self.rating_range[1]:g}",
+                    )
+                )
         return out
 
     def rating_bucket(self, rating: float | None) -> int:
@@ -50,15 +60,19 @@ class RunVocabulary:
             return UNK
         return self.rating_index.get(str(round(round(rating / self.step) * self.step, 6)), UNK)
 
-    def encoder_inputs(self, rows: list[dict]) -> dict[str, Tensor]:
-        """A timeline (oldest first) as the encoder reads it: ``item``, ``rating``, ``time_gap`` (1, n)."""
-        stamps = np.array([r["timestamp"] for r in rows], dtype=np.int64)
-        first = np.zeros(len(rows), dtype=bool)
+    def encoder_inputs(self, rows: list[dict], before: dict | None = None) -> dict[str, Tensor]:
+        """A window of a timeline (oldest first) as the encoder reads it: ``item``, ``rating``, ``time_gap``
+        (1, n). ``before``: the user's event just before the window, if any: the window's first time gap is
+        measured from it, as training measures every gap over the whole timeline (only a user's very first
+        event has an unknown gap)."""
+        stamps = np.array([r["timestamp"] for r in ([before] if before else []) + rows], dtype=np.int64)
+        first = np.zeros(len(stamps), dtype=bool)
         first[:1] = True
+        gaps = time_gap_buckets(stamps, first, self.num_gap_buckets)[len(stamps) - len(rows) :]
         return {
             "item": torch.tensor([[self.item_index.get(r["item_id"], UNK) for r in rows]], dtype=torch.long),
             "rating": torch.tensor([[self.rating_bucket(r["rating"]) for r in rows]], dtype=torch.long),
-            "time_gap": torch.from_numpy(time_gap_buckets(stamps, first, self.num_gap_buckets))[None].long(),
+            "time_gap": torch.from_numpy(gaps)[None].long(),
         }
 
     def history_lines(self, rows: list[dict]) -> list[str]:
