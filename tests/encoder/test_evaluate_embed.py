@@ -13,20 +13,7 @@ from userllm.encoder.data import Timelines
 from userllm.encoder.evaluate import popularity_scores, rank_split
 from userllm.encoder.pretrained import load_encoder
 
-TINY = [
-    "-s",
-    "encoder.d_model=16",
-    "-s",
-    "encoder.d_feature=8",
-    "-s",
-    "encoder.n_layers=1",
-    "-s",
-    "encoder.max_len=12",
-    "-s",
-    "batch_size=16",
-    "-s",
-    "warmup_steps=2",
-]
+TINY = "-s encoder.d_model=16 -s encoder.d_feature=8 -s encoder.n_layers=1 -s encoder.max_len=12 -s batch_size=16 -s warmup_steps=2".split()
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +24,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ee")
     cli = [sys.executable, "-m", "userllm.cli"]
     subprocess.run(
-        [
-            *cli,
-            "prepare",
-            "--source",
-            "synthetic",
-            "--synthetic-users",
-            "40",
-            "--synthetic-items",
-            "50",
-            "--max-history",
-            "12",
-            "--out",
-            str(root / "ds"),
-        ],
+        [*cli, "prepare", "--source", "synthetic", "--synthetic-users", "40", "--synthetic-items", "50"]
+        + ["--max-history", "12", "--out", str(root / "ds")],
         check=True,
         capture_output=True,
     )
@@ -113,3 +88,27 @@ def test_embed_parquet_and_shards(run, run_cli):
 
     code, _, stderr = run_cli("embed", run / "run", run / "ds", "--out", run / "shards")
     assert code == 2 and "--force" in stderr
+
+
+def test_load_gives_an_encoder_run_that_embeds_as_embed_writes(run):
+    """``userllm.load`` of a pretrain run: its encoder, config and dataset; ``embed`` gives each user's
+    per-event embeddings of their last max_len events, the rows `userllm embed` writes."""
+    import userllm
+
+    loaded = userllm.load(run / "run")
+    assert isinstance(loaded, userllm.EncoderRun) and not loaded.encoder.training
+    assert loaded.cfg.encoder.d_model == 16 and loaded.dataset.root == (run / "ds").resolve()
+    ids = loaded.dataset.sequences.get_column("user_id").to_list()[:3]
+    vectors = loaded.embed(ids)
+    table = pl.read_parquet(run / "emb.parquet") if (run / "emb.parquet").exists() else None
+    tl = Timelines.from_dataset(loaded.dataset)
+    for u, user_id in enumerate(ids):
+        n = int(tl.lengths[u])
+        start = max(0, n - 12)
+        h, _ = loaded.encoder.encode(tl.collate(np.array([u]), np.array([start]), np.array([n])))
+        torch.testing.assert_close(vectors[user_id], h[0], rtol=0, atol=1e-6)
+        if table is not None:
+            rows = table.filter(pl.col("user_id") == user_id).sort("pos")
+            np.testing.assert_allclose(np.stack(rows["embedding"].to_numpy()), vectors[user_id].numpy(), atol=1e-6)
+    with pytest.raises(userllm.errors.InputError, match="not in dataset"):
+        loaded.embed(["nobody"])
