@@ -13,7 +13,10 @@ import sys
 import zlib
 from typing import Callable
 
-from userllm.cli import bench, data, encoder, serve, tasks  # noqa: F401  (each registers its commands)
+# isort: off
+from userllm.cli import data, encoder, tasks, serve, bench  # noqa: F401  (each registers its commands, in pipeline order)
+
+# isort: on
 from userllm.cli.bench import bench_app
 from userllm.cli.common import CLOSED, OutputClosed, app, err
 from userllm.cli.serve import store_app
