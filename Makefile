@@ -36,9 +36,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/userllm evaluate-encoder $(OUT)/encoder
 	rm -rf $(OUT)/demo
 	$(VENV)/bin/userllm experiment experiments/demo.yaml
-	cat $(OUT)/demo/results.md
 	# three users chosen by their histories: their last 50 movies are 82% Drama (122), 98% Comedy (125), 96% Action (217)
-	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm-xattn --user 122 --user 125 --user 217 --top 3
+	$(VENV)/bin/userllm answer $(OUT)/demo/favorite_genre/userllm --user 122 --user 125 --user 217 --top 3
 
 test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest -q

@@ -603,9 +603,12 @@ def test_experiment_runs_grid_then_skips_finished_cells(synthetic_ds, text_lm_di
     path.write_text(yaml.safe_dump(spec))
     trims = []  # the heap is trimmed after every cell, so no cell's peak stacks on the last one's leftovers
     monkeypatch.setattr(experiment, "release_memory", lambda: trims.append(True) or True)
-    code, _, err = run_cli("experiment", path)
+    code, shown, err = run_cli("experiment", path)
     assert code == 0, err
     assert len(trims) == 3
+    # the summary at a glance: every cell and reference with its compute and main metric, then the pairs
+    glance = " ".join(shown.split())
+    assert "favorite_genre: accuracy" in glance and "label prior" in glance and "xattn minus tp" in glance
     table = (tmp_path / "exp" / "results.md").read_text()
     assert (
         "| xattn | userllm | cross_attention | every 1 |" in table and "| tp | textprompt | text | - | lora |" in table

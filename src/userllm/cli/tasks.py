@@ -236,7 +236,19 @@ def experiment(
 
     overrides = {k: v for k, v in {"device": device, "bf16": bf16}.items() if v is not None}
     results = run_experiment(spec, only=only.split(",") if only else None, task=task, overrides=overrides)
-    out.print(f"wrote {results}")
+    from rich.table import Table
+
+    from userllm.config import read_yaml_mapping
+    from userllm.tasks.report import summary
+
+    for title, rows in summary(read_yaml_mapping(spec, "experiment")):
+        table = Table(title=title)
+        for i, col in enumerate(rows[0]):
+            table.add_column(col, justify="left" if i < 2 else "right")
+        for row in rows[1:]:
+            table.add_row(*row)
+        out.print(table)
+    out.print(f"wrote {results} (every cell's settings, answers and references) and the figures beside it")
 
 
 @app.command("plot")

@@ -364,3 +364,31 @@ def write_results(spec: dict) -> Path:
 
         plot(rows, spec["tasks"], out / "results.png")
     return out / "results.md"
+
+
+def summary(spec: dict) -> list[tuple[str, list[list[str]]]]:
+    """The experiment at a glance, per task: each finished cell and reference row with its training compute,
+    users and main metric (95% interval), then each User-LLM cell minus each TP cell that answers the same
+    question, paired over their common users. Returns (title, rows); the first row is the header."""
+    rows = collect(spec)
+    rows += reference_rows(rows)
+    seed = (spec.get("evaluate") or {}).get("seed", 0)
+    out = []
+    for task in spec["tasks"]:
+        part = [r for r in rows if r["task"] == task]
+        if not part:
+            continue
+        metric = MAIN_METRIC[task]
+        table = [["", "method", "training PFLOPs", "users", f"{metric} [95% interval]"]]
+        for r in sorted(part, key=lambda r: r["method"] in REFERENCES):
+            flops = f"{r['train_flops'] / 1e15:.3f}" if r["train_flops"] else "-"
+            value = interval(r["metrics"][metric]) if metric in r["metrics"] else "-"
+            table.append([r["cell"], r["method"], flops, str(r["users"]), value])
+        for a, b in comparable_pairs([r for r in part if r["method"] in ("userllm", "textprompt")]):
+            try:
+                users, diff = paired_difference(Path(a["run"]), Path(b["run"]), seed)
+            except InputError:
+                continue
+            table.append([f"{a['cell']} minus {b['cell']}", "paired", "", str(users), signed(diff[metric])])
+        out.append((f"{task}: {metric} on the test users scored", table))
+    return out
