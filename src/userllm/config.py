@@ -223,8 +223,7 @@ class UserLLMConfig(_Config):
     cross_attention_every: int = Field(
         8,
         ge=1,
-        description="a gated cross-attention block before every k-th layer "
-        "(8: 4 blocks on SmolLM2's 30 layers; see benchmarks/README.md, cached serving)",
+        description="a gated cross-attention block before every k-th decoder layer (8: 4 blocks on SmolLM2's 30)",
     )
     cross_attention_layers: list[int] | None = Field(None, description="explicit layer indices (overrides _every)")
     ff_mult: int = Field(2, ge=1, description="feed-forward width multiplier in the cross-attention blocks")
@@ -233,7 +232,7 @@ class UserLLMConfig(_Config):
         default_factory=lambda: ["category"],
         description="add each event's item in the LLM's own words to its "
         "context entry: the frozen mean input embedding of its title's tokens / of its categories' names (beyond the "
-        "paper; favorite_genre with category words: docs/results.md)",
+        "paper)",
     )
     candidates: int = Field(
         0,
@@ -246,8 +245,7 @@ class UserLLMConfig(_Config):
         False,
         description="the stage-1 encoder's top items (the candidates, TP's listed "
         "ones, the run's shortlist and the encoder-alone reference) leave out the items of "
-        "the history window it reads: a MovieLens user rates a movie once, and ~40% of "
-        "its top 20 were rated already (docs/results.md)",
+        "the history window it reads (for datasets where a user chooses an item once)",
     )
     perceiver_latents: int = Field(0, ge=0, description="compress the timeline to this many latents (0 = off)")
     perceiver_depth: int = Field(2, ge=1, description="Perceiver blocks")

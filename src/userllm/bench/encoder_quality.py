@@ -23,7 +23,7 @@ from userllm.encoder.train import pretrain
 
 HERE = Path("benchmarks")  # run from the repository root: writes benchmarks/.cache and benchmarks/results
 
-# RecBole 1.2.1 on this machine (see benchmarks/README.md): test split
+# RecBole 1.2.1's SASRec on the same data and protocol (its own run; benchmarks/README.md): test split
 RECBOLE = {
     "SASRec, unmasked (RecBole protocol)": {
         "recall@1": 0.0159,

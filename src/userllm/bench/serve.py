@@ -14,7 +14,7 @@ event is its user's newest, and one chat per client afterwards counts how many f
 already refreshed. Every server holds its backbone the same way (``weights``, default ``int4``: the decoder
 layers as 4-bit weights, exact for SmolLM2 Q4_1, :mod:`userllm.llm.quant`; ``float32``: as trained).
 
-Targets (issue 14): User-LLM >= 10X TP's requests/s; its p50 at concurrency 1 within 1.2X of the bare
+Targets: User-LLM >= 10X TP's requests/s; its p50 at concurrency 1 within 1.2X of the bare
 backbone; appends >= 1,000 events/s on SQLite.
 """
 

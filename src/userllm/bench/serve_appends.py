@@ -1,5 +1,5 @@
 """Single-event appends to ``userllm serve`` alone: the appends row of ``userllm bench serve`` without its
-chat levels (~1.5 min instead of ~15), so that two versions of the server can be compared in one session.
+chat levels (~1.5 min instead of ~15), so that two versions of the server can be compared side by side.
 
     python -m userllm.bench.serve_appends [--run runs/bench-serve/runs/userllm] [--repeat 2]
     # another commit's server, same machine:  git worktree add /tmp/old REV

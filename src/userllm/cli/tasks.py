@@ -261,12 +261,18 @@ def plot_command(
     history: Annotated[
         Optional[int], typer.Option(help="only the cells at this history length (events), e.g. 50")
     ] = None,
+    cells: Annotated[
+        Optional[str],
+        typer.Option(help="only these cells (comma-separated), drawn side by side with their panels' references"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
-    """Quality vs history length and vs training compute, with 95% intervals, from one or more results.json."""
+    """Quality vs history length and vs training compute, with 95% intervals, from one or more results.json
+    (or, with --cells, the chosen cells side by side beside the label prior and the encoder alone)."""
     from userllm.tasks.plots import plot_results
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path} already exists; pass --force to draw it again")
-    n = plot_results(results, out_path, dataset=dataset, history=history)
+    chosen = [c for c in cells.split(",") if c] if cells else None
+    n = plot_results(results, out_path, dataset=dataset, history=history, chosen=chosen)
     out.print(f"wrote {out_path} ({n} cells)")

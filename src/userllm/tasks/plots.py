@@ -14,11 +14,19 @@ from userllm.tasks.report import MAIN_METRIC, OPTIONAL_KEYS, RESULT_KEYS, ranked
 REFERENCE_COLORS = {"label prior": "k", "most common review": "k", "encoder alone": "tab:purple"}  # others grey
 
 
-def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None, history: int | None = None) -> int:
+def plot_results(
+    paths: list[Path],
+    out: Path,
+    *,
+    dataset: str | None = None,
+    history: int | None = None,
+    chosen: list[str] | None = None,
+) -> int:
     """:func:`plot` of the cells in ``results.json`` files (e.g. ``docs/results.json``, or two experiments at
     different history lengths, so that quality vs history length has both), only ``dataset``'s cells and
-    only those at ``history`` events when given; a cell in several files is drawn from the last. Returns the
-    number of cells drawn."""
+    only those at ``history`` events when given; a cell in several files is drawn from the last. With
+    ``chosen`` cell names: :func:`plot_methods` of those cells and the references of their panels instead.
+    Returns the number of cells drawn."""
     cells: dict[tuple, dict] = {}
     for path in paths:
         try:
@@ -42,8 +50,67 @@ def plot_results(paths: list[Path], out: Path, *, dataset: str | None = None, hi
         )
         raise InputError(f"no cells{which} in {', '.join(map(str, paths))}")
     rows = list(cells.values())
+    if chosen:
+        missing = sorted(set(chosen) - {r["cell"] for r in rows})
+        if missing:
+            raise InputError(f"no cells named {missing} in {', '.join(map(str, paths))}")
+        rows = sorted((r for r in rows if r["cell"] in chosen), key=lambda r: chosen.index(r["cell"]))
+        rows += [r for r in cells.values() if r["method"] in REFERENCE_NAMES and group(r) in {group(c) for c in rows}]
+        plot_methods(rows, Path(out))
+        return len(rows)
     plot(rows, list(dict.fromkeys(r["task"] for r in rows)), Path(out))
     return len(rows)
+
+
+METHOD_NAMES = {"userllm": "User-LLM", "textprompt": "TP"}
+REFERENCE_NAMES = ("label prior", "most common review", "encoder alone")
+
+
+def group(r: dict) -> tuple:
+    return r["dataset"], r["task"], r["history"]
+
+
+def plot_methods(rows: list[dict], path: Path) -> None:
+    """The methods side by side, one panel per (dataset, task, history length): each cell's main metric with
+    its 95% interval (User-LLM and TP labelled with their training compute), then the reference rows of the
+    same users (label prior, encoder alone, most common review)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    cols = min(3, len(groups))
+    fig, axes = plt.subplots(-(-len(groups) // cols), cols, figsize=(5.2 * cols, 3.2 * -(-len(groups) // cols)),
+                             squeeze=False)  # fmt: skip
+    for ax, key in zip(axes.flat, groups):
+        metric = MAIN_METRIC[key[1]]
+        part = [r for r in rows if group(r) == key and metric in r["metrics"]]
+        part.sort(key=lambda r: r["method"] in REFERENCE_NAMES)  # the cells in the order given, references last
+        for y, r in enumerate(part):
+            m = r["metrics"][metric]
+            name = METHOD_NAMES.get(r["method"], r["method"])
+            label = f"{name}, {r['train_flops'] / 1e12:,.0f} TFLOPs" if r["train_flops"] else name
+            label += f", top-{r['shortlist']} shortlist" if r.get("shortlist") else ""
+            color = {"userllm": "tab:blue", "textprompt": "tab:orange"}.get(r["method"], "tab:gray")
+            ax.errorbar(m["value"], y, xerr=[[m["value"] - m["low"]], [m["high"] - m["value"]]], fmt="o",
+                        color=color, capsize=3)  # fmt: skip
+            ax.annotate(label, (m["high"], y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks([])
+        ax.set_ylim(len(part) - 0.5, -0.5)
+        lows, highs = [r["metrics"][metric]["low"] for r in part], [r["metrics"][metric]["high"] for r in part]
+        ax.set_xlim(min(lows) - 0.02, max(highs) + (max(highs) - min(lows)) * 1.1 + 0.02)
+        users = max(r["users"] for r in part)
+        ax.set_title(f"{key[0]} {key[1]}, {key[2]} events ({users} users)", fontsize=9)
+        ax.set_xlabel(f"{metric} (95% interval)", fontsize=8)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[tuple[int, dict]]:
