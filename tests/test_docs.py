@@ -20,14 +20,24 @@ BLOCK = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", re.S)
 
 
 def shell_commands(text: str) -> list[str]:
-    """Each command of the document's shell blocks: continuation lines joined, comments dropped, and lines
-    split at `&&`, `;`, `|` and a trailing `&`."""
+    """Each command of the document's shell blocks, quoted as the shell reads it: continuation lines and
+    quotes that span lines joined, comments dropped, split at `&&`, `;`, `|` and `&`."""
     out = []
     for block in BLOCK.findall(text):
-        joined = re.sub(r"\\\n", " ", block)
-        for line in joined.splitlines():
-            line = re.sub(r"(^|\s)#.*$", "", line).strip()
-            out += [part.strip() for part in re.split(r"&&|;|\||&\s*$", line) if part.strip()]
+        buffer = ""
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            buffer = f"{buffer}\n{line}" if buffer else line
+            try:
+                words = shlex.split(buffer, comments=True)
+            except ValueError:  # an open quote: the command goes on on the next line
+                continue
+            buffer, command = "", []
+            for word in [*words, "&&"]:
+                if word in ("&&", ";", "|", "&", "||"):
+                    out += [shlex.join(command)] if command else []
+                    command = []
+                else:
+                    command.append(word)
     return out
 
 
@@ -84,7 +94,7 @@ def test_the_check_catches_what_does_not_exist():
     assert check("make no-such-target")
     assert not check("userllm store import outputs/x --db sqlite:///e.db")
     assert not check("USERLLM_API_KEY=k userllm serve runs/x --bf16")
-    assert shell_commands("```bash\nuserllm a \\\n  --b 1 && make test  # note\n```\n") == [
-        "userllm a    --b 1",
-        "make test",
-    ]
+    block = "```bash\nuserllm a \\\n  --b 1 && make test  # the user's note\n```\n"
+    assert shell_commands(block) == ["userllm a --b 1", "make test"]
+    block = "```bash\ncurl -d '{\"a\":\n 1}' && userllm x &  # c\n```\n"
+    assert shell_commands(block) == ["curl -d '{\"a\":\n 1}'", "userllm x"]
