@@ -35,7 +35,7 @@ from userllm.config import TrainConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.errors import OutputExistsError
 from userllm.io import write_json, write_text_atomically
-from userllm.serve.engine import check_weights
+from userllm.serve.protocol import check_weights
 from userllm.serve.store import EventStore, import_dataset
 
 QUESTION = "Which movie should I watch next? Answer with its title only."
@@ -80,8 +80,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(run: Path, db: str, port: int, max_batch: int, weights: str = "float32") -> subprocess.Popen:
-    """``userllm serve`` in its own process, once it answers /healthz."""
+def start(
+    run: Path, db: str, port: int, max_batch: int, weights: str = "float32", extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """``userllm serve`` in its own process (``extra``: more flags), once it answers /healthz."""
     import httpx2
 
     cmd = [
@@ -99,6 +101,7 @@ def start(run: Path, db: str, port: int, max_batch: int, weights: str = "float32
         "--allow-unknown-users",
         "--weights",
         weights,
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):

@@ -61,8 +61,20 @@ def serve(
             show_default="as the run trained",
         ),
     ] = None,
+    max_prompt_tokens: Annotated[
+        Optional[int],
+        typer.Option(help="reject longer prompts with a 400 before any model work", show_default="the model's context"),
+    ] = ServeConfig.max_prompt_tokens,
+    request_timeout: Annotated[
+        float, typer.Option(help="seconds a chat may take before it is ended with an error (504)")
+    ] = ServeConfig.request_timeout_s,
+    shutdown_grace: Annotated[
+        float, typer.Option(help="on SIGTERM or Ctrl-C: seconds in-flight requests get to finish before they are ended")
+    ] = 30.0,
 ) -> None:
     """Serve a trained run over HTTP: OpenAI's Chat Completions, personalized by `user`, over an event store."""
+    import threading
+
     import uvicorn
 
     from userllm.serve.app import create_app
@@ -89,6 +101,8 @@ def serve(
         max_wait_ms=max_wait_ms,
         max_tokens=max_tokens,
         allow_unknown_users=allow_unknown_users,
+        max_prompt_tokens=max_prompt_tokens,
+        request_timeout_s=request_timeout,
     )
     err.print(
         f"serving {engine.name} ({engine.method}{', bf16' if engine.bf16 else ''}) on http://{host}:{port}/v1 "
@@ -96,7 +110,28 @@ def serve(
         highlight=False,
         soft_wrap=True,
     )
-    uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level="warning")
+
+    # SIGTERM or Ctrl-C: stop accepting, give in-flight requests --shutdown-grace seconds, then end the rest
+    # with a 503 (a streaming client gets the error event and [DONE]), run the app's shutdown (the cache
+    # flushed, the store closed) and exit 0. uvicorn alone would re-raise the signal and die by it.
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+            if not hasattr(self, "ending"):
+                self.ending = threading.Timer(shutdown_grace, engine.stop_decoding)
+                self.ending.daemon = True
+                self.ending.start()
+
+    config = uvicorn.Config(
+        create_app(engine, cfg),
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=shutdown_grace + 10,  # a backstop: connections still open then are closed
+    )
+    Server(config).run()
+    err.print(f"stopped {engine.name}; the store is closed", highlight=False)
 
 
 store_app = typer.Typer(help="The event store behind `userllm serve`.", no_args_is_help=True)

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 import time
@@ -48,114 +47,16 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from userllm.serve.engine import Engine, Job
+from userllm.serve.engine import Engine
+from userllm.serve.jobs import Job
+from userllm.serve.middleware import Guard
 from userllm.serve.protocol import APIError, ChatRequest, EventsIn, ServeConfig, error_body
+from userllm.serve.workers import AppendWriter, Batcher
 
 USER_ID = re.compile(r"^[A-Za-z0-9._:@+\-]{1,128}$")
 
 
-# ----------------------------------------------------------------------------- middleware
-class Guard:
-    """ASGI middleware (pure ASGI: it runs for every request): the API key (every path but /healthz), the
-    request body size limit, and the request metrics (count and latency by endpoint and status)."""
-
-    def __init__(self, app, cfg: ServeConfig, metrics) -> None:
-        self.app, self.cfg, self.metrics = app, cfg, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self._guarded(scope, receive, send_status)
-        finally:
-            endpoint = scope["route"].path if scope.get("route") is not None else "other"
-            self.metrics.inc("userllm_requests_total", endpoint=endpoint, status=str(status[0]))
-            self.metrics.observe("userllm_request_seconds", time.perf_counter() - start, endpoint=endpoint)
-
-    async def _guarded(self, scope, receive, send):
-        if self.cfg.api_key and scope["path"] != "/healthz":
-            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
-                body = error_body(
-                    401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key"
-                )
-                return await JSONResponse(body, status_code=401)(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        too_big = error_body(413, f"request body over {self.cfg.max_body_bytes:,} bytes", code="request_too_large")
-        if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
-            return await JSONResponse(too_big, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.cfg.max_body_bytes:
-                raise APIError(413, too_big["error"]["message"], code="request_too_large")
-            return message
-
-        return await self.app(scope, limited, send)
-
-
 # ----------------------------------------------------------------------------- batching
-class Batcher:
-    """Collects chat jobs and hands them to the engine's thread in batches."""
-
-    def __init__(self, engine: Engine, cfg: ServeConfig) -> None:
-        self.engine, self.cfg = engine, cfg
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.cfg.max_wait_ms / 1000
-            while len(batch) < self.cfg.max_batch:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
-            await loop.run_in_executor(self.engine.executor, self.engine.run_batch, batch)
-
-
-class AppendWriter:
-    """Commits concurrent appends together: each request waits for the transaction that holds its events
-    (one commit, one fsync, for every append that arrived while the previous one was being written), and is
-    acknowledged only after that commit."""
-
-    def __init__(self, engine: Engine, max_group: int = 256) -> None:
-        self.engine, self.max_group = engine, max_group
-        self.queue: asyncio.Queue[tuple[str, list[dict], asyncio.Future]] = asyncio.Queue()
-
-    async def append(self, user_id: str, rows: list[dict]) -> int:
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((user_id, rows, done))
-        return await done
-
-    async def run(self) -> None:
-        while True:
-            group = [await self.queue.get()]
-            while len(group) < self.max_group and not self.queue.empty():
-                group.append(self.queue.get_nowait())
-            try:
-                counts = await run_in_threadpool(self.engine.store.append_many, [(u, rows) for u, rows, _ in group])
-            except Exception as e:  # noqa: BLE001 - every request of the group gets the error, none is acknowledged
-                for *_, done in group:
-                    if not done.done():
-                        done.set_exception(e)
-                continue
-            for (_, _, done), count in zip(group, counts):
-                if not done.done():
-                    done.set_result(count)
-
-
 def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``engine`` (see module docstring)."""
     cfg = cfg or ServeConfig()
@@ -197,6 +98,22 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def crash(_, e: Exception):
         return JSONResponse(error_body(500, f"internal error ({type(e).__name__}); see the server's log"), 500)
+
+    async def check_prompt_length(user: str | None, messages: list[dict[str, str]]) -> None:
+        """A 400 naming both lengths, before any model work, for a prompt longer than the server accepts:
+        ``max_prompt_tokens``, else the model's context."""
+        limit = cfg.max_prompt_tokens or engine.context_length
+        if limit is None:
+            return
+        tokens = await run_in_threadpool(engine.prompt_tokens, user, messages)
+        if tokens > limit:
+            why = "--max-prompt-tokens" if cfg.max_prompt_tokens else "the model's context"
+            raise APIError(
+                400,
+                f"the prompt is {tokens:,} tokens; this server accepts at most {limit:,} ({why})",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     def check_user(user_id: str) -> str:
         if not USER_ID.match(user_id):
@@ -300,12 +217,15 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
             raise APIError(
                 422, f"max_tokens: at most {cfg.max_tokens} on this server", param="max_tokens", code="invalid_value"
             )
+        messages = [m.text() for m in body.messages]
+        await check_prompt_length(body.user, messages)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         job = Job(
             user=body.user,
-            messages=[m.text() for m in body.messages],
+            messages=messages,
             max_tokens=max_tokens,
+            deadline=engine.clock() + cfg.request_timeout_s,
             emit=lambda kind, payload: loop.call_soon_threadsafe(out.put_nowait, (kind, payload)),
             temperature=body.temperature,
             top_p=body.top_p,
@@ -316,9 +236,19 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         await request.app.state.batcher.queue.put(job)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            text = []
+            text, check = [], loop.time() + 1.0
             while True:
-                kind, payload = await out.get()
+                try:
+                    kind, payload = await asyncio.wait_for(out.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    kind = None
+                if loop.time() >= check:  # a client that has gone is noticed within a second or so, and dropped
+                    check = loop.time() + 1.0
+                    if await request.is_disconnected():
+                        job.cancel("client")
+                        return PlainTextResponse("", status_code=499)
+                if kind is None:
+                    continue
                 if kind == "delta":
                     text.append(payload)
                 elif kind == "error":
@@ -353,24 +283,36 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            first = True
-            while True:
-                kind, payload = await out.get()
-                if kind == "delta":
-                    if first:
-                        metrics.observe("userllm_time_to_first_token_seconds", time.perf_counter() - start)
-                        first = False
-                    yield chunk({"content": payload})
-                elif kind == "error":
-                    yield f"data: {json.dumps(error_body(500, f'internal error ({type(payload).__name__})'))}\n\n"
-                    break
-                else:
-                    yield chunk({}, payload["finish_reason"])
-                    if include_usage:
-                        yield chunk({}, usage=payload["usage"], choices=False)
-                    break
-            yield "data: [DONE]\n\n"
+            done = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                first = True
+                while True:
+                    kind, payload = await out.get()
+                    if kind == "delta":
+                        if first:
+                            metrics.observe("userllm_time_to_first_token_seconds", time.perf_counter() - start)
+                            first = False
+                        yield chunk({"content": payload})
+                    elif kind == "error":
+                        e = payload if isinstance(payload, APIError) else None
+                        body = (
+                            error_body(e.status, e.message, e.param, e.code, e.kind)
+                            if e
+                            else error_body(500, f"internal error ({type(payload).__name__})")
+                        )
+                        yield f"data: {json.dumps(body)}\n\n"
+                        break
+                    else:
+                        yield chunk({}, payload["finish_reason"])
+                        if include_usage:
+                            yield chunk({}, usage=payload["usage"], choices=False)
+                        break
+                done = True
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or the server ended the stream): the model stops decoding for it
+                if not done:
+                    job.cancel("client")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

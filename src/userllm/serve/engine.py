@@ -20,71 +20,22 @@ import heapq
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from userllm.errors import InputError
 from userllm.llm.base import UserContext
 from userllm.llm.cache import UserContextCache
 from userllm.llm.decoding import iter_tokens, sample_token
 from userllm.precision import autocast
+from userllm.serve.jobs import Conditioning, Job, Row
 from userllm.serve.metrics import Metrics
+from userllm.serve.protocol import APIError, check_weights
 from userllm.serve.store import EventStore, Fingerprint
 from userllm.serve.timeline import RunVocabulary
 from userllm.tasks import prompts
 from userllm.tasks.pipeline import Pipeline
-
-WEIGHTS = ("float32", "int4")  # how the served backbone holds its weights
-
-
-def check_weights(weights: str) -> str:
-    if weights not in WEIGHTS:
-        raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
-    return weights
-
-
-@dataclass
-class Job:
-    """One chat request as the engine decodes it. ``emit(kind, payload)`` receives ``("delta", text)`` as
-    tokens are decoded, then ``("done", {"finish_reason", "usage"})``, or ``("error", exception)``."""
-
-    user: str | None
-    messages: list[dict[str, str]]
-    max_tokens: int
-    emit: Callable[[str, object], None]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass
-class Conditioning:
-    """What conditions one user's answers, from their committed events: User-LLM's ``context``, or TP's history
-    ``lines`` (and, for a TP run trained with ``llm.candidates``, the ``candidates`` its prompt lists: the
-    stage-1 encoder's top titles after the same events, as in training); ``events``: how many events."""
-
-    context: UserContext | None = None
-    lines: list[str] | None = None
-    candidates: list[str] | None = None
-    events: int = 0
-
-
-@dataclass
-class Row:
-    """A job while it decodes: its tokens, the text already emitted, and how it ended."""
-
-    job: Job
-    prompt_tokens: int
-    events: int
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
-    finish: str | None = None
 
 
 class Engine:
@@ -141,6 +92,9 @@ class Engine:
         self.lock = threading.Condition()  # pending, refreshed, due
         self.timer: threading.Thread | None = None
         self.closed = False
+        self.inflight: set[Job] = set()  # jobs the model thread is decoding (ended on shutdown)
+        llm_config = getattr(self.model.llm, "config", None)
+        self.context_length = getattr(llm_config, "max_position_embeddings", None)  # the model's context
 
     # ----------------------------------------------------------------- user side (model thread)
     def context(self, user: str, *, refresh: bool = False) -> Conditioning:
@@ -193,6 +147,22 @@ class Engine:
         when the window starts at their first event)."""
         fp, rows = self.store.timeline(user, last=self.max_history + 1)
         return (fp, rows[1:], rows[0]) if len(rows) > self.max_history else (fp, rows, None)
+
+    def prompt_tokens(self, user: str | None, messages: list[dict[str, str]]) -> int:
+        """How many positions a chat's prompt takes, counted as :meth:`_decode` will build it (the TP history
+        written out; a soft prompt's context entries), without any model work; a TP run's listed candidates
+        are not counted."""
+        lines, entries = None, 0
+        if user is not None and self.method == "textprompt":
+            _, rows, _ = self.window(user)
+            lines = self.vocab.history_lines(rows) if rows else None
+        elif user is not None and self.cfg.llm.mode == "soft_prompt":
+            llm = self.cfg.llm
+            entries = (
+                llm.perceiver_latents or min(self.store.fingerprint(user).count, self.max_history) + llm.candidates
+            )
+        text = prompts.render_chat(self.tokenizer, messages, lines, self.data.words, None)
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids) + entries
 
     def schedule_refresh(self, user: str) -> None:
         """Bring the user's cached context up to date on the model thread after an append: at once, or, for a
@@ -256,7 +226,34 @@ class Engine:
     # ----------------------------------------------------------------- decoding (model thread)
     def run_batch(self, jobs: list[Job]) -> None:
         """Decode ``jobs`` together (users with a context, then any without, e.g. unpersonalized answers)."""
+        jobs = [job for job in jobs if not self._ended(job)]
+        if not jobs:
+            return
         self.metrics.observe("userllm_batch_size", len(jobs))
+        with self.lock:
+            self.inflight.update(jobs)
+        try:
+            self._run_batch(jobs)
+        finally:
+            with self.lock:
+                self.inflight.difference_update(jobs)
+
+    def _ended(self, job: Job) -> bool:
+        """Whether ``job`` must stop now: its client went away (counted, nothing sent), the server is shutting
+        down (a 503) or its time limit passed (a 504). An ended job has been told so."""
+        if job.cancelled == "client":
+            self.metrics.inc("userllm_requests_abandoned_total")
+            return True
+        if job.cancelled == "shutdown" or self.closed:
+            job.emit("error", APIError(503, "the server is shutting down; retry on another replica", code="shutdown"))
+            return True
+        if job.deadline is not None and self.clock() > job.deadline:
+            self.metrics.inc("userllm_requests_timed_out_total")
+            job.emit("error", APIError(504, "the request ran past the server's time limit", code="timeout"))
+            return True
+        return False
+
+    def _run_batch(self, jobs: list[Job]) -> None:
         prepared = []
         try:  # the contexts the batch's users need are computed together
             found = self.contexts([job.user for job in jobs if job.user is not None])
@@ -344,6 +341,9 @@ class Engine:
             for row, token in zip(rows, tokens.tolist()):
                 if row.finish is not None:
                     continue
+                if self._ended(row.job):  # dropped from the batch: the others decode on
+                    row.finish = "ended"
+                    continue
                 if token == self.eos and not row.job.ignore_eos:
                     row.finish = "stop"
                 else:
@@ -361,7 +361,7 @@ class Engine:
                 if row.finish is not None:
                     self._finish(row)
             if all(r.finish is not None for r in rows):
-                return
+                return  # every row done: the batch stops decoding, however long its longest request asked for
         for row in rows:
             if row.finish is None:
                 row.finish = "length"
@@ -378,10 +378,21 @@ class Engine:
         }
         row.job.emit("done", {"finish_reason": row.finish, "usage": usage})
 
-    def close(self) -> None:
+    def stop_decoding(self) -> None:
+        """Shutting down: every request still decoding, or queued, ends at its next token with a 503."""
         with self.lock:
             self.closed = True
+            for job in self.inflight:
+                job.cancel("shutdown")
             self.lock.notify()
+
+    def close(self) -> None:
+        """Stop: requests still decoding end at their next token with a 503, queued ones never start, the
+        cached contexts are written out (``cache_dir``) and the store is closed."""
+        self.stop_decoding()
         self.executor.shutdown(wait=True)
+        if self.cache is not None and self.cache.dir is not None:
+            self.cache.flush()
+        self.store.close()
         if self.cache is not None:
             self.cache.flush()

@@ -13,6 +13,8 @@ metric                                     type       labels
 ``userllm_batch_size``                     histogram  (chat requests decoded together)
 ``userllm_refresh_batch_size``             histogram  (users' contexts refreshed together after appends)
 ``userllm_generated_tokens_total``         counter
+``userllm_requests_abandoned_total``       counter    (chats dropped because their client went away)
+``userllm_requests_timed_out_total``       counter    (chats ended by the per-request time limit)
 =========================================  =========  =====================================================
 """
 
@@ -32,6 +34,8 @@ HELP = {
     "userllm_batch_size": ("histogram", "chat requests decoded together"),
     "userllm_refresh_batch_size": ("histogram", "user contexts refreshed together after appends"),
     "userllm_generated_tokens_total": ("counter", "completion tokens generated"),
+    "userllm_requests_abandoned_total": ("counter", "chat requests dropped because their client went away"),
+    "userllm_requests_timed_out_total": ("counter", "chat requests ended by the per-request time limit"),
 }
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from userllm.errors import InputError
+
 
 @dataclass
 class ServeConfig:
@@ -21,6 +23,8 @@ class ServeConfig:
     max_events_per_request: int = 1000
     max_tokens: int = 256  # the longest completion a request may ask for (and the default)
     allow_unknown_users: bool = False  # answer a user without events (or no ``user``) unpersonalized
+    max_prompt_tokens: int | None = None  # the longest prompt accepted (None: the model's context, less max_tokens)
+    request_timeout_s: float = 300.0  # a chat still decoding after this long is ended with an error (504)
 
 
 class APIError(Exception):
@@ -103,3 +107,12 @@ class ChatRequest(BaseModel):
     ignore_eos: bool = Field(
         False, description="(vLLM's extension) decode max_tokens tokens whatever the model says: for benchmarks"
     )
+
+
+WEIGHTS = ("float32", "int4")  # how the served backbone holds its weights
+
+
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise InputError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    return weights
