@@ -125,3 +125,47 @@ def test_bench_efficiency_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cl
         "bench", "efficiency", "--backbone", tiny_lm_dir, "--dataset", ds, "--out", tmp_path / "bench"
     )
     assert code != 0 and "--force" in err
+
+
+def test_bench_prefix_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
+    """The prefix-cached TP beside User-LLM on a tiny backbone: a hit prefills only the question, an extended
+    prefix only the new line, the bytes are the prefix's keys and values, and the replay's LRU caches hold
+    what the budget buys."""
+    from userllm.bench.prefix import replay
+
+    code, stdout, err = run_cli(
+        "bench",
+        "prefix",
+        "--backbone",
+        text_lm_dir,
+        "--dataset",
+        synthetic_ds.root,
+        "--lengths",
+        "3,6",
+        "--repeats",
+        "1",
+        "--users",
+        "10,50",
+        "--out",
+        tmp_path / "prefix",
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "prefix" / "prefix.json").read_text())
+    tp = [r for r in report["rows"] if r["method"] == "text_prompt+prefix_cache"]
+    assert [r["history"] for r in tp] == [3, 6] and tp[1]["prefix_tokens"] > tp[0]["prefix_tokens"]
+    for r in tp:
+        assert r["hit_prefill_flops"] < r["append_slide_flops"] < r["miss_prefill_flops"]
+        assert r["append_extend_flops"] < r["append_slide_flops"]
+        # the tiny Llama: 2 layers x (keys + values) x 2 kv heads x 8 dims x 4 bytes per prefix token
+        assert r["bytes_per_user"] == r["prefix_tokens"] * 2 * 2 * 2 * 8 * 4
+    assert {r["method"] for r in report["rows"]} == {
+        "text_prompt+prefix_cache",
+        "cross_attention",
+        "cross_attention+perceiver16",
+    }
+    assert "requests/s" in stdout and "| 50 | text_prompt+prefix_cache |" in stdout
+    row = {"bytes_per_user": 100, "hit_prefill_s": 1.0, "miss_prefill_s": 3.0, "decode_token_s": 0.0}
+    one = replay({"m": row}, users=1, budget_bytes=100, chats=50, new_tokens=1)["m"]
+    none = replay({"m": row}, users=1, budget_bytes=99, chats=50, new_tokens=1)["m"]
+    assert none["hit_rate"] == 0 and none["requests_per_s"] == pytest.approx(1 / 3)
+    assert one["hit_rate"] > 0.8  # one user, always cached but for the chat after each appended event

@@ -14,6 +14,17 @@ bench_app = typer.Typer(help="Benchmarks that print their figures side by side."
 app.add_typer(bench_app, name="bench")
 
 
+def ints(text: str, name: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (an option's value), or a clear error."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--{name} expects comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{name} values must be positive, got {text!r}")
+    return values
+
+
 @bench_app.command("efficiency")
 def bench_efficiency(
     out_dir: Annotated[Path, typer.Option("--out", help="directory for efficiency.json / .md / .png")] = Path(
@@ -35,15 +46,6 @@ def bench_efficiency(
 ) -> None:
     """User-LLM vs the text prompt: tokens, FLOPs, latency and memory per request, and cached serving."""
     from userllm.bench.efficiency import markdown, run_efficiency
-
-    def ints(text: str, name: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(v) for v in text.split(","))
-        except ValueError:
-            raise UserError(f"--{name} expects comma-separated integers, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise UserError(f"--{name} values must be positive, got {text!r}")
-        return values
 
     sizes, hist = ints(batch_sizes, "batch-sizes"), ints(lengths, "lengths")
     if quick:
@@ -92,3 +94,34 @@ def bench_serve(
     )
     print(markdown(report))
     out.print(f"wrote {out_dir}/serve.json, serve.md, serve.png")
+
+
+@bench_app.command("prefix")
+def bench_prefix(
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for prefix.json / .md")] = Path("runs/bench-prefix"),
+    backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
+    dataset: Annotated[
+        Optional[Path], typer.Option(help="prepared dataset for the timelines", show_default="MovieLens-100K")
+    ] = None,
+    lengths: Annotated[str, typer.Option(help="comma-separated history lengths")] = "50,200,500",
+    repeats: Annotated[int, typer.Option(help="warm runs per latency figure")] = 3,
+    cache_gib: Annotated[float, typer.Option(help="the cache budget of each method in the replay, GiB")] = 1.0,
+    users: Annotated[str, typer.Option(help="comma-separated active-user counts of the replay")] = "100,1000,10000",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """TP with its history's KV prefix cached against User-LLM's cached context: bytes per user, hit / miss
+    and appended-event costs, and a many-users replay through each method's LRU cache."""
+    from userllm.bench.prefix import markdown, run_prefix
+
+    report = run_prefix(
+        out=out_dir,
+        dataset=dataset,
+        backbone=backbone,
+        lengths=ints(lengths, "lengths"),
+        repeats=repeats,
+        budget_bytes=int(cache_gib * 2**30),
+        users=ints(users, "users"),
+        force=force,
+    )
+    print(markdown(report))
+    out.print(f"wrote {out_dir}/prefix.json, prefix.md")

@@ -61,6 +61,13 @@ def serve(
             show_default="as the run trained",
         ),
     ] = None,
+    cache_bytes: Annotated[
+        str,
+        typer.Option(
+            help="memory for cached user state, least recently used out: User-LLM's contexts, or a TP run's "
+            "history prefixes as KV cache (e.g. 1G, 512M; 0: no TP prefix cache, no limit on contexts)"
+        ),
+    ] = "1G",
     max_prompt_tokens: Annotated[
         Optional[int],
         typer.Option(help="reject longer prompts with a 400 before any model work", show_default="the model's context"),
@@ -87,7 +94,15 @@ def serve(
     store = EventStore(db or sqlite_url_beside(run))
     if refresh_interval < 0:
         raise UserError(f"--refresh-interval {refresh_interval}: expected seconds >= 0")
-    engine = Engine(run, store, cache_dir=cache_dir, refresh_interval=refresh_interval, weights=weights, bf16=bf16)
+    engine = Engine(
+        run,
+        store,
+        cache_dir=cache_dir,
+        refresh_interval=refresh_interval,
+        weights=weights,
+        bf16=bf16,
+        cache_bytes=parse_bytes(cache_bytes, "--cache-bytes") or None,
+    )
     if engine.quantized:
         q = engine.quantized
         err.print(
@@ -132,6 +147,20 @@ def serve(
     )
     Server(config).run()
     err.print(f"stopped {engine.name}; the store is closed", highlight=False)
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """``1G``, ``512M``, ``64K`` or a plain number of bytes (binary units), or a clear error."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value)
+    except ValueError:
+        raise UserError(f"{name} {text!r}: expected a size such as 1G, 512M or 1073741824") from None
+    if number < 0:
+        raise UserError(f"{name} {text!r}: expected a size >= 0")
+    return int(number * scale)
 
 
 store_app = typer.Typer(help="The event store behind `userllm serve`.", no_args_is_help=True)

@@ -63,11 +63,27 @@ def checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def entry_bytes(entry: dict[str, Tensor]) -> int:
+    """Bytes a user's cached entry holds (encoder state, context, cross-attention keys/values)."""
+    return sum(t.nbytes for t in entry.values())
+
+
 class UserContextCache:
     """Per-user :class:`UserContext` with incremental updates, in memory and optionally on disk (see module)."""
 
-    def __init__(self, model: UserLLM, directory: str | Path | None = None, *, bf16: bool = False) -> None:
+    def __init__(
+        self,
+        model: UserLLM,
+        directory: str | Path | None = None,
+        *,
+        bf16: bool = False,
+        budget_bytes: int | None = None,
+    ) -> None:
+        """``budget_bytes``: the most the entries in memory may hold; beyond it the least recently used users'
+        are dropped from memory (written to ``directory`` first, when there is one). None: no limit."""
         self.model = model
+        self.budget = budget_bytes
+        self.bytes = 0  # what the entries in memory hold
         self.bf16 = bf16  # contexts computed under bf16 autocast (on the model's device type)
         self.fingerprint = model_fingerprint(model) + ("+bf16" if bf16 else "")
         self.dir = Path(directory) if directory is not None else None
@@ -106,6 +122,7 @@ class UserContextCache:
                 same = all(torch.equal(entry[k], events[k][:, :n]) for k in EVENT_KEYS) and events["item"].shape[1] >= n
                 if same and events["item"].shape[1] == n:
                     self.stats["hit"] += 1
+                    self.entries[user] = self.entries.pop(user)  # the most recently used last
                     out[user] = self._context(entry)
                     continue
                 if same:
@@ -128,12 +145,12 @@ class UserContextCache:
         if entry is None:
             return None
         self.stats["hit"] += 1
+        self.entries[user] = self.entries.pop(user)  # the most recently used last
         return self._context(entry)
 
     def forget(self, user: str) -> None:
         """Drop the user's entry, from memory now and from the index on disk at the next :meth:`flush`."""
-        self.entries.pop(user, None)
-        self.dirty.discard(user)
+        self._drop(user)
         if self.index.pop(user, None) is not None:
             self.forgotten = True
 
@@ -211,9 +228,23 @@ class UserContextCache:
         return UserContext(entry["ctx"], entry["mask"], kv)
 
     def _store(self, user: str, entry: dict[str, Tensor]) -> UserContext:
-        self.entries[user] = entry
+        self._drop(user)
+        self.entries[user] = entry  # the most recently used last
+        self.bytes += entry_bytes(entry)
         self.dirty.add(user)
+        while self.budget is not None and self.bytes > self.budget and len(self.entries) > 1:
+            old = next(iter(self.entries))
+            if old in self.dirty and self.dir is not None:
+                self.flush()
+            self._drop(old)
+            self.stats["evicted"] += 1
         return self._context(entry)
+
+    def _drop(self, user: str) -> None:
+        entry = self.entries.pop(user, None)
+        if entry is not None:
+            self.bytes -= entry_bytes(entry)
+            self.dirty.discard(user)
 
     # ----------------------------------------------------------------- disk
     def _load(self, user: str) -> dict[str, Tensor] | None:
@@ -234,6 +265,7 @@ class UserContextCache:
             self.stats["corrupt"] += 1
             return None
         self.entries[user] = entry
+        self.bytes += entry_bytes(entry)
         return entry
 
     def flush(self) -> None:

@@ -23,13 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from userllm.llm.base import UserContext
 from userllm.llm.cache import UserContextCache
-from userllm.llm.decoding import iter_tokens, sample_token
+from userllm.llm.prefix_cache import PrefixCache
 from userllm.precision import autocast
-from userllm.serve.jobs import Conditioning, Job, Row
+from userllm.serve.decoding import Decoding
+from userllm.serve.jobs import Conditioning, Job
 from userllm.serve.metrics import Metrics
 from userllm.serve.protocol import APIError, check_weights
 from userllm.serve.store import EventStore, Fingerprint
@@ -38,7 +36,7 @@ from userllm.tasks import prompts
 from userllm.tasks.pipeline import Pipeline
 
 
-class Engine:
+class Engine(Decoding):
     """A trained run (User-LLM or TP) over an event store. A request reads the user's newest ``max_history``
     events (the run's); ``cache_dir``: keep the users' contexts on disk as well; ``refresh_interval``: the
     shortest time between two refreshes of one user's context after appends (:meth:`schedule_refresh`), in
@@ -58,6 +56,7 @@ class Engine:
         refresh_interval: float = 1.0,
         weights: str = "float32",
         bf16: bool | None = None,
+        cache_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_weights(weights)
@@ -79,7 +78,11 @@ class Engine:
         self.max_history = self.cfg.max_history
         self.listing = self.data.candidate_encoder if self.data.candidates else None  # TP's listed candidates
         self.listing_vocab = RunVocabulary(self.data.ds, self.listing.cfg.time_gap_buckets) if self.listing else None
-        self.cache = UserContextCache(self.model, cache_dir, bf16=self.bf16) if self.method == "userllm" else None
+        userllm = self.method == "userllm"
+        self.cache = (
+            UserContextCache(self.model, cache_dir, bf16=self.bf16, budget_bytes=cache_bytes) if userllm else None
+        )
+        self.prefix_cache = PrefixCache(cache_bytes) if cache_bytes and not userllm else None  # TP's history prefix
         self.fingerprints: dict[str, Fingerprint] = {}  # user -> the store state their cached context reflects
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="userllm-model")
         self.refresh_interval = refresh_interval
@@ -278,105 +281,6 @@ class Engine:
                 except Exception as e:  # noqa: BLE001
                     for job, _ in group:
                         job.emit("error", e)
-
-    @torch.no_grad()
-    def _decode(self, group: list[tuple]) -> None:
-        texts = [
-            prompts.render_chat(self.tokenizer, job.messages, c.lines, self.data.words, c.candidates)
-            for job, c in group
-        ]
-        seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, t - len(s) :], mask[r, t - len(s) :] = torch.tensor(s), 1
-        contexts = [c.context for _, c in group]
-        context = UserContext.stack(contexts) if contexts[0] is not None else None
-        soft = self.cfg.llm.mode == "soft_prompt"
-        rows = [
-            Row(
-                job,
-                len(s) + (c.context.ctx.shape[1] if soft and c.context is not None else 0),
-                c.events,
-                torch.Generator().manual_seed(job.seed) if job.seed is not None else None,
-            )
-            for (job, c), s in zip(group, seqs)
-        ]
-
-        def choose(logits: torch.Tensor) -> torch.Tensor:
-            return torch.stack(
-                [
-                    sample_token(
-                        logits[i : i + 1], temperature=r.job.temperature, top_p=r.job.top_p, generator=r.generator
-                    )[0]
-                    for i, r in enumerate(rows)
-                ]
-            )
-
-        limit = max(r.job.max_tokens for r in rows)
-        eos = None if all(r.job.ignore_eos for r in rows) else self.eos
-        if context is None and self.method == "userllm":  # no user: the backbone alone, no cross-attention
-            with autocast(self.bf16):
-                prefix = (self.model.llm.get_input_embeddings()(ids), mask)
-                steps = iter_tokens(
-                    self.model, *prefix, choose, max_new_tokens=limit, eos_token_id=eos, pad_token_id=self.pad
-                )
-                self._stream(rows, steps)
-        else:
-            with autocast(self.bf16), self.model.conditioned(None, ids, mask, context=context) as (embeds, prefix_mask):
-                steps = iter_tokens(
-                    self.model,
-                    embeds,
-                    prefix_mask,
-                    choose,
-                    max_new_tokens=limit,
-                    eos_token_id=eos,
-                    pad_token_id=self.pad,
-                )
-                self._stream(rows, steps)
-
-    def _stream(self, rows: list[Row], steps) -> None:
-        for tokens in steps:
-            for row, token in zip(rows, tokens.tolist()):
-                if row.finish is not None:
-                    continue
-                if self._ended(row.job):  # dropped from the batch: the others decode on
-                    row.finish = "ended"
-                    continue
-                if token == self.eos and not row.job.ignore_eos:
-                    row.finish = "stop"
-                else:
-                    row.tokens.append(token)
-                    text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                    cut = min((text.find(s) for s in row.job.stop if s and s in text), default=-1)
-                    if cut >= 0:
-                        text, row.finish = text[:cut], "stop"
-                    elif len(row.tokens) >= row.job.max_tokens:
-                        row.finish = "length"
-                    if not text.endswith("\ufffd") or row.finish:  # hold back half a UTF-8 character
-                        if len(text) > len(row.sent) and text.startswith(row.sent):
-                            row.job.emit("delta", text[len(row.sent) :])
-                        row.sent = text
-                if row.finish is not None:
-                    self._finish(row)
-            if all(r.finish is not None for r in rows):
-                return  # every row done: the batch stops decoding, however long its longest request asked for
-        for row in rows:
-            if row.finish is None:
-                row.finish = "length"
-                self._finish(row)
-
-    def _finish(self, row: Row) -> None:
-        n = len(row.tokens)
-        self.metrics.inc("userllm_generated_tokens_total", n)
-        usage = {
-            "prompt_tokens": row.prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": row.prompt_tokens + n,
-            "user_events": row.events,
-        }
-        row.job.emit("done", {"finish_reason": row.finish, "usage": usage})
 
     def stop_decoding(self) -> None:
         """Shutting down: every request still decoding, or queued, ends at its next token with a 503."""

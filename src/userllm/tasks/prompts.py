@@ -76,3 +76,23 @@ def render_chat(
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages) + PLAIN_ANSWER
+
+
+def render_chat_split(
+    tokenizer,
+    messages: list[dict[str, str]],
+    history_lines: list[str] | None,
+    words: dict[str, str],
+    candidates: list[str] | None = None,
+) -> tuple[str, str]:
+    """:func:`render_chat`'s text cut where the first user message's own content starts: (the prefix a
+    server can cache per user, the rest). ``prefix + rest`` is :func:`render_chat`'s text."""
+    mark = "\x00userllm-question\x00"
+    marked = [dict(m) for m in messages]
+    first = next((m for m in marked if m["role"] == "user"), None)
+    if first is None:
+        return "", render_chat(tokenizer, messages, history_lines, words, candidates)
+    first["content"] = mark + first["content"]
+    text = render_chat(tokenizer, marked, history_lines, words, candidates)
+    prefix, rest = text.split(mark, 1)
+    return prefix, rest
