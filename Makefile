@@ -52,6 +52,7 @@ bench: $(VENV)/.installed
 	$(PY) -m userllm.bench.llm_step
 	$(PY) -m userllm.bench.int4_decode
 	$(VENV)/bin/userllm bench efficiency --force
+	$(VENV)/bin/userllm bench prefix --force
 	$(VENV)/bin/userllm prepare --source movielens-100k --out $(OUT)/ml-100k --force
 	$(VENV)/bin/userllm bench serve --dataset $(OUT)/ml-100k --force
 	$(PY) -m userllm.bench.serve_appends --dataset $(OUT)/ml-100k

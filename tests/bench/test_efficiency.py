@@ -169,3 +169,29 @@ def test_bench_prefix_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
     none = replay({"m": row}, users=1, budget_bytes=99, chats=50, new_tokens=1)["m"]
     assert none["hit_rate"] == 0 and none["requests_per_s"] == pytest.approx(1 / 3)
     assert one["hit_rate"] > 0.8  # one user, always cached but for the chat after each appended event
+
+
+def test_the_users_trace_and_its_replay(synthetic_ds, tmp_path):
+    """The many-users trace is seeded (Zipf over users, one append per ten chats); the store holds copies of
+    the dataset's long timelines; an LRU of one user hits only on repeats of the last user, never after an
+    append."""
+    from userllm.bench.prefix import lru_replay, zipf_trace
+    from userllm.bench.users import fill_store
+    from userllm.serve.store import EventStore
+
+    steps = zipf_trace(20, 100, seed=3)
+    assert steps == zipf_trace(20, 100, seed=3) and sum(k == "append" for k, _ in steps) == 10
+    row = {"bytes_per_user": 10, "hit_prefill_s": 0.1, "miss_prefill_s": 1.0}
+    one = lru_replay(row, steps, budget_bytes=10, new_tokens=1)
+    last, hits, chats = None, 0, 0
+    for kind, user in steps:
+        if kind == "append":
+            last = None if user == last else last
+            continue
+        chats, hits, last = chats + 1, hits + (user == last), user
+    assert one["hit_rate"] == hits / chats and one["cached_users"] == 1
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    ids = fill_store(db, synthetic_ds, history=8, users=5)
+    store = EventStore(db)
+    assert store.users() == 5 and all(store.fingerprint(u).count >= 8 for u in ids)
+    store.close()

@@ -147,43 +147,61 @@ def decode_token_s(model, data, user: int, length: int, repeats: int) -> float:
     return (median_s(lambda _: generate(9), repeats) - median_s(lambda _: generate(1), repeats)) / 8
 
 
-def replay(rows: dict[str, dict], *, users: int, budget_bytes: int, chats: int, new_tokens: int, seed: int = 0):
-    """Requests drawn Zipf(1.0) over ``users`` users (seeded), one appended event per ten chats, through each
-    method's LRU cache of ``budget_bytes``: the hit rate and, from the measured hit and miss costs, the time
-    to first token (p50, p99) and requests/s of one server decoding one request at a time. Windows are full
-    (a long-lived user), so an appended event invalidates a TP prefix; User-LLM's context is recomputed."""
+def zipf_trace(users: int, chats: int, seed: int) -> list[tuple[str, int]]:
+    """``("chat" | "append", user index)`` in order: Zipf(1.0) over ``users`` (seeded), one appended event per
+    ten chats."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, users + 1)
     draws = rng.choice(users, size=chats + chats // 10, p=p / p.sum())
     appends = set(rng.choice(len(draws), size=chats // 10, replace=False).tolist())
-    out = {}
-    for name, row in rows.items():
-        capacity = max(0, budget_bytes // row["bytes_per_user"])
-        lru: dict[int, None] = {}
-        ttft, hits = [], 0
-        for i, user in enumerate(draws.tolist()):
-            if i in appends:
-                lru.pop(user, None)  # the user's cached state no longer matches their history
-                continue
-            hit = user in lru
-            hits += hit
-            ttft.append(row["hit_prefill_s"] if hit else row["miss_prefill_s"])
+    return [("append" if i in appends else "chat", int(u)) for i, u in enumerate(draws.tolist())]
+
+
+def lru_replay(row: dict, steps: list[tuple[str, int]], budget_bytes: int, new_tokens: int) -> dict:
+    """A request trace through one method's LRU cache of ``budget_bytes``: the hit rate and, from the row's
+    measured hit and miss costs, the time to first token (mean, p50, p99) and the requests/s of a server
+    decoding one request at a time. Windows are full (long-lived users), so an appended event leaves the
+    user's cached state stale: TP's prefix, User-LLM's context, each recomputed at the next chat."""
+    import numpy as np
+
+    capacity = max(0, budget_bytes // row["bytes_per_user"])
+    lru: dict[int, None] = {}
+    ttft, hits = [], 0
+    for kind, user in steps:
+        if kind == "append":
             lru.pop(user, None)
-            lru[user] = None
-            if len(lru) > capacity:
-                lru.pop(next(iter(lru)))
-        seconds = np.array(ttft)
-        out[name] = {
+            continue
+        hit = user in lru
+        hits += hit
+        ttft.append(row["hit_prefill_s"] if hit else row["miss_prefill_s"])
+        lru.pop(user, None)
+        lru[user] = None
+        if len(lru) > capacity:
+            lru.pop(next(iter(lru)))
+    seconds = np.array(ttft)
+    return {
+        "cached_users": int(capacity),
+        "hit_rate": hits / len(ttft),
+        "ttft_mean_s": float(seconds.mean()),
+        "ttft_p50_s": float(np.percentile(seconds, 50)),
+        "ttft_p99_s": float(np.percentile(seconds, 99)),
+        "requests_per_s": 1.0 / (seconds.mean() + new_tokens * row.get("decode_token_s", 0.0)),
+    }
+
+
+def replay(rows: dict[str, dict], *, users: int, budget_bytes: int, chats: int, new_tokens: int, seed: int = 0):
+    """:func:`lru_replay` of one :func:`zipf_trace` over ``users`` for each method's row."""
+    steps = zipf_trace(users, chats, seed)
+    return {
+        name: {
             "users": users,
-            "cached_users": int(min(capacity, users)),
-            "hit_rate": hits / len(ttft),
-            "ttft_p50_s": float(np.percentile(seconds, 50)),
-            "ttft_p99_s": float(np.percentile(seconds, 99)),
-            "requests_per_s": 1.0 / (seconds.mean() + new_tokens * row["decode_token_s"]),
+            **lru_replay(row, steps, budget_bytes, new_tokens),
+            "cached_users": int(min(users, budget_bytes // row["bytes_per_user"])),
         }
-    return out
+        for name, row in rows.items()
+    }
 
 
 def run_prefix(

@@ -313,7 +313,11 @@ def run_serve_bench(
         db.unlink(missing_ok=True)
         import_dataset(EventStore(f"sqlite:///{db}"), ds)
         port = free_port()
-        proc = start(run, f"sqlite:///{db}", port, max_batch, weights)
+        # TP without a prefix cache, batched, as this benchmark's figures measure it (`userllm bench prefix` and
+        # `userllm bench users` measure the prefix-cached TP)
+        proc = start(
+            run, f"sqlite:///{db}", port, max_batch, weights, ("--cache-bytes", "0") if method == "textprompt" else ()
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             model = f"userllm-{run.name}"

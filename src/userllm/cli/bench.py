@@ -125,3 +125,36 @@ def bench_prefix(
     )
     print(markdown(report))
     out.print(f"wrote {out_dir}/prefix.json, prefix.md")
+
+
+@bench_app.command("users")
+def bench_users(
+    prefix: Annotated[Path, typer.Option(help="the prefix.json of `userllm bench prefix` (the costs the replay uses)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for users.json / .md")] = Path("runs/bench-users"),
+    dataset: Annotated[Path, typer.Option(help="prepared dataset whose timelines the users copy")] = Path(
+        "outputs/ml-100k"
+    ),
+    backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
+    users: Annotated[int, typer.Option(help="active users in the store")] = 100,
+    chats: Annotated[int, typer.Option(help="chat requests in the trace (and one append per ten)")] = 40,
+    history: Annotated[int, typer.Option(help="events per user (the served window, full)")] = 200,
+    cache_gib: Annotated[float, typer.Option(help="each server's --cache-bytes, GiB")] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """Many active users served live by User-LLM and by TP with prefix caching, one request trace for both,
+    beside what the replay of `userllm bench prefix` predicts for the same trace."""
+    from userllm.bench.users import markdown, run_users_bench
+
+    report = run_users_bench(
+        out_dir,
+        dataset=dataset,
+        prefix=prefix,
+        backbone=backbone,
+        users=users,
+        chats=chats,
+        history=history,
+        cache_bytes=int(cache_gib * 2**30),
+        force=force,
+    )
+    print(markdown(report))
+    out.print(f"wrote {out_dir}/users.json, users.md")

@@ -15,6 +15,8 @@ metric                                     type       labels
 ``userllm_generated_tokens_total``         counter
 ``userllm_requests_abandoned_total``       counter    (chats dropped because their client went away)
 ``userllm_requests_timed_out_total``       counter    (chats ended by the per-request time limit)
+``userllm_prefix_cache_total``             counter    result: hit / extend / miss (a TP run's cached history
+                                                      prefixes, ``--cache-bytes``)
 =========================================  =========  =====================================================
 """
 
@@ -36,6 +38,7 @@ HELP = {
     "userllm_generated_tokens_total": ("counter", "completion tokens generated"),
     "userllm_requests_abandoned_total": ("counter", "chat requests dropped because their client went away"),
     "userllm_requests_timed_out_total": ("counter", "chat requests ended by the per-request time limit"),
+    "userllm_prefix_cache_total": ("counter", "TP history prefixes looked up, by how much was reused"),
 }
 
 
