@@ -1077,3 +1077,46 @@ def test_experiment_pairs_only_cells_that_rank_the_same_list():
     ]
     pairs = {(a["cell"], b["cell"]) for a, b in comparable_pairs(cells)}
     assert pairs == {("ul", "tp"), ("ul-unrated", "tp-unrated"), ("ul-h200", "tp-h200")}
+
+
+def test_shuffled_histories_hold_the_same_events_and_are_scored_beside_the_run(
+    synthetic_ds, text_lm_dir, tmp_path, run_cli
+):
+    """``shuffle_history``: each test window's events in a seeded random order (the same events, for the
+    encoder and for TP's lines), scored into RUN/shuffled-SEED, which `userllm compare` pairs with the run."""
+    data = TaskData(
+        synthetic_ds, load_backbone(str(text_lm_dir)).tokenizer, task="favorite_genre", method="userllm", max_history=6
+    )
+    examples = data.examples("test")
+    plain = data.user_batch(examples)
+    data.shuffle_seed = 0
+    shuffled = data.user_batch(examples)
+    assert all(sorted(plain["item"][i].tolist()) == sorted(shuffled["item"][i].tolist()) for i in range(len(examples)))
+    assert not torch.equal(plain["item"], shuffled["item"]) and torch.equal(
+        shuffled["item"], data.user_batch(examples)["item"]
+    )
+    lines = data.history_lines(examples[0].user_idx, examples[0].start, examples[0].end)
+    data.shuffle_seed = None
+    assert sorted(lines) == sorted(data.history_lines(examples[0].user_idx, examples[0].start, examples[0].end))
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="enc", cross_attention_every=1)
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            dataset=synthetic_ds.root,
+            out=run,
+            task="favorite_genre",
+            llm=llm,
+            encoder="random",
+            max_history=6,
+            train_examples=8,
+            batch_size=4,
+            eval_batch_size=8,
+        )
+    )
+    ordered = evaluate(run, users=10, seed=1)
+    m = evaluate(run, users=10, seed=1, shuffle_history=0)
+    assert m["shuffled_history"] == 0 and m["examples"] == ordered["examples"] == 10
+    assert (run / "shuffled-0" / "records.jsonl").exists() and m["scoring_id"] != ordered["scoring_id"]
+    assert json.loads((run / "metrics.json").read_text())["scoring_id"] == ordered["scoring_id"]  # untouched
+    code, out, err = run_cli("compare", run, run / "shuffled-0")
+    assert code == 0 and "paired over 10 users" in " ".join(out.split()), err

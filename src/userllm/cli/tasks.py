@@ -97,6 +97,13 @@ def evaluate(
             show_default="as the run trained",
         ),
     ] = None,
+    shuffle_history: Annotated[
+        Optional[int],
+        typer.Option(
+            help="score with every user's history window in a random order seeded by this (the same events), "
+            "into RUN/shuffled-SEED; then `userllm compare RUN RUN/shuffled-SEED`"
+        ),
+    ] = None,
 ) -> None:
     """Score a trained run on its task's test split (every test user unless --users); writes metrics.json."""
     from rich.table import Table
@@ -113,6 +120,7 @@ def evaluate(
         shortlist=shortlist,
         bf16=bf16,
         extend=extend,
+        shuffle_history=shuffle_history,
     )
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):

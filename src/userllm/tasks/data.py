@@ -78,6 +78,7 @@ class TaskData:
         self.exclude_history = exclude_history  # the encoder's top items leave out the history's (llm.exclude_history)
         # TP with candidates: the prompt also lists the titles of the stage-1 encoder's top k next items
         self.candidates, self.candidate_encoder = candidates, candidate_encoder
+        self.shuffle_seed: int | None = None  # set: every history window's events in a seeded random order
         if candidates and (method != "textprompt" or candidate_encoder is None):
             raise InputError("prompt candidates are for the text prompt (TP), from a stage-1 encoder")
         self.words = prompts.domain_words(ds.manifest.get("source", ""))
@@ -174,9 +175,18 @@ class TaskData:
         rendered for this method (the history written out in front of it for TP)."""
         return self._rendered([TaskExample(user, user_id, start, end, text, "", -1)])[0]
 
-    def history_lines(self, user: int, start: int, end: int) -> list[str]:
-        """TP serialization: one line per event of ``[start, end)``, oldest first."""
+    def window_rows(self, user: int, start: int, end: int) -> np.ndarray:
+        """The timeline rows of user ``user``'s events ``[start, end)``, oldest first; with ``shuffle_seed``
+        the same events in a random order, seeded by the seed, the user and the window (an ablation: does the
+        model read the order of the history?)."""
         rows = self.tl.offsets[user] + np.arange(start, end)
+        if self.shuffle_seed is not None:
+            rows = np.random.default_rng([self.shuffle_seed, user, start, end]).permutation(rows)
+        return rows
+
+    def history_lines(self, user: int, start: int, end: int) -> list[str]:
+        """TP serialization: one line per event of ``[start, end)``, oldest first (see :meth:`window_rows`)."""
+        rows = self.window_rows(user, start, end)
         cats = self.ds.item_categories
         return [
             prompts.history_line(
@@ -215,10 +225,21 @@ class TaskData:
     ) -> dict[str, Tensor]:
         """The encoder's input for the examples' history windows (b, n) (from ``timelines``: default, this
         data's)."""
+        tl = timelines or self.tl
+        if self.shuffle_seed is not None:  # each window's events in their shuffled order, right-padded
+            rows = [self.window_rows(e.user_idx, e.start, e.end) for e in examples]
+            n = max(len(r) for r in rows)
+            out = {}
+            for name in ("item", "rating", "time_gap"):
+                table = np.zeros((len(rows), n), dtype=getattr(tl, name).dtype)
+                for i, r in enumerate(rows):
+                    table[i, : len(r)] = getattr(tl, name)[r]
+                out[name] = torch.from_numpy(table).to(device)
+            return out
         users = np.array([e.user_idx for e in examples])
         starts = np.array([e.start for e in examples])
         ends = np.array([e.end for e in examples])
-        return (timelines or self.tl).collate(users, starts, ends, device=device)
+        return tl.collate(users, starts, ends, device=device)
 
     def encoder_batches(self, encoder, examples: list[TaskExample], batch_size: int = 256):
         """The encoder inputs of the examples' history windows, ``batch_size`` at a time, read with the

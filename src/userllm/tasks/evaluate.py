@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from importlib.resources import files
 from pathlib import Path
 
@@ -232,15 +233,22 @@ def evaluate(
     shortlist: int | None = None,
     bf16: bool | None = None,
     extend: bool = False,
+    shuffle_history: int | None = None,
 ) -> dict:
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
     overrides the run's (next_item); ``bf16`` scores under bf16 autocast (default: as the run trained), with
     log-probabilities moved by bf16's rounding; faster or slower than float32 depending on the CPU (README). ``extend``
     keeps the records of the run's finished scoring (the same model and scoring, :func:`finished_records`) and
     scores only the users they lack, e.g. to carry a seeded subset on to every user; metrics.json is rewritten
-    over all."""
+    over all. ``shuffle_history`` (a seed): every test user's history window in a random order (the same
+    events, :meth:`~userllm.tasks.data.TaskData.window_rows`), scored into ``RUN/shuffled-SEED/`` (its own
+    metrics.json, records.jsonl and the run's config.json), so that ``userllm compare RUN RUN/shuffled-SEED``
+    pairs the ordered history against the shuffled one per user."""
     run_dir = Path(run_dir)
-    out = run_dir / "metrics.json"
+    target = run_dir if shuffle_history is None else run_dir / f"shuffled-{shuffle_history}"
+    if shuffle_history is not None and extend:
+        raise InputError("--extend carries a scoring on to more users; score the shuffled history with --force")
+    out = target / "metrics.json"
     if out.exists() and not (force or extend):
         raise OutputExistsError(f"{out} already exists; pass --force to score the run again (or --extend to add users)")
     overrides = dict(shortlist=shortlist, bf16=bf16)
@@ -251,12 +259,16 @@ def evaluate(
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
+    data.shuffle_seed = shuffle_history
     examples = data.examples("test", subset)
+    if shuffle_history is not None:
+        target.mkdir(exist_ok=True)
+        shutil.copyfile(run_dir / "config.json", target / "config.json")
     encoder = stage1_encoder(cfg, data) if cfg.task == "next_item" else None  # loaded once: shortlist and reference
     listed = shortlists(cfg, data, examples, encoder)
     # an interrupted scoring of this model (and shortlist) resumes
-    model_id = scoring_id(run_dir, scoring(cfg))
-    partial, done = load_partial(run_dir, model_id)
+    model_id = scoring_id(run_dir, scoring(cfg) + ("" if shuffle_history is None else f"+shuffled{shuffle_history}"))
+    partial, done = load_partial(target, model_id)
     if extend:
         done = {**finished_records(run_dir, {ex.user_id for ex in examples}), **done}
     records = predict(model, data, examples, cfg, device, partial, done, listed)
@@ -274,6 +286,7 @@ def evaluate(
         "examples": len(records),
         "precision": "bf16" if cfg.bf16 else "fp32",
         "users": {"subset": users, "seed": seed} if users else "all",
+        "shuffled_history": shuffle_history,
         "scoring_id": model_id,
         "metrics": score(cfg.task, records, catalogue, beams, seed),
         "references": references(cfg, data, examples, subset, seed, records, encoder, listed),
@@ -284,7 +297,7 @@ def evaluate(
     }
     if general:
         metrics["general"] = general_retention(cfg, model, device)
-    write_text_atomically(run_dir / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomically(target / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json(out, metrics)
     partial.unlink()
     return metrics

@@ -133,6 +133,11 @@ def check_recipe(path: Path, what: str, cfg: PretrainConfig | TrainConfig) -> No
         )
 
 
+def scored(run: Path, shuffle_history: int | None) -> bool:
+    """Whether ``run`` has been scored (with its history windows shuffled by that seed, when given)."""
+    return (run / ("metrics.json" if shuffle_history is None else f"shuffled-{shuffle_history}/metrics.json")).exists()
+
+
 def run_experiment(
     path: Path, *, only: list[str] | None = None, task: str | None = None, overrides: dict | None = None
 ) -> Path:
@@ -181,22 +186,26 @@ def run_experiment(
             cfg = cell_config(spec, cell, task_name, prep.out, encoder, overrides)
             check_recipe(path, f"cell {cell['name']} ({task_name})", cfg)
             run = Path(cfg.out)
-            if (run / "metrics.json").exists():
+            cell_ev = {**ev, **(cell.get("evaluate") or {})}
+            shuffled = cell_ev.get("shuffle_history")  # also scored with every history window shuffled
+            todo = [s for s in dict.fromkeys([None, shuffled]) if not scored(run, s)]
+            if not todo:
                 console.print(f"[dim]skip {task_name}/{cell['name']}: finished[/dim]")
                 continue
             console.rule(f"{task_name} / {cell['name']}")
             if not (run / "model" / "userllm.safetensors").exists():
                 resume = (run / "checkpoint" / "train_state.pt").exists()
                 train(cfg.model_copy(update={"resume": resume, "force": not resume}))
-            cell_ev = {**ev, **(cell.get("evaluate") or {})}
-            evaluate(
-                run,
-                users=cell_ev.get("users"),
-                seed=cell_ev.get("seed", 0),
-                general=cell_ev.get("general", False),
-                bf16=cell_ev.get("bf16"),
-                force=True,
-            )
+            for shuffle in todo:
+                evaluate(
+                    run,
+                    users=cell_ev.get("users"),
+                    seed=cell_ev.get("seed", 0),
+                    general=cell_ev.get("general", False),
+                    bf16=cell_ev.get("bf16"),
+                    force=True,
+                    shuffle_history=shuffle,
+                )
             release_memory()  # the next cell's peak does not stack on this one's freed heap (make demo: ~0.6 GB)
     return write_results(spec)
 

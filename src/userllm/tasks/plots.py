@@ -81,8 +81,9 @@ def plot_methods(rows: list[dict], path: Path) -> None:
 
     groups = list(dict.fromkeys(group(r) for r in rows))
     cols = min(3, len(groups))
-    fig, axes = plt.subplots(-(-len(groups) // cols), cols, figsize=(5.2 * cols, 3.2 * -(-len(groups) // cols)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        -(-len(groups) // cols), cols, figsize=(5.2 * cols, 3.2 * -(-len(groups) // cols)), squeeze=False
+    )
     for ax, key in zip(axes.flat, groups):
         metric = MAIN_METRIC[key[1]]
         part = [r for r in rows if group(r) == key and metric in r["metrics"]]
@@ -93,8 +94,9 @@ def plot_methods(rows: list[dict], path: Path) -> None:
             label = f"{name}, {r['train_flops'] / 1e12:,.0f} TFLOPs" if r["train_flops"] else name
             label += f", top-{r['shortlist']} shortlist" if r.get("shortlist") else ""
             color = {"userllm": "tab:blue", "textprompt": "tab:orange"}.get(r["method"], "tab:gray")
-            ax.errorbar(m["value"], y, xerr=[[m["value"] - m["low"]], [m["high"] - m["value"]]], fmt="o",
-                        color=color, capsize=3)  # fmt: skip
+            ax.errorbar(
+                m["value"], y, xerr=[[m["value"] - m["low"]], [m["high"] - m["value"]]], fmt="o", color=color, capsize=3
+            )
             ax.annotate(label, (m["high"], y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
         ax.set_yticks([])
         ax.set_ylim(len(part) - 0.5, -0.5)
