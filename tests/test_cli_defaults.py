@@ -60,6 +60,7 @@ FIELDS = {
             "device": "device",
             "bf16": "bf16",
             "seed": "seed",
+            "max_memory_gb": "max_memory_gb",
         },
     ),
 }

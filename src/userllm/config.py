@@ -294,9 +294,15 @@ class TrainConfig(_RunConfig):
     micro_batch_size: int | None = Field(
         None,
         ge=1,
-        description="examples per forward/backward, gradients "
-        "accumulated to the same step (less memory for long prompts); None: the "
-        "whole batch",
+        description="examples per forward/backward, gradients accumulated to the same step (less memory for "
+        "long prompts); None: sized to the memory available (max_memory_gb)",
+    )
+    max_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory training may use, GiB; without micro_batch_size each batch is split into the "
+        "largest micro-batches whose estimated memory fits it (None: what the machine has available, less a "
+        "fifth); a run whose one example does not fit stops before it starts",
     )
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     gate_lr_scale: float = Field(

@@ -94,16 +94,19 @@ def state_hash(model) -> str:
     return h.hexdigest()
 
 
-def start_run(out: Path, *, resume: bool, force: bool, rank: int, marker: str, checkpoint: str = "checkpoint") -> None:
+def start_run(
+    out: Path, *, resume: bool, force: bool, rank: int, marker: str, checkpoint: str = "checkpoint", empty: bool = True
+) -> None:
     """Check a training run directory before starting: an existing run needs ``resume`` (continue its
-    ``checkpoint``) or ``force`` (start over: rank 0 empties it, refusing directories that are not ours)."""
+    ``checkpoint``) or ``force`` (start over: rank 0 empties it, refusing directories that are not ours;
+    ``empty=False``: only the checks, the emptying left to a later call)."""
     if out.exists() and any(out.iterdir()) and not (resume or force):
         raise OutputExistsError(
             f"run directory {out} already exists; pass --resume to continue it or --force to replace it"
         )
     if resume and not (out / checkpoint / "train_state.pt").exists():
         raise InputError(f"--resume: no checkpoint in {out} to continue from")
-    if force and not resume and rank == 0 and out.exists():
+    if empty and force and not resume and rank == 0 and out.exists():
         write_dir_atomically(out, lambda tmp: None, force=True, marker=marker)
 
 

@@ -1120,3 +1120,47 @@ def test_shuffled_histories_hold_the_same_events_and_are_scored_beside_the_run(
     assert json.loads((run / "metrics.json").read_text())["scoring_id"] == ordered["scoring_id"]  # untouched
     code, out, err = run_cli("compare", run, run / "shuffled-0")
     assert code == 0 and "paired over 10 users" in " ".join(out.split()), err
+
+
+def test_training_sizes_micro_batches_to_its_memory_and_refuses_what_cannot_fit(
+    synthetic_ds, text_lm_dir, tmp_path, run_cli
+):
+    """Without micro_batch_size, a batch is split into the largest micro-batches whose estimated memory fits
+    (here max_memory_gb holds two examples of four): the same losses as micro-batches of one. A budget that
+    holds no example stops before training, exit 2, nothing written."""
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora")
+    common = dict(
+        dataset=synthetic_ds.root,
+        task="favorite_genre",
+        method="textprompt",
+        llm=llm,
+        max_history=8,
+        train_examples=8,
+        batch_size=4,
+        lr=3e-3,
+    )
+    ones = train(TrainConfig(out=tmp_path / "ones", micro_batch_size=1, **common))
+    per_example = ones["memory"]["estimate_bytes_per_example"]
+    assert ones["memory"]["micro_batch_size"] == 1 and ones["memory"]["peak_rss_bytes"] > 0
+    limited = train(TrainConfig(out=tmp_path / "limited", max_memory_gb=2.5 * per_example / 2**30, **common))
+    assert limited["memory"]["micro_batch_size"] == 2
+    assert limited["losses"] == pytest.approx(ones["losses"], rel=1e-5)
+    code, _, err = run_cli(
+        "train",
+        synthetic_ds.root,
+        "--task",
+        "favorite_genre",
+        "--method",
+        "textprompt",
+        "--strategy",
+        "lora",
+        "--backbone",
+        text_lm_dir,
+        "-s",
+        f"max_memory_gb={0.5 * per_example / 2**30}",
+        "--out",
+        tmp_path / "none",
+    )
+    message = " ".join(err.split())
+    assert code == 2 and "needs about" in message and "max_memory_gb" in message and "tokens" in message
+    assert not (tmp_path / "none").exists()

@@ -28,6 +28,7 @@ def train(
     device: Annotated[Optional[str], config_option(TrainConfig, "device")] = None,
     bf16: Annotated[Optional[bool], config_option(TrainConfig, "bf16", "--bf16/--fp32")] = None,
     seed: Annotated[Optional[int], config_option(TrainConfig, "seed")] = None,
+    max_memory_gb: Annotated[Optional[float], config_option(TrainConfig, "max_memory_gb")] = None,
     steps_this_run: Annotated[
         Optional[int], typer.Option(help="stop after this many steps (continue later with --resume)")
     ] = None,
@@ -54,6 +55,7 @@ def train(
         "device": device,
         "bf16": bf16,
         "seed": seed,
+        "max_memory_gb": max_memory_gb,
         "resume": resume or None,
         "force": force or None,
     } | parse_sets(sets)

@@ -34,8 +34,10 @@ from userllm.distributed import barrier, setup_distributed
 from userllm.errors import ConfigError
 from userllm.io import runtime, source_commit, start_run, state_hash, write_dir_atomically, write_json
 from userllm.llm.base import ConditionedLM
+from userllm.llm.budget import micro_batch_for, training_bytes
 from userllm.llm.flops import training_flops
 from userllm.llm.model import UserLLM
+from userllm.memory import available_bytes, peak_rss_bytes
 from userllm.precision import autocast
 from userllm.progress import console, progress_bar
 from userllm.schedule import lr_lambda
@@ -69,16 +71,22 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
     """
     rank, world, device = setup_distributed(cfg.device)
     out = Path(cfg.out)
-    start_run(out, resume=cfg.resume, force=cfg.force, rank=rank, marker=MARKER)
+    # every process checks the run directory before any writes; an old run is replaced only once the new one
+    # is known to fit the memory
+    start_run(out, resume=cfg.resume, force=cfg.force, rank=rank, marker=MARKER, empty=False)
     ds = PreparedDataset(cfg.dataset)
     model, data = build(cfg, ds)
     model.to(device)
+    examples = data.examples("train")
+    memory = memory_plan(model, data, examples, cfg, world)  # a run that cannot fit stops here, nothing written
+    if rank == 0 and cfg.force and not cfg.resume:  # now the old run is replaced
+        start_run(out, resume=False, force=True, rank=0, marker=MARKER)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dump_config(cfg))
         save_config(cfg, out / "config.yaml")
         print_parameters(model, cfg.llm.strategy)
-    examples = data.examples("train")
+        console.print(memory["message"])
     steps = (
         math.ceil(cfg.train_examples / cfg.batch_size)
         if cfg.train_flops is None
@@ -105,7 +113,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             t0 = time.perf_counter()
             whole = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             batch = whole[rank::world]
-            micro = cfg.micro_batch_size or len(batch)
+            micro = memory["micro_batch_size"]
             parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
             tensors = [data.batch(part, with_answers=True, device=device) for part in parts]
             counts = [int((labels != IGNORE).sum()) for _, _, labels in tensors]  # answer tokens per part
@@ -154,6 +162,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         "losses": state["losses"],
         "gates": state["gates"],
         "parameters": {k: list(v) for k, v in model.parameter_groups().items()},
+        "memory": {**{k: v for k, v in memory.items() if k != "message"}, "peak_rss_bytes": peak_rss_bytes()},
         "runtime": runtime(),
     }
     if world > 1:
@@ -164,6 +173,40 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         model.save(out / "model")
         write_json(out / "summary.json", summary)
     return summary
+
+
+def memory_plan(
+    model: ConditionedLM, data: TaskData, examples: list[TaskExample], cfg: TrainConfig, world: int
+) -> dict:
+    """Examples per forward/backward: ``cfg.micro_batch_size``, else the most of a batch's share whose
+    estimated memory (:func:`~userllm.llm.budget.training_bytes` of the longest training example) fits the
+    budget: ``max_memory_gb``, or the memory available now less a fifth and less the optimizer's state.
+    Raises :class:`ConfigError` (exit 2) when not even one example fits, naming its tokens, the estimate,
+    the budget and what to change."""
+    longest = max(t for _, t in part_lengths(data, examples, cfg))
+    per_example = training_bytes(model, longest)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.max_memory_gb is not None:
+        budget, where = int(cfg.max_memory_gb * 2**30), f"max_memory_gb {cfg.max_memory_gb:g}"
+    else:
+        budget, where = int(0.8 * available_bytes()) - 16 * trainable, "the memory available"
+    share = math.ceil(cfg.batch_size / world)
+    fits = micro_batch_for(model, [longest] * share, budget)
+    if fits == 0:
+        raise ConfigError(
+            f"one training example of {longest:,} tokens needs about {per_example / 2**30:.1f} GiB to "
+            f"back-propagate; {where} leaves {max(budget, 0) / 2**30:.1f} GiB. Shorten the history (--max-history), "
+            "use a smaller backbone, or give more memory (-s max_memory_gb=..., on a larger machine)"
+        )
+    micro = cfg.micro_batch_size or fits
+    return {
+        "micro_batch_size": micro,
+        "estimate_bytes_per_example": per_example,
+        "budget_bytes": budget,
+        "longest_tokens": longest,
+        "message": f"memory: micro-batches of {micro} (the longest example, {longest:,} tokens, needs about "
+        f"{per_example / 2**30:.2f} GiB; {where}: {budget / 2**30:.1f} GiB)",
+    }
 
 
 def param_groups(model: ConditionedLM, cfg: TrainConfig) -> list[dict]:
