@@ -300,9 +300,10 @@ class TrainConfig(_RunConfig):
     max_memory_gb: float | None = Field(
         None,
         gt=0,
-        description="memory training may use, GiB; without micro_batch_size each batch is split into the "
-        "largest micro-batches whose estimated memory fits it (None: what the machine has available, less a "
-        "fifth); a run whose one example does not fit stops before it starts",
+        description="memory a run may use, GiB: training without micro_batch_size splits each batch into the "
+        "largest micro-batches whose estimated memory fits it, and a run whose one example does not fit stops "
+        "before it starts; scoring takes batches of at most eval_batch_size that fit (None: what the machine "
+        "has available, less a fifth)",
     )
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     gate_lr_scale: float = Field(

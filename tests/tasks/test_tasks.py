@@ -1164,3 +1164,34 @@ def test_training_sizes_micro_batches_to_its_memory_and_refuses_what_cannot_fit(
     message = " ".join(err.split())
     assert code == 2 and "needs about" in message and "max_memory_gb" in message and "tokens" in message
     assert not (tmp_path / "none").exists()
+
+
+def test_scoring_takes_batches_that_fit_the_memory(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
+    """Scoring batches hold at most eval_batch_size prompts, fewer when their estimated memory (KV caches
+    for the beams) exceeds max_memory_gb: here one prompt at a time, with the same answers."""
+    from userllm.llm.budget import inference_bytes
+    from userllm.tasks.pipeline import Pipeline
+
+    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora")
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            dataset=synthetic_ds.root,
+            out=run,
+            task="favorite_genre",
+            method="textprompt",
+            llm=llm,
+            max_history=6,
+            train_examples=4,
+            batch_size=4,
+            eval_batch_size=4,
+        )
+    )
+    whole = evaluate(run, users=8, seed=1)
+    sizes = spy_batches(monkeypatch)
+    loaded = Pipeline.from_pretrained(run)
+    longest = max(len(loaded.data.tokens(ex.prompt)) for ex in loaded.data.examples("test"))
+    one = inference_bytes(loaded.model, longest, copies=5)  # the longest prompt with the beams' caches
+    tight = evaluate(run, users=8, seed=1, force=True, max_memory_gb=1.5 * one / 2**30)
+    assert sizes and max(len(b) for b in sizes) == 1
+    assert tight["metrics"] == whole["metrics"]

@@ -99,6 +99,10 @@ def evaluate(
             show_default="as the run trained",
         ),
     ] = None,
+    max_memory_gb: Annotated[
+        Optional[float],
+        typer.Option(help="memory scoring may use, GiB: batches of at most eval_batch_size that fit"),
+    ] = None,
     shuffle_history: Annotated[
         Optional[int],
         typer.Option(
@@ -123,6 +127,7 @@ def evaluate(
         bf16=bf16,
         extend=extend,
         shuffle_history=shuffle_history,
+        max_memory_gb=max_memory_gb,
     )
     table = Table(title=f"{m['task']}: {m['method']} on {m['examples']} test users (95% bootstrap intervals)")
     for col in ("", *m["metrics"]):

@@ -41,3 +41,19 @@ def micro_batch_for(model, tokens: list[int], budget: int) -> int:
             break
         total, n = total + b, n + 1
     return n
+
+
+def inference_bytes(model, tokens: int, copies: int = 1) -> int:
+    """The estimated peak memory of scoring one prompt of ``tokens`` tokens: ``copies`` KV caches of it (a
+    beam search keeps one per beam) and one layer's activations at a time."""
+    c = model.llm.config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
+    return 4 * tokens * (copies * kv + 4 * c.hidden_size + 2 * c.intermediate_size) + 8 * c.vocab_size
+
+
+def batch_for(model, tokens: int, budget: int, copies: int, most: int) -> int:
+    """How many prompts of ``tokens`` tokens (the longest of a batch) fit ``budget`` bytes together, at least
+    1 and at most ``most``."""
+    return max(1, min(most, budget // max(1, inference_bytes(model, tokens, copies))))

@@ -45,7 +45,9 @@ from userllm.config import TrainConfig, dump_config, with_overrides
 from userllm.errors import InputError, OutputExistsError
 from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
+from userllm.llm.budget import batch_for
 from userllm.llm.decoding import constrained_beam_search, generate_tokens, prefill, rank_sequences
+from userllm.memory import available_bytes
 from userllm.precision import autocast
 from userllm.progress import progress_bar
 from userllm.tasks.data import TaskData, TaskExample
@@ -130,11 +132,16 @@ def predict(
     beams = cfg.beams if data.task == "next_item" else min(3, len(vocab) - 2)
     records = []
     amp = autocast(cfg.bf16, device)  # re-entered for each part of each batch
+    # the KV caches a batch holds at once: the beams and the greedy answer, after a prefill kept twice
+    copies = (beams if trie is not None and not (shortlist and data.task == "next_item") else 0) + 2
+    budget = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb else int(0.8 * available_bytes())
     resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
         task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))
-        for c in range(0, len(todo), cfg.eval_batch_size):
-            batch = todo[c : c + cfg.eval_batch_size]
+        c = 0
+        while c < len(todo):  # longest prompts first: each batch as large as eval_batch_size and the memory allow
+            size = batch_for(model, len(data.tokens(todo[c].prompt)), budget, copies, cfg.eval_batch_size)
+            batch, c = todo[c : c + size], c + size
             ids, mask, _ = data.batch(batch, with_answers=False, device=device)
             users = data.user_batch(batch, device) if cfg.method == "userllm" else None
             with amp:
@@ -234,6 +241,7 @@ def evaluate(
     bf16: bool | None = None,
     extend: bool = False,
     shuffle_history: int | None = None,
+    max_memory_gb: float | None = None,
 ) -> dict:
     """Score ``run_dir`` on its task's test split; writes and returns ``metrics.json``. ``shortlist``
     overrides the run's (next_item); ``bf16`` scores under bf16 autocast (default: as the run trained), with
@@ -255,7 +263,7 @@ def evaluate(
     if extend:
         extendable(run_dir, **overrides)
     run = Pipeline.from_pretrained(run_dir, device=device or "cpu")
-    cfg, model, data = with_overrides(run.cfg, **overrides), run.model, run.data
+    cfg, model, data = with_overrides(run.cfg, **overrides, max_memory_gb=max_memory_gb), run.model, run.data
     device = device or cfg.device
     model.to(device)
     subset = eval_users(run_dir, data.tl.num_users, users, seed) if users else None
