@@ -97,6 +97,15 @@ def test_a_request_past_its_time_limit_ends_with_a_504_and_the_batch_goes_on(eng
     assert engine.metrics.counters["userllm_requests_timed_out_total"][""] == 1
 
 
+def shows(client, line: str, polls: int = 600) -> bool:
+    """Whether the server's /metrics shows ``line`` within ``polls`` checks 0.1 s apart."""
+    for _ in range(polls):
+        if line in client.get("/metrics").text:
+            return True
+        threading.Event().wait(0.1)
+    return False
+
+
 def test_disconnect_and_sigterm_on_a_real_server(tmp_path, ul_run, synthetic_ds):
     """Over HTTP: a streaming client that disconnects is dropped (counted in /metrics); then SIGTERM during a
     decode longer than the shutdown grace: the decode is ended, the server exits 0 (uvicorn alone dies by the
@@ -122,12 +131,7 @@ def test_disconnect_and_sigterm_on_a_real_server(tmp_path, ul_run, synthetic_ds)
             with c.stream("POST", "/v1/chat/completions", json=long) as r:
                 next(line for line in r.iter_lines() if '"content": "' in line and '"content": ""' not in line)
             # the connection is closed mid-stream: the server notices and drops the request
-            for _ in range(600):
-                metrics = c.get("/metrics").text
-                if "userllm_requests_abandoned_total 1" in metrics:
-                    break
-                threading.Event().wait(0.1)
-            assert "userllm_requests_abandoned_total 1" in metrics
+            assert shows(c, "userllm_requests_abandoned_total 1")
             # a non-streaming client that gives up: its request is dropped within a second as well
             body = json.dumps({**long, "stream": False, "max_tokens": 4000}).encode()
             with socket.create_connection(("127.0.0.1", port)) as raw:
@@ -137,12 +141,7 @@ def test_disconnect_and_sigterm_on_a_real_server(tmp_path, ul_run, synthetic_ds)
                     + body
                 )
                 threading.Event().wait(0.5)
-            for _ in range(600):
-                metrics = c.get("/metrics").text
-                if "userllm_requests_abandoned_total 2" in metrics:
-                    break
-                threading.Event().wait(0.1)
-            assert "userllm_requests_abandoned_total 2" in metrics
+            assert shows(c, "userllm_requests_abandoned_total 2")
             appended = c.post(f"/v1/users/{user}/events", json={"events": [{"item_id": item, "timestamp": 2**31}]})
             assert appended.status_code == 200
             lines = []

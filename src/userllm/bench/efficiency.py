@@ -142,6 +142,16 @@ def paired_ratio(a: dict, b: dict) -> float:
 
 
 # ----------------------------------------------------------------- requests
+def bench_dataset(dataset: Path | None, tmp: Path) -> PreparedDataset:
+    """``dataset``, or MovieLens-100K prepared into ``tmp`` when none is given."""
+    if dataset is None:
+        from userllm.data.prepare import prepare_dataset
+
+        dataset = tmp / "ml-100k"
+        prepare_dataset(PrepareConfig(source="movielens-100k", out=dataset))
+    return PreparedDataset(dataset)
+
+
 def bench_timelines(ds: PreparedDataset, users: int, length: int) -> Timelines:
     """The ``users`` longest timelines of ``ds``, each cycled to exactly ``length`` events."""
     tl = Timelines.from_dataset(ds)
@@ -191,12 +201,7 @@ def run_efficiency(
     out = Path(out)
     check_output(out, force, marker="efficiency.json")
     with tempfile.TemporaryDirectory() as tmp:
-        if dataset is None:
-            from userllm.data.prepare import prepare_dataset
-
-            dataset = Path(tmp) / "ml-100k"
-            prepare_dataset(PrepareConfig(source="movielens-100k", out=dataset))
-        ds = PreparedDataset(dataset)
+        ds = bench_dataset(dataset, Path(tmp))
         tl = bench_timelines(ds, max(batch_sizes), max(lengths))
         encoder_cfg = EncoderConfig(max_len=max(lengths), dropout=0.0)
         rows, cache_rows = [], []

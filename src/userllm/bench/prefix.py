@@ -223,9 +223,8 @@ def run_prefix(
     import tempfile
     from pathlib import Path
 
-    from userllm.bench.efficiency import bench_timelines, build_method
-    from userllm.config import EncoderConfig, PrepareConfig
-    from userllm.data.dataset import PreparedDataset
+    from userllm.bench.efficiency import bench_dataset, bench_timelines, build_method
+    from userllm.config import EncoderConfig
     from userllm.io import check_output, runtime, write_dir_atomically, write_json
     from userllm.llm.backbone import load_backbone
     from userllm.progress import progress_bar
@@ -234,12 +233,7 @@ def run_prefix(
     out = Path(out)
     check_output(out, force, marker="prefix.json")
     with tempfile.TemporaryDirectory() as tmp:
-        if dataset is None:
-            from userllm.data.prepare import prepare_dataset
-
-            dataset = Path(tmp) / "ml-100k"
-            prepare_dataset(PrepareConfig(source="movielens-100k", out=dataset))
-        ds = PreparedDataset(dataset)
+        ds = bench_dataset(dataset, Path(tmp))
         tl = bench_timelines(ds, 1, max(lengths))
         rows, decode = [], {}
         at = 200 if 200 in lengths else max(lengths)

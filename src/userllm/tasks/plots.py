@@ -70,6 +70,18 @@ def group(r: dict) -> tuple:
     return r["dataset"], r["task"], r["history"]
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path``: drawn to a temporary file beside it, then renamed into place."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot_methods(rows: list[dict], path: Path) -> None:
     """The methods side by side, one panel per (dataset, task, history length): each cell's main metric with
     its 95% interval (User-LLM and TP labelled with their training compute), then the reference rows of the
@@ -107,12 +119,7 @@ def plot_methods(rows: list[dict], path: Path) -> None:
         ax.set_xlabel(f"{metric} (95% interval)", fontsize=8)
     for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def best_by_history(cells: list[dict], metric: str, slack: float = 1.1) -> list[tuple[int, dict]]:
@@ -237,9 +244,4 @@ def plot(rows: list[dict], tasks: list[str], path: Path) -> None:
             compute_ax.set_xlim(min(flops) / 3, max(flops) * 3)
             compute_ax.xaxis.set_minor_formatter(NullFormatter())
         compute_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
