@@ -41,7 +41,7 @@ from userllm.memory import available_bytes, peak_rss_bytes
 from userllm.precision import autocast
 from userllm.progress import console, progress_bar
 from userllm.schedule import lr_lambda
-from userllm.tasks.data import IGNORE, TaskData, TaskExample
+from userllm.tasks.data import IGNORE, TaskData
 from userllm.tasks.pipeline import build
 
 MARKER = "config.json"
@@ -78,7 +78,11 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
     model, data = build(cfg, ds)
     model.to(device)
     examples = data.examples("train")
-    memory = memory_plan(model, data, examples, cfg, world)  # a run that cannot fit stops here, nothing written
+    lengths = part_lengths(data, examples, cfg)  # (events, tokens) of every example, tokenized once
+    example_flops = np.array([training_flops(model, n_events=n, tokens=t) or 0 for n, t in lengths])
+    memory = memory_plan(
+        model, max(t for _, t in lengths), cfg, world
+    )  # a run that cannot fit stops here, nothing written
     if rank == 0 and cfg.force and not cfg.resume:  # now the old run is replaced
         start_run(out, resume=False, force=True, rank=0, marker=MARKER)
     if rank == 0:
@@ -88,9 +92,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         print_parameters(model, cfg.llm.strategy)
         console.print(memory["message"])
     steps = (
-        math.ceil(cfg.train_examples / cfg.batch_size)
-        if cfg.train_flops is None
-        else flops_steps(model, data, examples, cfg)
+        math.ceil(cfg.train_examples / cfg.batch_size) if cfg.train_flops is None else flops_steps(example_flops, cfg)
     )
     order = example_order(len(examples), steps * cfg.batch_size, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +113,8 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
         last = steps if steps_this_run is None else min(steps, state["step"] + steps_this_run)
         for step in range(state["step"], last):
             t0 = time.perf_counter()
-            whole = [examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            chosen = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            whole = [examples[i] for i in chosen]
             batch = whole[rank::world]
             micro = memory["micro_batch_size"]
             parts = [batch[i : i + micro] for i in range(0, len(batch), micro)]
@@ -120,9 +123,7 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout
             opt.zero_grad(set_to_none=True)
             loss_value, tokens = 0.0, 0
-            state["flops"] += sum(
-                training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, whole, cfg)
-            )
+            state["flops"] += int(example_flops[chosen].sum())
             for j, (part, (ids, mask, labels), count) in enumerate(zip(parts, tensors, counts)):
                 users = data.user_batch(part, device) if cfg.method == "userllm" else None
                 # DDP averages gradients across processes once, after the last part
@@ -175,15 +176,13 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
     return summary
 
 
-def memory_plan(
-    model: ConditionedLM, data: TaskData, examples: list[TaskExample], cfg: TrainConfig, world: int
-) -> dict:
+def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int) -> dict:
     """Examples per forward/backward: ``cfg.micro_batch_size``, else the most of a batch's share whose
-    estimated memory (:func:`~userllm.llm.budget.training_bytes` of the longest training example) fits the
+    estimated memory (:func:`~userllm.llm.budget.training_bytes` of the longest training example, ``longest``
+    tokens) fits the
     budget: ``max_memory_gb``, or the memory available now less a fifth and less the optimizer's state.
     Raises :class:`ConfigError` (exit 2) when not even one example fits, naming its tokens, the estimate,
     the budget and what to change."""
-    longest = max(t for _, t in part_lengths(data, examples, cfg))
     per_example = training_bytes(model, longest)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.max_memory_gb is not None:
@@ -233,17 +232,15 @@ def part_lengths(data: TaskData, batch: list, cfg: TrainConfig) -> list[tuple[in
     ]
 
 
-def flops_steps(model: ConditionedLM, data: TaskData, examples: list[TaskExample], cfg: TrainConfig) -> int:
-    """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs reach ``cfg.train_flops``."""
-    per_example = np.array(
-        [training_flops(model, n_events=n, tokens=t) or 0 for n, t in part_lengths(data, examples, cfg)]
-    )
+def flops_steps(per_example: np.ndarray, cfg: TrainConfig) -> int:
+    """Steps of ``cfg.batch_size`` seeded examples until their training FLOPs (``per_example``, every training
+    example's) reach ``cfg.train_flops``."""
     if per_example.max() == 0:
         raise ConfigError(
             f"train_flops needs the analytic FLOP formula, which does not cover backbone {cfg.llm.backbone}"
         )
     passes = math.ceil(cfg.train_flops / per_example.sum())  # each pass over the examples costs the same
-    order = example_order(len(examples), passes * len(examples), cfg.seed)
+    order = example_order(len(per_example), passes * len(per_example), cfg.seed)
     done = np.cumsum(per_example[order]) >= cfg.train_flops
     return math.ceil((int(done.argmax()) + 1) / cfg.batch_size)
 
