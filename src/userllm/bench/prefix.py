@@ -19,12 +19,11 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 
-from userllm.llm.cache import UserContextCache
-from userllm.llm.flops import llm_forward_flops
+from userllm.llm.cache import UserContextCache, entry_bytes
+from userllm.llm.flops import backbone_shape, llm_forward_flops
 from userllm.llm.prefix_cache import kv_bytes
 from userllm.tasks import prompts
 
@@ -41,28 +40,15 @@ def median_s(fn, repeats: int, setup=None) -> float:
     return statistics.median(times)
 
 
-def backbone_shape(llm) -> SimpleNamespace:
-    c = llm.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return SimpleNamespace(
-        hidden_size=c.hidden_size,
-        d_kv=c.num_key_value_heads * head_dim,
-        num_hidden_layers=c.num_hidden_layers,
-        intermediate_size=c.intermediate_size,
-        vocab_size=c.vocab_size,
-    )
-
-
 @torch.no_grad()
 def measure_text_prompt(llm, tokenizer, data, user: int, length: int, repeats: int) -> dict:
     """The prefix-cached TP's row at ``length`` events for timeline ``user`` of ``data`` (TP task data)."""
     question = prompts.instruction("next_item", data.words)
     end = int(data.tl.lengths[user])
     lines = data.history_lines(user, end - length, end)
-    full = prompts.render(tokenizer, question, lines, data.words)
-    cut = full.index(question)
-    prefix = tokenizer(full[:cut], add_special_tokens=False, return_tensors="pt").input_ids
-    rest = tokenizer(full[cut:], add_special_tokens=False, return_tensors="pt").input_ids
+    before, after = prompts.render_chat_split(tokenizer, [{"role": "user", "content": question}], lines, data.words)
+    prefix = tokenizer(before, add_special_tokens=False, return_tensors="pt").input_ids  # as `userllm serve` caches
+    rest = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids
     new_line = tokenizer("\n" + lines[-1], add_special_tokens=False, return_tensors="pt").input_ids
     p, q, e = prefix.shape[1], rest.shape[1], new_line.shape[1]
 
@@ -70,7 +56,7 @@ def measure_text_prompt(llm, tokenizer, data, user: int, length: int, repeats: i
         return llm(input_ids=ids, cache=kv, use_cache=True, logits_to_keep=1)
 
     cached = run(prefix).cache
-    c = backbone_shape(llm)
+    c = backbone_shape(llm.config)
     return {
         "method": "text_prompt+prefix_cache",
         "history": length,
@@ -86,10 +72,6 @@ def measure_text_prompt(llm, tokenizer, data, user: int, length: int, repeats: i
         "append_extend_s": median_s(lambda kv: run(new_line, kv), repeats, lambda: copy.deepcopy(cached)),
         "append_slide_s": median_s(lambda _: run(prefix), repeats),
     }
-
-
-def entry_bytes(cache: UserContextCache, user: str) -> int:
-    return sum(t.nbytes for t in cache.entries[user].values())
 
 
 @torch.no_grad()
@@ -121,7 +103,7 @@ def measure_user_llm(name: str, model, data, user: int, length: int, repeats: in
         "history": length,
         "prefix_tokens": 0,
         "question_tokens": int(mask.sum()),
-        "bytes_per_user": entry_bytes(cache, "u"),
+        "bytes_per_user": entry_bytes(cache.entries["u"]),
         "hit_prefill_s": median_s(lambda _: prefill(context), repeats),
         "miss_prefill_s": median_s(lambda _: prefill(UserContextCache(model).get("u", events)), repeats),
         "append_extend_s": median_s(lambda c: c.get("u", events), repeats, fresh(shorter)),
@@ -194,14 +176,11 @@ def lru_replay(row: dict, steps: list[tuple[str, int]], budget_bytes: int, new_t
 def replay(rows: dict[str, dict], *, users: int, budget_bytes: int, chats: int, new_tokens: int, seed: int = 0):
     """:func:`lru_replay` of one :func:`zipf_trace` over ``users`` for each method's row."""
     steps = zipf_trace(users, chats, seed)
-    return {
-        name: {
-            "users": users,
-            **lru_replay(row, steps, budget_bytes, new_tokens),
-            "cached_users": int(min(users, budget_bytes // row["bytes_per_user"])),
-        }
-        for name, row in rows.items()
-    }
+    out = {}
+    for name, row in rows.items():
+        result = lru_replay(row, steps, budget_bytes, new_tokens)
+        out[name] = {**result, "users": users, "cached_users": min(users, result["cached_users"])}
+    return out
 
 
 def run_prefix(

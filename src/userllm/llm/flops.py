@@ -37,6 +37,19 @@ def llm_forward_flops(c, s: int, S: int) -> int:
     return c.num_hidden_layers * (s * per_token + 4 * s * S * c.hidden_size) + 2 * c.hidden_size * c.vocab_size
 
 
+def backbone_shape(cfg) -> SimpleNamespace:
+    """What :func:`llm_forward_flops` reads of a backbone's config: hidden, key/value width, layers, MLP
+    width, vocabulary."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return SimpleNamespace(
+        hidden_size=cfg.hidden_size,
+        d_kv=cfg.num_key_value_heads * head_dim,
+        num_hidden_layers=cfg.num_hidden_layers,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+    )
+
+
 def analytic_flops(
     model: ConditionedLM, *, n_events: int, prompt_tokens: int, new_tokens: int, absorb: bool = True
 ) -> dict[str, int] | None:
@@ -46,14 +59,7 @@ def analytic_flops(
     if getattr(cfg, "model_type", None) not in GATED_MLP:
         return None
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    c = SimpleNamespace(
-        hidden_size=cfg.hidden_size,
-        d_kv=cfg.num_key_value_heads * head_dim,
-        num_hidden_layers=cfg.num_hidden_layers,
-        intermediate_size=cfg.intermediate_size,
-        vocab_size=cfg.vocab_size,
-    )
+    c = backbone_shape(cfg)
     d, user, m, blocks, r, absorbed = cfg.hidden_size, 0, 0, 0, 0, False
     if isinstance(model, UserLLM):
         e = model.encoder.cfg
