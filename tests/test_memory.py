@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from userllm.memory import release_memory, rss_bytes
+from userllm.memory import available_bytes, release_memory, rss_bytes
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
@@ -28,3 +28,19 @@ def test_rss_counts_touched_memory():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
     assert rss_bytes() - before > 48 * 2**20
     del x
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc are Linux's")
+def test_available_memory_respects_the_process_limit():
+    """``ulimit -d``: what the process may still map is its limit less what it has mapped."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData"))
+    resource.setrlimit(resource.RLIMIT_DATA, (mapped + 64 * 2**20, hard))
+    try:
+        assert available_bytes() <= 64 * 2**20
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    assert available_bytes() > 64 * 2**20

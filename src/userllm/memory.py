@@ -32,7 +32,10 @@ def rss_bytes() -> int:
 
 def available_bytes() -> int:
     """Memory this process may still take: the system's available memory (``MemAvailable``), or less where a
-    cgroup (a container's limit) leaves less."""
+    cgroup (a container's limit) or this process's own limit (``ulimit -d``/``-v``: ``RLIMIT_DATA``,
+    ``RLIMIT_AS``, less what it has already mapped) leaves less."""
+    import resource
+
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     free = info.get("MemAvailable", info.get("MemFree", 0))
@@ -45,6 +48,12 @@ def available_bytes() -> int:
             free = min(free, int(limit) - used)
     except (OSError, ValueError):
         pass
+    with open("/proc/self/status") as f:
+        mapped = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmData", "VmSize"))}
+    for kind, field in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft = resource.getrlimit(kind)[0]
+        if soft != resource.RLIM_INFINITY and field in mapped:
+            free = min(free, soft - mapped[field])
     return max(0, free)
 
 

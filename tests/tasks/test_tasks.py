@@ -390,18 +390,6 @@ def shortlist_data(synthetic_ds, backbone) -> TaskData:
     )
 
 
-def spy_batches(monkeypatch) -> list[list]:
-    """Every list of examples :meth:`TaskData.batch` is given from now on."""
-    seen, batch = [], TaskData.batch
-
-    def spy(self, part, **kw):
-        seen.append(list(part))
-        return batch(self, part, **kw)
-
-    monkeypatch.setattr(TaskData, "batch", spy)
-    return seen
-
-
 def test_exclude_history_keeps_the_history_out_of_shortlists_and_listings(
     synthetic_ds, text_lm_dir, backbone, stage1, tmp_path
 ):
@@ -1120,78 +1108,3 @@ def test_shuffled_histories_hold_the_same_events_and_are_scored_beside_the_run(
     assert json.loads((run / "metrics.json").read_text())["scoring_id"] == ordered["scoring_id"]  # untouched
     code, out, err = run_cli("compare", run, run / "shuffled-0")
     assert code == 0 and "paired over 10 users" in " ".join(out.split()), err
-
-
-def test_training_sizes_micro_batches_to_its_memory_and_refuses_what_cannot_fit(
-    synthetic_ds, text_lm_dir, tmp_path, run_cli
-):
-    """Without micro_batch_size, a batch is split into the largest micro-batches whose estimated memory fits
-    (here max_memory_gb holds two examples of four): the same losses as micro-batches of one. A budget that
-    holds no example stops before training, exit 2, nothing written."""
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora")
-    common = dict(
-        dataset=synthetic_ds.root,
-        task="favorite_genre",
-        method="textprompt",
-        llm=llm,
-        max_history=8,
-        train_examples=8,
-        batch_size=4,
-        lr=3e-3,
-    )
-    ones = train(TrainConfig(out=tmp_path / "ones", micro_batch_size=1, **common))
-    per_example = ones["memory"]["estimate_bytes_per_example"]
-    assert ones["memory"]["micro_batch_size"] == 1 and ones["memory"]["peak_rss_bytes"] > 0
-    limited = train(TrainConfig(out=tmp_path / "limited", max_memory_gb=2.5 * per_example / 2**30, **common))
-    assert limited["memory"]["micro_batch_size"] == 2
-    assert limited["losses"] == pytest.approx(ones["losses"], rel=1e-5)
-    code, _, err = run_cli(
-        "train",
-        synthetic_ds.root,
-        "--task",
-        "favorite_genre",
-        "--method",
-        "textprompt",
-        "--strategy",
-        "lora",
-        "--backbone",
-        text_lm_dir,
-        "-s",
-        f"max_memory_gb={0.5 * per_example / 2**30}",
-        "--out",
-        tmp_path / "none",
-    )
-    message = " ".join(err.split())
-    assert code == 2 and "needs about" in message and "max_memory_gb" in message and "tokens" in message
-    assert not (tmp_path / "none").exists()
-
-
-def test_scoring_takes_batches_that_fit_the_memory(synthetic_ds, text_lm_dir, tmp_path, monkeypatch):
-    """Scoring batches hold at most eval_batch_size prompts, fewer when their estimated memory (KV caches
-    for the beams) exceeds max_memory_gb: here one prompt at a time, with the same answers."""
-    from userllm.llm.budget import inference_bytes
-    from userllm.tasks.pipeline import Pipeline
-
-    llm = UserLLMConfig(backbone=str(text_lm_dir), strategy="lora")
-    run = tmp_path / "run"
-    train(
-        TrainConfig(
-            dataset=synthetic_ds.root,
-            out=run,
-            task="favorite_genre",
-            method="textprompt",
-            llm=llm,
-            max_history=6,
-            train_examples=4,
-            batch_size=4,
-            eval_batch_size=4,
-        )
-    )
-    whole = evaluate(run, users=8, seed=1)
-    sizes = spy_batches(monkeypatch)
-    loaded = Pipeline.from_pretrained(run)
-    longest = max(len(loaded.data.tokens(ex.prompt)) for ex in loaded.data.examples("test"))
-    one = inference_bytes(loaded.model, longest, copies=5)  # the longest prompt with the beams' caches
-    tight = evaluate(run, users=8, seed=1, force=True, max_memory_gb=1.5 * one / 2**30)
-    assert sizes and max(len(b) for b in sizes) == 1
-    assert tight["metrics"] == whole["metrics"]

@@ -27,6 +27,18 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+class OutOfMemory(UserError):
+    exit_code = 1
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: Python's ``MemoryError``, or torch's (CPU allocator, CUDA)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
 def guarded(command: Callable) -> Callable:
     """``command`` with the low-level exceptions that click/typer would turn into a bare ``Aborted.`` (or a
     silent exit) made into one message each. Readers name the file and line themselves (e.g. a truncated gzip
@@ -49,6 +61,15 @@ def guarded(command: Callable) -> Callable:
             raise UserError(f"a compressed input is corrupt ({type(e).__name__}: {e})") from None
         except UnicodeDecodeError as e:
             raise UserError(f"an input is not valid {e.encoding} text at byte {e.start:,} ({e.reason})") from None
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            raise OutOfMemory(
+                f"ran out of memory ({str(e).splitlines()[0][:200]}). Nothing is half-written (outputs are only "
+                "renamed into place; `userllm train --resume` continues from the last checkpoint). Hold less at "
+                "once: leave micro_batch_size unset so that training sizes its micro-batches to the memory, or "
+                "set --max-memory-gb (or -s max_memory_gb=...) below what this machine has free"
+            ) from None
 
     return run
 

@@ -185,10 +185,11 @@ def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int
     the budget and what to change."""
     per_example = training_bytes(model, longest)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    available = available_bytes()
     if cfg.max_memory_gb is not None:
         budget, where = int(cfg.max_memory_gb * 2**30), f"max_memory_gb {cfg.max_memory_gb:g}"
     else:
-        budget, where = int(0.8 * available_bytes()) - 16 * trainable, "the memory available"
+        budget, where = int(0.8 * available) - 16 * trainable, "the memory available"
     share = math.ceil(cfg.batch_size / world)
     fits = micro_batch_for(model, [longest] * share, budget)
     if fits == 0:
@@ -202,6 +203,7 @@ def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int
         "micro_batch_size": micro,
         "estimate_bytes_per_example": per_example,
         "budget_bytes": budget,
+        "available_bytes": available,
         "longest_tokens": longest,
         "message": f"memory: micro-batches of {micro} (the longest example, {longest:,} tokens, needs about "
         f"{per_example / 2**30:.2f} GiB; {where}: {budget / 2**30:.1f} GiB)",
