@@ -49,7 +49,9 @@ def available_bytes() -> int:
     except (OSError, ValueError):
         pass
     with open("/proc/self/status") as f:
-        mapped = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmData", "VmSize"))}
+        mapped = {
+            line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.startswith(("VmData", "VmSize"))
+        }
     for kind, field in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
         soft = resource.getrlimit(kind)[0]
         if soft != resource.RLIM_INFINITY and field in mapped:

@@ -97,6 +97,42 @@ def test_a_request_past_its_time_limit_ends_with_a_504_and_the_batch_goes_on(eng
     assert engine.metrics.counters["userllm_requests_timed_out_total"][""] == 1
 
 
+def test_a_batch_that_would_not_fit_the_memory_is_decoded_in_parts(engine, synthetic_ds):
+    """A batch whose KV caches exceed the memory budget is decoded in parts that fit (here one chat at a
+    time), with the answers of the whole batch; a server whose longest accepted chat cannot fit refuses to
+    start."""
+    from userllm.errors import ConfigError
+    from userllm.llm.budget import inference_bytes
+
+    users = synthetic_ds.sequences.get_column("user_id").to_list()[:3]
+
+    def answers() -> list[str]:
+        got = {u: [] for u in users}
+        batch = [
+            Job(
+                user=u,
+                messages=[{"role": "user", "content": "Which item next?"}],
+                max_tokens=6,
+                temperature=0.0,
+                emit=lambda kind, payload, u=u: got[u].append((kind, payload)),
+            )
+            for u in users
+        ]
+        engine.run_batch(batch)
+        assert all(got[u][-1][0] == "done" for u in users), got
+        return ["".join(p for k, p in got[u] if k == "delta") for u in users]
+
+    whole = answers()
+    assert "userllm_batches_split_total" not in engine.metrics.counters
+    one = inference_bytes(engine.model, 64)  # a chat of 64 positions; these take more (prompt and answer)
+    engine.max_memory_bytes = one
+    assert answers() == whole
+    assert engine.metrics.counters["userllm_batches_split_total"][""] == 1
+    with pytest.raises(ConfigError, match="needs about .* MiB to decode; --max-memory-gb"):
+        engine.check_memory(128)
+    engine.check_memory(64)
+
+
 def shows(client, line: str, polls: int = 600) -> bool:
     """Whether the server's /metrics shows ``line`` within ``polls`` checks 0.1 s apart."""
     for _ in range(polls):

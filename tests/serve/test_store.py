@@ -79,7 +79,7 @@ def test_bad_urls_are_messages(tmp_path):
         EventStore("mysql+pymysql://u@h/db")
 
 
-def test_cli_store_import_and_serve_errors(tmp_path, synthetic_ds, run_cli):
+def test_cli_store_import_and_serve_errors(tmp_path, synthetic_ds, tp_run, run_cli):
     db = f"sqlite:///{tmp_path / 'events.db'}"
     for _ in range(2):  # idempotent
         code, stdout, stderr = run_cli("store", "import", synthetic_ds.root, "--db", db)
@@ -92,3 +92,7 @@ def test_cli_store_import_and_serve_errors(tmp_path, synthetic_ds, run_cli):
     assert code == 2 and "runs on sqlite or postgresql" in " ".join(stderr.split())
     code, _, stderr = run_cli("serve", tmp_path / "no-run", "--db", db)
     assert code == 2 and "holds no trained model" in " ".join(stderr.split()) and "Traceback" not in stderr
+    code, _, stderr = run_cli("serve", tp_run, "--db", db, "--max-memory-gb", "0.000001")  # before it listens
+    assert code == 2 and "needs about" in " ".join(stderr.split()) and "--max-prompt-tokens" in stderr
+    code, _, stderr = run_cli("serve", tp_run, "--db", db, "--max-memory-gb", "0")
+    assert code == 2 and "expected GiB > 0" in stderr

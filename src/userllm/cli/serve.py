@@ -68,6 +68,13 @@ def serve(
             "history prefixes as KV cache (e.g. 1G, 512M; 0: no TP prefix cache, no limit on contexts)"
         ),
     ] = "1G",
+    max_memory_gb: Annotated[
+        Optional[float],
+        typer.Option(
+            help="memory one batch of chats may use, GiB: a batch that would not fit is decoded in parts",
+            show_default="80% of the memory available",
+        ),
+    ] = None,
     max_prompt_tokens: Annotated[
         Optional[int],
         typer.Option(help="reject longer prompts with a 400 before any model work", show_default="the model's context"),
@@ -91,6 +98,8 @@ def serve(
 
     if port < 0 or port > 65535:
         raise UserError(f"--port {port}: expected 0-65535")
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise UserError(f"--max-memory-gb {max_memory_gb:g}: expected GiB > 0")
     store = EventStore(db or sqlite_url_beside(run))
     if refresh_interval < 0:
         raise UserError(f"--refresh-interval {refresh_interval}: expected seconds >= 0")
@@ -102,6 +111,7 @@ def serve(
         weights=weights,
         bf16=bf16,
         cache_bytes=parse_bytes(cache_bytes, "--cache-bytes") or None,
+        max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30),
     )
     if engine.quantized:
         q = engine.quantized
@@ -119,6 +129,9 @@ def serve(
         max_prompt_tokens=max_prompt_tokens,
         request_timeout_s=request_timeout,
     )
+    longest = cfg.max_prompt_tokens or engine.context_length
+    if longest:
+        engine.check_memory(longest + cfg.max_tokens)
     err.print(
         f"serving {engine.name} ({engine.method}{', bf16' if engine.bf16 else ''}) on http://{host}:{port}/v1 "
         f"with the event store {store.url}" + ("" if api_key else " (no API key)"),

@@ -1,6 +1,7 @@
 """The model side of a served batch: chat requests decoded together (or, for a TP run with a prefix cache,
 each on its user's cached history prefix), streamed token by token with each request's own sampling, stop
-strings and limits, and dropped from the batch when its client goes or its time runs out."""
+strings and limits, and dropped from the batch when its client goes or its time runs out. A batch whose KV
+caches would not fit the memory is decoded in parts that do, shorter prompts together."""
 
 from __future__ import annotations
 
@@ -75,6 +76,13 @@ class Decoding:
         ]
         seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         t = max(len(s) for s in seqs)
+        fit = self.batch_fits(t + max(job.max_tokens for job, _ in group), len(group))
+        if fit < len(group):  # their KV caches together would not fit the memory: shorter prompts together
+            self.metrics.inc("userllm_batches_split_total")
+            order = sorted(range(len(group)), key=lambda i: len(seqs[i]))
+            for start in range(0, len(order), fit):
+                self._decode([group[i] for i in order[start : start + fit]])
+            return
         ids = torch.full((len(seqs), t), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), t), dtype=torch.long)
         for r, s in enumerate(seqs):

@@ -23,8 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from userllm.errors import ConfigError
+from userllm.llm.budget import batch_for, inference_bytes
 from userllm.llm.cache import UserContextCache
 from userllm.llm.prefix_cache import PrefixCache
+from userllm.memory import available_bytes
 from userllm.precision import autocast
 from userllm.serve.decoding import Decoding
 from userllm.serve.jobs import Conditioning, Job
@@ -44,7 +47,8 @@ class Engine(Decoding):
     ``weights``: ``float32`` (as trained and evaluated) or ``int4`` (the backbone's decoder layers as 4-bit
     weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report);
     ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
-    ``userllm evaluate`` scores it)."""
+    ``userllm evaluate`` scores it); ``max_memory_bytes``: what one batch's decoding may take (None: 80% of the
+    memory available when it starts): a batch whose KV caches would not fit is decoded in parts that do."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class Engine(Decoding):
         weights: str = "float32",
         bf16: bool | None = None,
         cache_bytes: int | None = None,
+        max_memory_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_weights(weights)
@@ -98,6 +103,30 @@ class Engine(Decoding):
         self.inflight: set[Job] = set()  # jobs the model thread is decoding (ended on shutdown)
         llm_config = getattr(self.model.llm, "config", None)
         self.context_length = getattr(llm_config, "max_position_embeddings", None)  # the model's context
+        self.max_memory_bytes = max_memory_bytes
+
+    # ----------------------------------------------------------------- memory
+    def memory_budget(self) -> tuple[int, str]:
+        """The bytes a batch's decoding may take now, and where the figure comes from."""
+        if self.max_memory_bytes is not None:
+            return self.max_memory_bytes, f"--max-memory-gb {self.max_memory_bytes / 2**30:g}"
+        return int(0.8 * available_bytes()), "the memory available"
+
+    def batch_fits(self, tokens: int, most: int) -> int:
+        """How many chats of up to ``tokens`` positions (prompt and completion) decode together within the
+        budget (:func:`~userllm.llm.budget.inference_bytes`): at least 1, at most ``most``."""
+        return batch_for(self.model, tokens, self.memory_budget()[0], 1, most)
+
+    def check_memory(self, tokens: int) -> None:
+        """Refuse to start (:class:`ConfigError`, exit 2) where one chat of ``tokens`` positions, the longest
+        the server accepts, would not fit the memory budget, naming both and what to change."""
+        need, (budget, where) = inference_bytes(self.model, tokens), self.memory_budget()
+        if need > budget:
+            raise ConfigError(
+                f"one chat of {tokens:,} tokens (the longest prompt accepted and --max-tokens) needs about "
+                f"{need / 2**20:,.0f} MiB to decode; {where} leaves {budget / 2**20:,.0f} MiB. Accept shorter "
+                "prompts (--max-prompt-tokens, --max-tokens), or give the server more memory"
+            )
 
     # ----------------------------------------------------------------- user side (model thread)
     def context(self, user: str, *, refresh: bool = False) -> Conditioning:

@@ -17,6 +17,7 @@ metric                                     type       labels
 ``userllm_requests_timed_out_total``       counter    (chats ended by the per-request time limit)
 ``userllm_prefix_cache_total``             counter    result: hit / extend / miss (a TP run's cached history
                                                       prefixes, ``--cache-bytes``)
+``userllm_batches_split_total``            counter    (batches decoded in parts to fit the memory)
 =========================================  =========  =====================================================
 """
 
@@ -39,6 +40,7 @@ HELP = {
     "userllm_requests_abandoned_total": ("counter", "chat requests dropped because their client went away"),
     "userllm_requests_timed_out_total": ("counter", "chat requests ended by the per-request time limit"),
     "userllm_prefix_cache_total": ("counter", "TP history prefixes looked up, by how much was reused"),
+    "userllm_batches_split_total": ("counter", "chat batches decoded in parts to fit the memory"),
 }
 
 
