@@ -118,6 +118,10 @@ def test_bench_efficiency_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cl
     assert {(r["method"], r["history"]) for r in report["rows"]} == {(m, h) for m in METHODS for h in (2, 4)}
     assert all(r["tp_over"]["flops_prefill"] > 0 for r in report["rows"])
     assert (tmp_path / "bench" / "efficiency.png").stat().st_size > 0 and "| text_prompt | 4 |" in stdout
+    prefix = report["prefix_cache"]  # TP with its history prefix cached: every length, a hit cheaper than a miss
+    assert [r["history"] for r in prefix] == [2, 4] and all(r["hit_prefill_s"] > 0 for r in prefix)
+    assert all(r["hit_prefill_flops"] < r["miss_prefill_flops"] for r in prefix)
+    assert "| text_prompt+prefix_cache | 4 |" in stdout and "on a hit" in stdout
     for row in report["cache"]:  # cached serving: three paired runs per batch size, the ratio is their median
         assert len(row["cached_b2"]["times_s"]) == len(row["backbone_b2"]["times_s"]) == 3
         assert row["cached_over_backbone_b2"] == paired_ratio(row["cached_b2"], row["backbone_b2"])
@@ -164,6 +168,12 @@ def test_bench_prefix_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
         "cross_attention+perceiver16",
     }
     assert "requests/s" in stdout and "| 50 | text_prompt+prefix_cache |" in stdout
+    assert (tmp_path / "prefix" / "prefix.png").stat().st_size > 0
+    code, stdout, err = run_cli("plot", tmp_path / "prefix" / "prefix.json", "--out", tmp_path / "again.png")
+    assert code == 0 and "bench prefix" in stdout and (tmp_path / "again.png").stat().st_size > 0, err
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    code, _, err = run_cli("plot", tmp_path / "other.json", "--out", tmp_path / "other.png")
+    assert code == 2 and "other.json: not a record of" in " ".join(err.split())
     row = {"bytes_per_user": 100, "hit_prefill_s": 1.0, "miss_prefill_s": 3.0, "decode_token_s": 0.0}
     one = replay({"m": row}, users=1, budget_bytes=100, chats=50, new_tokens=1)["m"]
     none = replay({"m": row}, users=1, budget_bytes=99, chats=50, new_tokens=1)["m"]

@@ -12,7 +12,10 @@ cycled when shorter than the length) and measured on the real forward passes:
   peak memory above the loaded model;
 - every figure's ratio to TP at the same history length;
 - serving from a warm :class:`~userllm.llm.cache.UserContextCache` against the plain backbone generating
-  the same prompt with no user context.
+  the same prompt with no user context;
+- TP as it is deployed, with each user's history prefix cached (``text_prompt+prefix_cache``,
+  :func:`userllm.bench.prefix.measure_text_prompt`): a request's prefill on a hit and on a miss, one appended
+  event, and the bytes a cached user holds.
 
 The analytic count is :func:`userllm.llm.flops.analytic_flops` (its module gives the formula).
 """
@@ -36,7 +39,7 @@ from userllm.config import EncoderConfig, PrepareConfig, UserLLMConfig
 from userllm.data.dataset import PreparedDataset
 from userllm.encoder.data import Timelines
 from userllm.encoder.pretrained import build_encoder
-from userllm.io import check_output, write_dir_atomically, write_json
+from userllm.io import check_output, runtime, write_dir_atomically, write_json
 from userllm.llm.backbone import load_backbone
 from userllm.llm.base import ConditionedLM, UserContext
 from userllm.llm.cache import UserContextCache
@@ -204,9 +207,9 @@ def run_efficiency(
         ds = bench_dataset(dataset, Path(tmp))
         tl = bench_timelines(ds, max(batch_sizes), max(lengths))
         encoder_cfg = EncoderConfig(max_len=max(lengths), dropout=0.0)
-        rows, cache_rows = [], []
+        rows, cache_rows, prefix_rows = [], [], []
         with progress_bar("cells") as progress:
-            task = progress.add_task("efficiency", total=len(METHODS) * len(lengths))
+            task = progress.add_task("efficiency", total=(len(METHODS) + 1) * len(lengths))
             for name in METHODS:
                 bb = load_backbone(backbone)  # a fresh backbone per method: no hooks of the previous one
                 model = build_method(name, bb.model, encoder_cfg, ds, seed).to(device)
@@ -218,6 +221,12 @@ def run_efficiency(
                 for length in lengths:
                     rows.append(measure(model, data, text, length, batch_sizes, repeats, new_tokens, device, name))
                     progress.update(task, advance=1, description=f"{name} @ {length}")
+                if method == "textprompt":  # the same backbone, each user's history prefix cached
+                    from userllm.bench.prefix import measure_text_prompt
+
+                    for length in lengths:
+                        prefix_rows.append(measure_text_prompt(bb.model.eval(), bb.tokenizer, data, 0, length, repeats))
+                        progress.update(task, advance=1, description=f"{name}+prefix_cache @ {length}")
                 if method == "userllm" and model.cfg.mode == "cross_attention" and cache_length in lengths:
                     cache_rows.append(
                         measure_cache(
@@ -236,6 +245,8 @@ def run_efficiency(
             "lengths": list(lengths),
             "rows": rows,
             "cache": cache_rows,
+            "prefix_cache": prefix_rows,
+            "runtime": runtime(),
         }
 
         def write(tmp_dir: Path) -> None:
@@ -370,5 +381,33 @@ def markdown(report: dict) -> str:
                     f"| {r['method']} | {r['history']} | {b} | {r[f'uncached_b{b}']['median_s'] * 1e3:.0f} | "
                     f"{r[f'cached_b{b}']['median_s'] * 1e3:.0f} | {r[f'backbone_b{b}']['median_s'] * 1e3:.0f} | "
                     f"{r[f'cached_over_backbone_b{b}']:.3f} |"
+                )
+    if report.get("prefix_cache"):
+        from userllm.bench.prefix import rows_table
+
+        lines += [
+            "",
+            "TP as deployed, each user's history prefix kept as KV cache (`userllm serve --cache-bytes`, as vLLM's "
+            "prefix caching): a hit prefills only the question over the cached prefix, a miss the whole prompt; an "
+            "appended event extends the prefix by its line while the window is not full, and shifts every line "
+            f"(the whole prefix again) once it is. Median of {report['repeats']} warm runs, FLOPs analytic:",
+            "",
+            *rows_table(report["prefix_cache"]),
+        ]
+        hits = {r["history"]: r["hit_prefill_flops"] for r in report["prefix_cache"]}
+        ours = [r for r in report["rows"] if r["method"] != "text_prompt" and r["history"] in hits]
+        if ours:
+            lines += [
+                "",
+                "Prefill FLOPs of each User-LLM request over the prefix-cached TP's on a hit (> 1: User-LLM costs "
+                "more; User-LLM's context is cached too, `UserContextCache`):",
+                "",
+                "| method | " + " | ".join(f"{h} events" for h in hits) + " |",
+                "|---|" + "---|" * len(hits),
+            ]
+            for name in dict.fromkeys(r["method"] for r in ours):
+                by = {r["history"]: r["flops_prefill"] for r in ours if r["method"] == name}
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{by[h] / hits[h]:.2f}" if h in by else "-" for h in hits) + " |"
                 )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
-"""The benchmarks' figures: ``efficiency.png`` (``userllm bench efficiency``) and ``serve.png``
-(``userllm bench serve``), each drawn from its report."""
+"""The benchmarks' figures: ``efficiency.png`` (``userllm bench efficiency``), ``prefix.png`` (``userllm bench
+prefix``) and ``serve.png`` (``userllm bench serve``), each drawn from its report; ``userllm bench plot``
+redraws any of them from its JSON record (:func:`plot_record`)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def plot_efficiency(report: dict, path: Path) -> None:
         x = [r["history"] for r in rows]
         axes[0].plot(x, [r["flops_prefill"] for r in rows], marker="o", label=name)
         axes[1].plot(x, [r[f"prefill_b{b}"]["median_s"] * 1e3 for r in rows], marker="o", label=name)
+    tp = sorted(report.get("prefix_cache", []), key=lambda r: r["history"])
+    if tp:  # TP with its history prefix cached, on a hit: only the question prefilled
+        x = [r["history"] for r in tp]
+        label = "text_prompt+prefix_cache (hit)"
+        axes[0].plot(x, [r["hit_prefill_flops"] for r in tp], marker="s", ls="--", color="k", label=label)
+        axes[1].plot(x, [r["hit_prefill_s"] * 1e3 for r in tp], marker="s", ls="--", color="k", label=label)
     axes[0].set(
         xscale="log",
         yscale="log",
@@ -66,3 +73,68 @@ def plot_efficiency(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_prefix(report: dict, path: Path) -> None:
+    """Memory per cached user against history length (TP's KV prefix, User-LLM's context), and the replay's
+    requests/s against the number of active users sharing one cache budget; log scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["method"] for r in report["rows"]):
+        rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["history"])
+        axes[0].plot([r["history"] for r in rows], [r["bytes_per_user"] / 2**20 for r in rows], marker="o", label=name)
+    rp = report["replay"]
+    for name in rp["by_users"][0]:
+        groups = [g[name] for g in rp["by_users"]]
+        axes[1].plot([g["users"] for g in groups], [g["requests_per_s"] for g in groups], marker="o", label=name)
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="history length (events)",
+        ylabel="MiB per cached user (float32)",
+        title=f"memory per cached user ({report['backbone']})",
+    )
+    axes[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="active users (Zipf 1.0)",
+        ylabel="requests/s",
+        title=f"{rp['budget_bytes'] / 2**30:g} GiB per method, {rp['history']} events (replay)",
+    )
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,g}")
+    axes[0].set_xticks(report["lengths"], [f"{n:,}" for n in report["lengths"]])
+    axes[1].set_xticks([g["users"] for g in groups], [f"{g['users']:,}" for g in groups])
+    for ax in axes:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if ax is axes[1] else matplotlib.ticker.NullFormatter())  # < 1 decade
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_record(record: dict, path: Path) -> str:
+    """Draw a benchmark's figure from its JSON record (``efficiency.json``, ``prefix.json`` or ``serve.json``);
+    returns which one it was."""
+    from userllm.errors import InputError
+
+    if "replay" in record:
+        plot_prefix(record, path)
+        return "prefix"
+    if "batch_sizes" in record and "rows" in record:
+        plot_efficiency(record, path)
+        return "efficiency"
+    if "methods" in record and "max_tokens" in record:
+        plot_serve(record, path)
+        return "serve"
+    raise InputError(
+        "not a record of `userllm bench efficiency`, `bench prefix` or `bench serve` (expected the keys "
+        "rows + batch_sizes, rows + replay, or methods + max_tokens)"
+    )

@@ -47,9 +47,11 @@ def measure_text_prompt(llm, tokenizer, data, user: int, length: int, repeats: i
     end = int(data.tl.lengths[user])
     lines = data.history_lines(user, end - length, end)
     before, after = prompts.render_chat_split(tokenizer, [{"role": "user", "content": question}], lines, data.words)
-    prefix = tokenizer(before, add_special_tokens=False, return_tensors="pt").input_ids  # as `userllm serve` caches
-    rest = tokenizer(after, add_special_tokens=False, return_tensors="pt").input_ids
-    new_line = tokenizer("\n" + lines[-1], add_special_tokens=False, return_tensors="pt").input_ids
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(llm.device)
+
+    prefix, rest, new_line = ids(before), ids(after), ids("\n" + lines[-1])  # the prefix as `userllm serve` caches
     p, q, e = prefix.shape[1], rest.shape[1], new_line.shape[1]
 
     def run(ids, kv=None):  # the last position's logits only, as a server needs (and the analytic count assumes)
@@ -198,11 +200,12 @@ def run_prefix(
     force: bool = False,
 ) -> dict:
     """Every method's row at each history length, the many-users replay at 200 events (or the longest
-    length), and ``prefix.json`` / ``prefix.md`` in ``out``."""
+    length), and ``prefix.json`` / ``.md`` / ``.png`` in ``out``."""
     import tempfile
     from pathlib import Path
 
     from userllm.bench.efficiency import bench_dataset, bench_timelines, build_method
+    from userllm.bench.plots import plot_prefix
     from userllm.config import EncoderConfig
     from userllm.io import check_output, runtime, write_dir_atomically, write_json
     from userllm.llm.backbone import load_backbone
@@ -262,19 +265,21 @@ def run_prefix(
         def write(tmp_dir: Path) -> None:
             write_json(tmp_dir / "prefix.json", report)
             (tmp_dir / "prefix.md").write_text(markdown(report))
+            plot_prefix(report, tmp_dir / "prefix.png")
 
         write_dir_atomically(out, write, force=True, marker="prefix.json")
     return report
 
 
-def markdown(report: dict) -> str:
-    """The rows and the replay as markdown tables, each figure beside its target."""
+def rows_table(rows: list[dict]) -> list[str]:
+    """Each method's row at each history length (:func:`measure_text_prompt`, :func:`measure_user_llm`) as the
+    lines of a markdown table."""
     lines = [
         "| method | history | prefix tokens | cached bytes per user | miss prefill s | hit prefill s | "
         "appended event s (extend / slide) | hit prefill GFLOPs | miss prefill GFLOPs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
+    for r in rows:
         slide = f" / {r['append_slide_s']:.3f}" if "append_slide_s" in r else ""
         flops = (
             f"{r['hit_prefill_flops'] / 1e9:.1f} | {r['miss_prefill_flops'] / 1e9:.1f}"
@@ -285,6 +290,12 @@ def markdown(report: dict) -> str:
             f"| {r['method']} | {r['history']} | {r['prefix_tokens']:,} | {r['bytes_per_user'] / 1e6:,.3f} MB | "
             f"{r['miss_prefill_s']:.3f} | {r['hit_prefill_s']:.3f} | {r['append_extend_s']:.3f}{slide} | {flops} |"
         )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The rows and the replay as markdown tables, each figure beside its target."""
+    lines = rows_table(report["rows"])
     rp = report["replay"]
     lines += [
         "",

@@ -98,7 +98,9 @@ def bench_serve(
 
 @bench_app.command("prefix")
 def bench_prefix(
-    out_dir: Annotated[Path, typer.Option("--out", help="directory for prefix.json / .md")] = Path("runs/bench-prefix"),
+    out_dir: Annotated[Path, typer.Option("--out", help="directory for prefix.json / .md / .png")] = Path(
+        "runs/bench-prefix"
+    ),
     backbone: Annotated[str, typer.Option(help="smollm2-135m, a local HF directory or a hub id")] = "smollm2-135m",
     dataset: Annotated[
         Optional[Path], typer.Option(help="prepared dataset for the timelines", show_default="MovieLens-100K")
@@ -124,7 +126,7 @@ def bench_prefix(
         force=force,
     )
     print(markdown(report))
-    out.print(f"wrote {out_dir}/prefix.json, prefix.md")
+    out.print(f"wrote {out_dir}/prefix.json, prefix.md, prefix.png")
 
 
 @bench_app.command("users")

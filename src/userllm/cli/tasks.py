@@ -9,7 +9,7 @@ import typer
 
 from userllm.cli.common import ConfigOpt, ForceRunOpt, ResumeOpt, SetOpt, app, config_option, out, parse_sets
 from userllm.config import TrainConfig, load_config
-from userllm.errors import OutputExistsError
+from userllm.errors import InputError, OutputExistsError
 
 
 @app.command()
@@ -269,7 +269,11 @@ def experiment(
 @app.command("plot")
 def plot_command(
     results: Annotated[
-        list[Path], typer.Argument(help="results.json files (`userllm experiment` output, docs/results.json)")
+        list[Path],
+        typer.Argument(
+            help="results.json files (`userllm experiment` output, docs/results.json), or one benchmark record "
+            "(efficiency.json, prefix.json, serve.json)"
+        ),
     ],
     out_path: Annotated[Path, typer.Option("--out", help="the PNG to write")],
     dataset: Annotated[Optional[str], typer.Option(help="only this dataset's cells, e.g. ml-100k")] = None,
@@ -283,11 +287,28 @@ def plot_command(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """Quality vs history length and vs training compute, with 95% intervals, from one or more results.json
-    (or, with --cells, the chosen cells side by side beside the label prior and the encoder alone)."""
+    (or, with --cells, the chosen cells side by side beside the label prior and the encoder alone); or a
+    benchmark's figure redrawn from its JSON record."""
+    import json
+
     from userllm.tasks.plots import plot_results
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path} already exists; pass --force to draw it again")
+    if len(results) == 1 and results[0].is_file():
+        try:
+            record = json.loads(results[0].read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{results[0]}: not a JSON file ({e})") from None
+        if isinstance(record, dict):  # a benchmark's record; results.json is a list of cells
+            from userllm.bench.plots import plot_record
+
+            try:
+                kind = plot_record(record, out_path)
+            except InputError as e:
+                raise InputError(f"{results[0]}: {e}") from None
+            out.print(f"wrote {out_path} (the figure of `userllm bench {kind}`)")
+            return
     chosen = [c for c in cells.split(",") if c] if cells else None
     n = plot_results(results, out_path, dataset=dataset, history=history, chosen=chosen)
     out.print(f"wrote {out_path} ({n} cells)")
