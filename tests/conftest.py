@@ -121,9 +121,8 @@ def synthetic_ds(tmp_path_factory) -> PreparedDataset:
 @pytest.fixture(scope="session")
 def text_lm_dir(tmp_path_factory, synthetic_ds) -> Path:
     """A tiny Llama whose byte-level BPE tokenizer was trained on the dataset's titles, genres and reviews."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     corpus = synthetic_ds.item_titles + synthetic_ds.vocab["category"]
     corpus += [t for t in synthetic_ds.examples.get_column("review_text").to_list() if t]
@@ -135,20 +134,29 @@ def text_lm_dir(tmp_path_factory, synthetic_ds) -> Path:
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("lm") / "tiny-bpe"
+    save_tiny_llama(out, fast)
+    return out
+
+
+def save_tiny_llama(out: Path, tokenizer, hidden_size: int = 32, mlp_ratio: int = 2, max_positions: int = 1024) -> None:
+    """A seeded 2-layer Llama of ``hidden_size`` (its MLP ``mlp_ratio`` times wider) for ``tokenizer``, saved
+    with it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * mlp_ratio,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    out = tmp_path_factory.mktemp("lm") / "tiny-bpe"
     LlamaForCausalLM(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    tokenizer.save_pretrained(out)

@@ -1,7 +1,8 @@
 """Process memory on Linux: the resident set, and handing freed heap pages back to the operating system.
 
-Used below every layer that measures or bounds memory: ``eval.efficiency`` (a request's peak above the live
-working set) and ``tasks.experiment`` (each cell's peak not stacked on the last one's freed heap).
+Used below every layer that measures or bounds memory: the memory available sizes training micro-batches and
+scoring and serving batches (:func:`usable_bytes`), ``bench.efficiency`` measures a request's peak above the
+live working set, and ``tasks.experiment`` keeps each cell's peak from stacking on the last one's freed heap.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def available_bytes() -> int:
         if soft != resource.RLIM_INFINITY and field in mapped:
             free = min(free, soft - mapped[field])
     return max(0, free)
+
+
+RESERVED = (
+    128 * 2**20
+)  # beyond the estimates: allocator arenas and fragmentation, a step's own buffers (~80 MB measured)
+
+
+def usable_bytes(available: int | None = None) -> int:
+    """What batches are sized to by default: 80% of the memory available (``available``, else
+    :func:`available_bytes` now) less a fixed :data:`RESERVED`, which matters only under a tight limit."""
+    available = available_bytes() if available is None else available
+    return int(0.8 * max(0, available - RESERVED))
 
 
 def peak_rss_bytes() -> int:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import save_tiny_llama
 from userllm.config import PrepareConfig, SyntheticConfig, TrainConfig, UserLLMConfig
 from userllm.data.prepare import prepare_dataset
+from userllm.memory import RESERVED
 from userllm.tasks.data import TaskData
 from userllm.tasks.evaluate import evaluate
 from userllm.tasks.train import train
@@ -109,7 +111,7 @@ def test_scoring_takes_batches_that_fit_the_memory(synthetic_ds, text_lm_dir, tm
 def long_histories(tmp_path_factory, text_lm_dir) -> tuple[Path, Path]:
     """A dataset of long timelines (TP prompts of ~500 tokens) and a wider tiny Llama (hidden 256) with the
     test tokenizer: about 40 MB to back-propagate one prompt, so that a batch of 8 is ~300 MB."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("long")
     prepare_dataset(
@@ -121,21 +123,9 @@ def long_histories(tmp_path_factory, text_lm_dir) -> tuple[Path, Path]:
             synthetic=SyntheticConfig(num_users=16, num_items=30, num_genres=4, mean_events=60),
         )
     )
-    tokenizer = AutoTokenizer.from_pretrained(text_lm_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+    save_tiny_llama(
+        root / "lm", AutoTokenizer.from_pretrained(text_lm_dir), hidden_size=256, mlp_ratio=4, max_positions=2048
     )
-    LlamaForCausalLM(cfg).save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
     return root / "ds", root / "lm"
 
 
@@ -172,7 +162,7 @@ def test_training_under_a_memory_limit_fits_its_micro_batches_to_it(long_histori
     assert ones.returncode == 0, ones.stderr
     plan = summary["memory"]
     mapped = generous - plan["available_bytes"]  # what the process had mapped when it planned
-    limit = mapped + 6 * plan["estimate_bytes_per_example"]  # room for about 4 of the 8 examples
+    limit = mapped + RESERVED + 5 * plan["estimate_bytes_per_example"]  # 3 examples at once; 8 need ~10 examples' room
 
     eight, _ = train_limited(ds, lm, tmp_path / "eight", limit, "micro_batch_size=8")
     message = " ".join(eight.stderr.split())

@@ -1,5 +1,5 @@
 """The benchmarks' figures: ``efficiency.png`` (``userllm bench efficiency``), ``prefix.png`` (``userllm bench
-prefix``) and ``serve.png`` (``userllm bench serve``), each drawn from its report; ``userllm bench plot``
+prefix``) and ``serve.png`` (``userllm bench serve``), each drawn from its report; ``userllm plot RECORD``
 redraws any of them from its JSON record (:func:`plot_record`)."""
 
 from __future__ import annotations
@@ -7,23 +7,27 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_serve(report: dict, path: Path) -> None:
+def two_panels():
+    """A figure of two side-by-side panels, drawn off-screen: ``(figure, axes)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, rows in report["methods"].items():
-        c = [r["concurrency"] for r in rows]
-        axes[0].plot(c, [r["requests_per_s"] for r in rows], marker="o", label=method)
-        axes[1].plot(c, [r["p50_s"] for r in rows], marker="o", label=f"{method} p50")
-        axes[1].plot(c, [r["p99_s"] for r in rows], marker="x", ls="--", label=f"{method} p99")
-    axes[0].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests/s", title="throughput")
-    axes[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
+    return plt.subplots(1, 2, figsize=(12, 4.5))
+
+
+def log_log(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def save(fig, axes, path: Path) -> None:
+    """Legends and grids on, written to a temporary file and renamed into place."""
+    import matplotlib.pyplot as plt
+
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(f"userllm serve, {report['history']}-event histories, {report['max_tokens']}-token answers")
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -31,19 +35,26 @@ def plot_serve(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def plot_serve(report: dict, path: Path) -> None:
+    fig, axes = two_panels()
+    for method, rows in report["methods"].items():
+        c = [r["concurrency"] for r in rows]
+        axes[0].plot(c, [r["requests_per_s"] for r in rows], marker="o", label=method)
+        axes[1].plot(c, [r["p50_s"] for r in rows], marker="o", label=f"{method} p50")
+        axes[1].plot(c, [r["p99_s"] for r in rows], marker="x", ls="--", label=f"{method} p99")
+    log_log(axes[0], "concurrent clients", "requests/s", "throughput")
+    log_log(axes[1], "concurrent clients", "seconds", "latency")
+    fig.suptitle(f"userllm serve, {report['history']}-event histories, {report['max_tokens']}-token answers")
+    save(fig, axes, path)
+
+
 def plot_efficiency(report: dict, path: Path) -> None:
-    """FLOPs per request and prefill latency (batch 1) vs history length, log scale, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    """FLOPs per request and prefill latency (batch 1) vs history length, log scale, one line per method, and
+    TP with its history prefix cached on a hit."""
+    fig, axes = two_panels()
     b = report["batch_sizes"][0]
     for name in dict.fromkeys(r["method"] for r in report["rows"]):  # in the order measured
         rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["history"])
-        if not rows:
-            continue
         x = [r["history"] for r in rows]
         axes[0].plot(x, [r["flops_prefill"] for r in rows], marker="o", label=name)
         axes[1].plot(x, [r[f"prefill_b{b}"]["median_s"] * 1e3 for r in rows], marker="o", label=name)
@@ -53,38 +64,17 @@ def plot_efficiency(report: dict, path: Path) -> None:
         label = "text_prompt+prefix_cache (hit)"
         axes[0].plot(x, [r["hit_prefill_flops"] for r in tp], marker="s", ls="--", color="k", label=label)
         axes[1].plot(x, [r["hit_prefill_s"] * 1e3 for r in tp], marker="s", ls="--", color="k", label=label)
-    axes[0].set(
-        xscale="log",
-        yscale="log",
-        xlabel="history length (events)",
-        ylabel="prefill FLOPs per request",
-        title=f"FLOPs ({report['backbone']})",
-    )
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="history length (events)",
-        ylabel=f"prefill latency, batch {b} (ms)",
-        title=f"latency ({report['device']})",
-    )
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    log_log(axes[0], "history length (events)", "prefill FLOPs per request", f"FLOPs ({report['backbone']})")
+    log_log(axes[1], "history length (events)", f"prefill latency, batch {b} (ms)", f"latency ({report['device']})")
+    save(fig, axes, path)
 
 
 def plot_prefix(report: dict, path: Path) -> None:
     """Memory per cached user against history length (TP's KV prefix, User-LLM's context), and the replay's
     requests/s against the number of active users sharing one cache budget; log scales."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = two_panels()
     for name in dict.fromkeys(r["method"] for r in report["rows"]):
         rows = sorted((r for r in report["rows"] if r["method"] == name), key=lambda r: r["history"])
         axes[0].plot([r["history"] for r in rows], [r["bytes_per_user"] / 2**20 for r in rows], marker="o", label=name)
@@ -92,20 +82,14 @@ def plot_prefix(report: dict, path: Path) -> None:
     for name in rp["by_users"][0]:
         groups = [g[name] for g in rp["by_users"]]
         axes[1].plot([g["users"] for g in groups], [g["requests_per_s"] for g in groups], marker="o", label=name)
-    axes[0].set(
-        xscale="log",
-        yscale="log",
-        xlabel="history length (events)",
-        ylabel="MiB per cached user (float32)",
-        title=f"memory per cached user ({report['backbone']})",
+    log_log(
+        axes[0],
+        "history length (events)",
+        "MiB per cached user (float32)",
+        f"memory per cached user ({report['backbone']})",
     )
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="active users (Zipf 1.0)",
-        ylabel="requests/s",
-        title=f"{rp['budget_bytes'] / 2**30:g} GiB per method, {rp['history']} events (replay)",
-    )
+    budget = f"{rp['budget_bytes'] / 2**30:g} GiB per method, {rp['history']} events (replay)"
+    log_log(axes[1], "active users (Zipf 1.0)", "requests/s", budget)
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,g}")
     axes[0].set_xticks(report["lengths"], [f"{n:,}" for n in report["lengths"]])
     axes[1].set_xticks([g["users"] for g in groups], [f"{g['users']:,}" for g in groups])
@@ -113,11 +97,7 @@ def plot_prefix(report: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain if ax is axes[1] else matplotlib.ticker.NullFormatter())  # < 1 decade
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, axes, path)
 
 
 def plot_record(record: dict, path: Path) -> str:

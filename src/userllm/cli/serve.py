@@ -72,7 +72,7 @@ def serve(
         Optional[float],
         typer.Option(
             help="memory one batch of chats may use, GiB: a batch that would not fit is decoded in parts",
-            show_default="80% of the memory available",
+            show_default="80% of the memory available, less 128 MiB",
         ),
     ] = None,
     max_prompt_tokens: Annotated[

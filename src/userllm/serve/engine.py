@@ -27,7 +27,7 @@ from userllm.errors import ConfigError
 from userllm.llm.budget import batch_for, inference_bytes
 from userllm.llm.cache import UserContextCache
 from userllm.llm.prefix_cache import PrefixCache
-from userllm.memory import available_bytes
+from userllm.memory import usable_bytes
 from userllm.precision import autocast
 from userllm.serve.decoding import Decoding
 from userllm.serve.jobs import Conditioning, Job
@@ -48,7 +48,7 @@ class Engine(Decoding):
     weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report);
     ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
     ``userllm evaluate`` scores it); ``max_memory_bytes``: what one batch's decoding may take (None: 80% of the
-    memory available when it starts): a batch whose KV caches would not fit is decoded in parts that do."""
+    memory available when it starts, :func:`~userllm.memory.usable_bytes`): a batch whose KV caches would not fit is decoded in parts that do."""
 
     def __init__(
         self,
@@ -110,7 +110,7 @@ class Engine(Decoding):
         """The bytes a batch's decoding may take now, and where the figure comes from."""
         if self.max_memory_bytes is not None:
             return self.max_memory_bytes, f"--max-memory-gb {self.max_memory_bytes / 2**30:g}"
-        return int(0.8 * available_bytes()), "the memory available"
+        return usable_bytes(), "the memory available"
 
     def batch_fits(self, tokens: int, most: int) -> int:
         """How many chats of up to ``tokens`` positions (prompt and completion) decode together within the

@@ -37,7 +37,7 @@ from userllm.llm.base import ConditionedLM
 from userllm.llm.budget import micro_batch_for, training_bytes
 from userllm.llm.flops import training_flops
 from userllm.llm.model import UserLLM
-from userllm.memory import available_bytes, peak_rss_bytes
+from userllm.memory import available_bytes, peak_rss_bytes, usable_bytes
 from userllm.precision import autocast
 from userllm.progress import console, progress_bar
 from userllm.schedule import lr_lambda
@@ -180,7 +180,7 @@ def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int
     """Examples per forward/backward: ``cfg.micro_batch_size``, else the most of a batch's share whose
     estimated memory (:func:`~userllm.llm.budget.training_bytes` of the longest training example, ``longest``
     tokens) fits the
-    budget: ``max_memory_gb``, or the memory available now less a fifth and less the optimizer's state.
+    budget: ``max_memory_gb``, or :func:`~userllm.memory.usable_bytes` less the optimizer's state.
     Raises :class:`ConfigError` (exit 2) when not even one example fits, naming its tokens, the estimate,
     the budget and what to change."""
     per_example = training_bytes(model, longest)
@@ -189,7 +189,7 @@ def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int
     if cfg.max_memory_gb is not None:
         budget, where = int(cfg.max_memory_gb * 2**30), f"max_memory_gb {cfg.max_memory_gb:g}"
     else:
-        budget, where = int(0.8 * available) - 16 * trainable, "the memory available"
+        budget, where = usable_bytes(available) - 16 * trainable, "the memory available"
     share = math.ceil(cfg.batch_size / world)
     fits = micro_batch_for(model, [longest] * share, budget)
     if fits == 0:
