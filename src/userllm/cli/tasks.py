@@ -198,9 +198,8 @@ def compare(
     seed: Annotated[int, typer.Option(help="seed of the bootstrap intervals")] = 0,
 ) -> None:
     """Run A minus run B, paired over the test users both were scored on: each metric's mean per-user
-    difference with its 95% bootstrap interval (an interval that excludes 0 separates the two runs).
-
-    That interval resamples test users with both trained models fixed, so it says nothing about how far a
+    difference with its 95% bootstrap interval (an interval that excludes 0 separates the two runs). That
+    interval resamples test users with both trained models fixed, so it says nothing about how far a
     run moves under another training seed. Give each side as several runs of its recipe
     (``A,A-seed1,A-seed2``) and the interval resamples the runs too (a hierarchical bootstrap)."""
     from rich.table import Table
