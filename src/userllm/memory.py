@@ -1,7 +1,7 @@
 """Process memory on Linux: the resident set, and handing freed heap pages back to the operating system.
 
 Used below every layer that measures or bounds memory: the memory available sizes training micro-batches and
-scoring and serving batches (:func:`usable_bytes`), ``bench.efficiency`` measures a request's peak above the
+scoring and serving batches (:func:`usable_bytes`), ``bench.measure`` measures a request's peak above the
 live working set, and ``tasks.experiment`` keeps each cell's peak from stacking on the last one's freed heap.
 """
 

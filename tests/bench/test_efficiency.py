@@ -7,7 +7,8 @@ import torch
 
 from tests.encoder.conftest import random_batch, tiny_encoder
 from tests.llm.conftest import tiny_llama
-from userllm.bench.efficiency import METHODS, count_flops, paired_ratio
+from userllm.bench.efficiency import METHODS
+from userllm.bench.measure import count_flops, paired_ratio
 from userllm.config import UserLLMConfig
 from userllm.llm.decoding import llm_step
 from userllm.llm.flops import analytic_flops
