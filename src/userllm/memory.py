@@ -60,9 +60,9 @@ def available_bytes() -> int:
     return max(0, free)
 
 
-RESERVED = (
-    128 * 2**20
-)  # beyond the estimates: allocator arenas and fragmentation, a step's own buffers (~80 MB measured)
+# beyond the estimates: the allocator's arenas and fragmentation, a step's own buffers (about 80 MB measured
+# under RLIMIT_DATA in tests/tasks/test_memory.py's setting)
+RESERVED = 128 * 2**20
 
 
 def usable_bytes(available: int | None = None) -> int:

@@ -318,7 +318,8 @@ def markdown(report: dict) -> str:
             lines += [
                 "",
                 "Prefill FLOPs of each User-LLM request over the prefix-cached TP's on a hit (> 1: User-LLM costs "
-                "more; User-LLM's context is cached too, `UserContextCache`):",
+                "more). User-LLM's figure also computes its user context, as on a miss of its own cache; TP's hit "
+                "reuses a prefix that costs the bytes of the table above:",
                 "",
                 "| method | " + " | ".join(f"{h} events" for h in hits) + " |",
                 "|---|" + "---|" * len(hits),

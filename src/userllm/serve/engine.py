@@ -47,8 +47,9 @@ class Engine(Decoding):
     ``weights``: ``float32`` (as trained and evaluated) or ``int4`` (the backbone's decoder layers as 4-bit
     weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report);
     ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
-    ``userllm evaluate`` scores it); ``max_memory_bytes``: what one batch's decoding may take (None: 80% of the
-    memory available when it starts, :func:`~userllm.memory.usable_bytes`): a batch whose KV caches would not fit is decoded in parts that do."""
+    ``userllm evaluate`` scores it); ``max_memory_bytes``: what one batch's decoding may take (None:
+    :func:`~userllm.memory.usable_bytes` when it starts): a batch whose KV caches would not fit it is decoded
+    in parts that do."""
 
     def __init__(
         self,
