@@ -53,6 +53,10 @@ def history_order(run: Path, seed: int) -> dict:
         "change": change,
     }
     if config["task"] == "next_item" and config.get("shortlist"):
+        out["encoder_alone"] = {
+            "ordered": ordered["references"]["encoder alone"],
+            "shuffled": shuffled["references"]["encoder alone"],
+        }
         out["encoder_alone_change"] = encoder_change(run, seed)
         out["gain_over_random_order"] = {
             "ordered": paired_vs_random_order(run, seed)[1],
@@ -79,7 +83,9 @@ def main() -> None:
         print(f"  ordered {res['ordered'][metric]['value']:.3f}, shuffled {res['shuffled'][metric]['value']:.3f}")
         print(f"  shuffled minus ordered      {fmt(res['change'][metric])}")
         if "encoder_alone_change" in res:
-            print(f"  the encoder alone           {fmt(res['encoder_alone_change'][metric])}")
+            alone = {side: res["encoder_alone"][side][metric]["value"] for side in ("ordered", "shuffled")}
+            print(f"  the encoder alone: ordered {alone['ordered']:.3f}, shuffled {alone['shuffled']:.3f}")
+            print(f"  the encoder alone, change   {fmt(res['encoder_alone_change'][metric])}")
             for side, gain in res["gain_over_random_order"].items():
                 print(f"  gain over random order, {side:<9}{fmt(gain[metric])}")
     write_json(args.out, out)

@@ -302,8 +302,8 @@ class TrainConfig(_RunConfig):
         gt=0,
         description="memory a run may use, GiB: training without micro_batch_size splits each batch into the "
         "largest micro-batches whose estimated memory fits it, and a run whose one example does not fit stops "
-        "before it starts; scoring takes batches of at most eval_batch_size that fit (None: what the machine "
-        "has available, less a fifth)",
+        "before it starts; scoring takes batches of at most eval_batch_size that fit (None: 80% of what the "
+        "machine has available, less 128 MiB)",
     )
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, cosine decay)")
     gate_lr_scale: float = Field(

@@ -72,6 +72,14 @@ def usable_bytes(available: int | None = None) -> int:
     return int(0.8 * max(0, available - RESERVED))
 
 
+def memory_budget(max_memory_gb: float | None, flag: str = "max_memory_gb", available: int | None = None):
+    """The bytes batches are sized to, and where the figure comes from: ``max_memory_gb`` (named ``flag`` in
+    messages) when set, else :func:`usable_bytes` (of ``available``, when given)."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 2**30), f"{flag} {max_memory_gb:g}"
+    return usable_bytes(available), "the memory available"
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far, in bytes."""
     import resource

@@ -125,7 +125,7 @@ def test_a_batch_that_would_not_fit_the_memory_is_decoded_in_parts(engine, synth
     whole = answers()
     assert "userllm_batches_split_total" not in engine.metrics.counters
     one = inference_bytes(engine.model, 64)  # a chat of 64 positions; these take more (prompt and answer)
-    engine.max_memory_bytes = one
+    engine.max_memory_gb = one / 2**30
     assert answers() == whole
     assert engine.metrics.counters["userllm_batches_split_total"][""] == 1
     with pytest.raises(ConfigError, match="needs about .* MiB to decode; --max-memory-gb"):

@@ -111,7 +111,7 @@ def serve(
         weights=weights,
         bf16=bf16,
         cache_bytes=parse_bytes(cache_bytes, "--cache-bytes") or None,
-        max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 2**30),
+        max_memory_gb=max_memory_gb,
     )
     if engine.quantized:
         q = engine.quantized

@@ -1,5 +1,5 @@
-"""How much memory training on one example takes, estimated before it runs, so that a run either fits the
-machine or says so before it starts.
+"""How much memory training on one example, or scoring one prompt, takes, estimated before it runs, so that
+a run either fits the machine or says so before it starts.
 
 Back-propagating a decoder LLM keeps, per token, each layer's activations for the backward pass (the
 attention's inputs and outputs, the residual stream, the norms, the gated MLP's three projections): about
@@ -12,12 +12,13 @@ model; the estimate is 10.6 GiB.
 
 Example::
 
-    per_example = training_bytes(model, tokens=3300)                # ~9 GiB for SmolLM2-135M
-    micro = micro_batch_for(model, [3300] * 8, budget=16 * 2**30)    # examples per forward/backward
+    per_example = training_bytes(model, tokens=3300)                       # ~9 GiB for SmolLM2-135M
+    prompts = batch_for(model, 850, budget=2**30, copies=5, most=8)        # prompts scored together
 """
 
 from __future__ import annotations
 
+from userllm.llm.flops import backbone_shape
 from userllm.llm.model import UserLLM
 
 
@@ -31,25 +32,11 @@ def training_bytes(model, tokens: int) -> int:
     return 4 * floats
 
 
-def micro_batch_for(model, tokens: list[int], budget: int) -> int:
-    """The most examples of a batch (their token counts ``tokens``, longest first) whose estimated memory
-    together fits ``budget`` bytes; 0 when not even the longest fits."""
-    need = sorted((training_bytes(model, t) for t in tokens), reverse=True)
-    total, n = 0, 0
-    for b in need:
-        if total + b > budget:
-            break
-        total, n = total + b, n + 1
-    return n
-
-
 def inference_bytes(model, tokens: int, copies: int = 1) -> int:
     """The estimated peak memory of scoring one prompt of ``tokens`` tokens: ``copies`` KV caches of it (a
     beam search keeps one per beam) and one layer's activations at a time."""
-    c = model.llm.config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
+    c = backbone_shape(model.llm.config)
+    kv = 2 * c.num_hidden_layers * c.d_kv
     return 4 * tokens * (copies * kv + 4 * c.hidden_size + 2 * c.intermediate_size) + 8 * c.vocab_size
 
 

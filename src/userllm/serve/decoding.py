@@ -76,7 +76,7 @@ class Decoding:
         ]
         seqs = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         t = max(len(s) for s in seqs)
-        fit = self.batch_fits(t + max(job.max_tokens for job, _ in group), len(group))
+        fit = self.batch_fits(t + max(job.max_tokens for job, _ in group), len(group)) if len(group) > 1 else 1
         if fit < len(group):  # their KV caches together would not fit the memory: shorter prompts together
             self.metrics.inc("userllm_batches_split_total")
             order = sorted(range(len(group)), key=lambda i: len(seqs[i]))

@@ -27,7 +27,7 @@ from userllm.errors import ConfigError
 from userllm.llm.budget import batch_for, inference_bytes
 from userllm.llm.cache import UserContextCache
 from userllm.llm.prefix_cache import PrefixCache
-from userllm.memory import usable_bytes
+from userllm.memory import memory_budget
 from userllm.precision import autocast
 from userllm.serve.decoding import Decoding
 from userllm.serve.jobs import Conditioning, Job
@@ -47,7 +47,7 @@ class Engine(Decoding):
     ``weights``: ``float32`` (as trained and evaluated) or ``int4`` (the backbone's decoder layers as 4-bit
     weights, :mod:`userllm.llm.quant`: ~1.8x faster decoding on CPU; :attr:`quantized` is the report);
     ``bf16``: compute under bf16 autocast, the users' contexts included (None: as the run trained, as
-    ``userllm evaluate`` scores it); ``max_memory_bytes``: what one batch's decoding may take (None:
+    ``userllm evaluate`` scores it); ``max_memory_gb``: what one batch's decoding may take, GiB (None:
     :func:`~userllm.memory.usable_bytes` when it starts): a batch whose KV caches would not fit it is decoded
     in parts that do."""
 
@@ -62,7 +62,7 @@ class Engine(Decoding):
         weights: str = "float32",
         bf16: bool | None = None,
         cache_bytes: int | None = None,
-        max_memory_bytes: int | None = None,
+        max_memory_gb: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         check_weights(weights)
@@ -104,14 +104,12 @@ class Engine(Decoding):
         self.inflight: set[Job] = set()  # jobs the model thread is decoding (ended on shutdown)
         llm_config = getattr(self.model.llm, "config", None)
         self.context_length = getattr(llm_config, "max_position_embeddings", None)  # the model's context
-        self.max_memory_bytes = max_memory_bytes
+        self.max_memory_gb = max_memory_gb
 
     # ----------------------------------------------------------------- memory
     def memory_budget(self) -> tuple[int, str]:
         """The bytes a batch's decoding may take now, and where the figure comes from."""
-        if self.max_memory_bytes is not None:
-            return self.max_memory_bytes, f"--max-memory-gb {self.max_memory_bytes / 2**30:g}"
-        return usable_bytes(), "the memory available"
+        return memory_budget(self.max_memory_gb, "--max-memory-gb")
 
     def batch_fits(self, tokens: int, most: int) -> int:
         """How many chats of up to ``tokens`` positions (prompt and completion) decode together within the

@@ -47,7 +47,7 @@ from userllm.io import sha256, write_json, write_text_atomically
 from userllm.llm.backbone import load_backbone
 from userllm.llm.budget import batch_for
 from userllm.llm.decoding import constrained_beam_search, generate_tokens, prefill, rank_sequences
-from userllm.memory import usable_bytes
+from userllm.memory import memory_budget
 from userllm.precision import autocast
 from userllm.progress import progress_bar
 from userllm.tasks.data import TaskData, TaskExample
@@ -134,7 +134,7 @@ def predict(
     amp = autocast(cfg.bf16, device)  # re-entered for each part of each batch
     # the KV caches a batch holds at once: the beams and the greedy answer, after a prefill kept twice
     copies = (beams if trie is not None and not (shortlist and data.task == "next_item") else 0) + 2
-    budget = int(cfg.max_memory_gb * 2**30) if cfg.max_memory_gb else usable_bytes()
+    budget = memory_budget(cfg.max_memory_gb)[0]
     resumed = f" ({len(examples) - len(todo)} resumed)" if len(todo) < len(examples) else ""
     with progress_bar("examples") as progress:
         task = progress.add_task(f"evaluating {data.task}{resumed}", total=len(todo))

@@ -34,10 +34,10 @@ from userllm.distributed import barrier, setup_distributed
 from userllm.errors import ConfigError
 from userllm.io import runtime, source_commit, start_run, state_hash, write_dir_atomically, write_json
 from userllm.llm.base import ConditionedLM
-from userllm.llm.budget import micro_batch_for, training_bytes
+from userllm.llm.budget import training_bytes
 from userllm.llm.flops import training_flops
 from userllm.llm.model import UserLLM
-from userllm.memory import available_bytes, peak_rss_bytes, usable_bytes
+from userllm.memory import available_bytes, memory_budget, peak_rss_bytes
 from userllm.precision import autocast
 from userllm.progress import console, progress_bar
 from userllm.schedule import lr_lambda
@@ -80,9 +80,8 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
     examples = data.examples("train")
     lengths = part_lengths(data, examples, cfg)  # (events, tokens) of every example, tokenized once
     example_flops = np.array([training_flops(model, n_events=n, tokens=t) or 0 for n, t in lengths])
-    memory = memory_plan(
-        model, max(t for _, t in lengths), cfg, world
-    )  # a run that cannot fit stops here, nothing written
+    # a run that cannot fit stops here, nothing written
+    memory = memory_plan(model, max(t for _, t in lengths), cfg, world)
     if rank == 0 and cfg.force and not cfg.resume:  # now the old run is replaced
         start_run(out, resume=False, force=True, rank=0, marker=MARKER)
     if rank == 0:
@@ -179,19 +178,17 @@ def train(cfg: TrainConfig, *, steps_this_run: int | None = None) -> dict:
 def memory_plan(model: ConditionedLM, longest: int, cfg: TrainConfig, world: int) -> dict:
     """Examples per forward/backward: ``cfg.micro_batch_size``, else the most of a batch's share whose
     estimated memory (:func:`~userllm.llm.budget.training_bytes` of the longest training example, ``longest``
-    tokens) fits the
-    budget: ``max_memory_gb``, or :func:`~userllm.memory.usable_bytes` less the optimizer's state.
+    tokens) fits the budget: ``max_memory_gb``, or :func:`~userllm.memory.usable_bytes` less the optimizer's
+    state.
     Raises :class:`ConfigError` (exit 2) when not even one example fits, naming its tokens, the estimate,
     the budget and what to change."""
     per_example = training_bytes(model, longest)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     available = available_bytes()
-    if cfg.max_memory_gb is not None:
-        budget, where = int(cfg.max_memory_gb * 2**30), f"max_memory_gb {cfg.max_memory_gb:g}"
-    else:
-        budget, where = usable_bytes(available) - 16 * trainable, "the memory available"
-    share = math.ceil(cfg.batch_size / world)
-    fits = micro_batch_for(model, [longest] * share, budget)
+    budget, where = memory_budget(cfg.max_memory_gb, available=available)
+    if cfg.max_memory_gb is None:
+        budget -= 16 * trainable  # AdamW's moments and the gradients
+    fits = min(math.ceil(cfg.batch_size / world), max(0, budget) // per_example)  # of this process's share
     if fits == 0:
         raise ConfigError(
             f"one training example of {longest:,} tokens needs about {per_example / 2**30:.1f} GiB to "
