@@ -9,7 +9,9 @@ the encoder reads from what the LLM reads: the encoder alone's change (its own o
 records' ``encoder_ranked``), and in each condition the run's gain over its shortlist in random order
 (:func:`userllm.tasks.records.paired_vs_random_order`: what the LLM's order of the list adds). favorite_genre
 asks which genre appears most often in the history, so its right answer does not depend on the order: a model
-that reads the history well keeps its accuracy. Writes ``benchmarks/records/history_order.json``.
+that reads the history well keeps its accuracy. Writes ``benchmarks/records/history_order.json``, keeping
+the runs it already holds that ``--runs`` lacks (each run's entry says where it was measured), so the cells
+can be run apart.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def history_order(run: Path, seed: int) -> dict:
     return out
 
 
+def kept_runs(record: Path) -> dict[str, dict]:
+    """The runs an earlier record holds, each with the runtime it was measured under."""
+    if not record.exists():
+        return {}
+    old = json.loads(record.read_text())
+    return {name: {"runtime": old.get("runtime")} | res for name, res in old["runs"].items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/order"), help="the experiment's out directory")
@@ -75,11 +85,13 @@ def main() -> None:
     if not runs:
         raise InputError(f"{args.runs}: no run scored both in order and shuffled (RUN/shuffled-0/metrics.json)")
     fmt = lambda m: f"{m['value']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"  # noqa: E731
-    out = {"runs": {}, "runtime": runtime()}
+    out = {"runs": kept_runs(args.out)}
     for run in runs:
-        res = out["runs"][f"{run.parent.name}/{run.name}"] = history_order(run, args.seed)
+        out["runs"][f"{run.parent.name}/{run.name}"] = history_order(run, args.seed) | {"runtime": runtime()}
+    out["runs"] = dict(sorted(out["runs"].items()))
+    for name, res in out["runs"].items():
         metric = "accuracy" if res["task"] == "favorite_genre" else "recall@10"
-        print(f"\n{run} ({res['method']}, {res['users']} users), {metric}:")
+        print(f"\n{name} ({res['method']}, {res['users']} users), {metric}:")
         print(f"  ordered {res['ordered'][metric]['value']:.3f}, shuffled {res['shuffled'][metric]['value']:.3f}")
         print(f"  shuffled minus ordered      {fmt(res['change'][metric])}")
         if "encoder_alone_change" in res:
