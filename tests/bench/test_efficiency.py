@@ -168,6 +168,9 @@ def test_bench_prefix_end_to_end(text_lm_dir, synthetic_ds, tmp_path, run_cli):
         "cross_attention",
         "cross_attention+perceiver16",
     }
+    # timed over the decode steps alone: a difference of two timings each holding a prefill could be <= 0
+    assert set(report["decode_token_s"]) == {r["method"] for r in report["rows"]}
+    assert all(s > 0 for s in report["decode_token_s"].values())
     assert "requests/s" in stdout and "| 50 | text_prompt+prefix_cache |" in stdout
     assert (tmp_path / "prefix" / "prefix.png").stat().st_size > 0
     code, stdout, err = run_cli("plot", tmp_path / "prefix" / "prefix.json", "--out", tmp_path / "again.png")
