@@ -72,7 +72,9 @@ def usable_bytes(available: int | None = None) -> int:
     return int(0.8 * max(0, available - RESERVED))
 
 
-def memory_budget(max_memory_gb: float | None, flag: str = "max_memory_gb", available: int | None = None):
+def memory_budget(
+    max_memory_gb: float | None, flag: str = "max_memory_gb", available: int | None = None
+) -> tuple[int, str]:
     """The bytes batches are sized to, and where the figure comes from: ``max_memory_gb`` (named ``flag`` in
     messages) when set, else :func:`usable_bytes` (of ``available``, when given)."""
     if max_memory_gb is not None:
